@@ -1,0 +1,1 @@
+"""vitpod: train and fine-tune Vision Transformers on Cloud TPU pods with JAX."""

@@ -1,0 +1,154 @@
+"""Config defaults, validation and values derived from them.
+
+Every key a run can read is declared here with its default; config files in `configs/`
+override them. Sub-configs (`data`, `model`, `optim`, `mesh`) go only to the module that
+owns them.
+"""
+
+import json
+import math
+
+import ml_collections
+
+from vitpod.errors import UserError
+
+# Keys that change how a run is observed or scheduled, not the numbers it computes.
+# Anything else differing from a workdir's config.json refuses to resume.
+RESULT_NEUTRAL_KEYS = frozenset({
+    "log_every", "eval_every", "save_every", "keep_checkpoints",
+    "data.val_dir", "data.num_workers", "data.eval_batch_size",
+})
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """All config keys with their defaults."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 128  # global, over all hosts and devices
+    c.total_steps = 1000
+    c.log_every = 50
+    c.eval_every = 500  # 0: only at the end
+    c.save_every = 500
+    c.keep_checkpoints = 2
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_dir = ""
+    c.data.val_dir = ""
+    c.data.image_size = 224
+    c.data.mean = (0.5, 0.5, 0.5)
+    c.data.std = (0.5, 0.5, 0.5)
+    c.data.crop_scale = (0.08, 1.0)  # random resized crop area range, as torchvision
+    c.data.crop_ratio = (3 / 4, 4 / 3)
+    c.data.hflip = True
+    c.data.eval_crop_pct = 0.875  # eval: resize shorter side to size / pct, center crop
+    c.data.num_workers = 2  # grain decode processes per host; 0 decodes in-process
+    c.data.eval_batch_size = 0  # global; 0 means batch_size
+    c.data.max_skipped_fraction = 0.01  # unreadable images tolerated before stopping
+
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = "B/16"
+    c.model.init_from = ""
+    c.model.pool = "cls"  # "cls" token or "gap" (global average pooling)
+    c.model.layer_norm_eps = 1e-6
+    c.model.dtype = "float32"  # matmul/activation dtype; params stay float32
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 100
+    c.optim.min_lr_ratio = 0.0  # cosine decays to lr * min_lr_ratio
+    c.optim.weight_decay = 1e-4  # optax (decoupled, multiplied by lr) on kernels only
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.clip_norm = 1.0  # 0 disables global-norm clipping
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by the other axes
+    c.mesh.fsdp = 1
+    return c
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Lock a config so that a mistyped key is an error, not a silent new key."""
+    config.lock()
+    return config
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> None:
+    """Raise UserError naming the key and the fix for any invalid value."""
+    d = config.data
+    _require(config.batch_size > 0, "batch_size", "must be positive")
+    _require(config.total_steps > 0, "total_steps", "must be positive")
+    _require(bool(d.train_dir), "data.train_dir", "is empty; pass --config.data.train_dir=DIR")
+    _require(d.image_size > 0, "data.image_size", "must be positive")
+    _require(len(d.mean) == 3 and len(d.std) == 3, "data.mean/std", "need 3 values (RGB)")
+    _require(min(d.std) > 0, "data.std", "must be positive")
+    _require(0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", "needs 0<lo<=hi<=1")
+    _require(0 < d.eval_crop_pct <= 1, "data.eval_crop_pct", "must be in (0, 1]")
+    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(config.model.pool in ("cls", "gap"), "model.pool", "must be 'cls' or 'gap'")
+    _require(config.model.dtype in ("float32", "bfloat16"), "model.dtype",
+             "must be 'float32' or 'bfloat16'")
+    _require(config.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _require(config.optim.lr > 0, "optim.lr", "must be positive")
+
+    data, fsdp = mesh_shape(config.mesh, num_devices)
+    for key in ("batch_size", "data.eval_batch_size"):
+        value = eval_batch_size(config) if key == "data.eval_batch_size" else config.batch_size
+        if value % (data * fsdp) or value % num_processes:
+            raise UserError(
+                f"config {key}={value} is not divisible by the {data * fsdp} devices "
+                f"of the mesh and the {num_processes} process(es); use a multiple of "
+                f"{_lcm(data * fsdp, num_processes)}")
+
+
+def mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
+    """(data, fsdp) sizes with -1 resolved to the remaining devices."""
+    data, fsdp = mesh.data, mesh.fsdp
+    if fsdp == -1 and data == -1:
+        raise UserError("config mesh.data and mesh.fsdp are both -1; set one of them")
+    if fsdp == -1:
+        fsdp = num_devices // data if data > 0 and num_devices % data == 0 else 0
+    if data == -1:
+        data = num_devices // fsdp if fsdp > 0 and num_devices % fsdp == 0 else 0
+    if data <= 0 or fsdp <= 0 or data * fsdp != num_devices:
+        raise UserError(
+            f"config mesh.data={mesh.data} x mesh.fsdp={mesh.fsdp} does not match the "
+            f"{num_devices} devices; make their product {num_devices} (or set one to -1)")
+    return data, fsdp
+
+
+def eval_batch_size(config: ml_collections.ConfigDict) -> int:
+    return config.data.eval_batch_size or config.batch_size
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def changed_result_keys(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
+    """Dotted keys whose values differ and would change the run's numbers."""
+    now = json.loads(to_json(current))
+    flat_saved, flat_now = _flatten(saved), _flatten(now)
+    keys = sorted(set(flat_saved) | set(flat_now))
+    return [k for k in keys
+            if k not in RESULT_NEUTRAL_KEYS and flat_saved.get(k) != flat_now.get(k)]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _require(ok: bool, key: str, what: str) -> None:
+    if not ok:
+        raise UserError(f"config {key} {what}")
+
+
+def _lcm(a: int, b: int) -> int:
+    return a * b // math.gcd(a, b)
+

@@ -1,0 +1,143 @@
+"""Vision Transformer in Flax NNX, with a variants table and a functional wrapper.
+
+Layout follows "An Image is Worth 16x16 Words" and HF's ViT (pre-norm blocks, conv patch
+embedding, class token or global average pooling, learned position embeddings), so that
+HF checkpoints map onto it name by name.
+"""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from vitpod.errors import UserError
+
+# name: (hidden_size, num_layers, num_heads, mlp_dim). Patch size comes from "NAME/PATCH".
+WIDTHS = {
+    "pico": (32, 2, 2, 64),  # tests
+    "mu": (64, 4, 4, 128),  # demo
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "M": (512, 12, 8, 2048),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+    "H": (1280, 32, 16, 5120),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTShape:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    patch_size: int
+
+
+def parse_variant(variant: str) -> ViTShape:
+    """'S/16' -> the S widths with 16 px patches; raises UserError for unknown names."""
+    match = re.fullmatch(r"(\w+)/(\d+)", variant)
+    if not match or match.group(1) not in WIDTHS:
+        raise UserError(f"config model.variant={variant!r} is unknown; use NAME/PATCH with "
+                        f"NAME one of {', '.join(WIDTHS)} (e.g. 'S/16')")
+    return ViTShape(*WIDTHS[match.group(1)], patch_size=int(match.group(2)))
+
+
+class Attention(nnx.Module):
+    def __init__(self, dim: int, num_heads: int, dtype, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        dense = lambda: nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)  # noqa: E731
+        self.query, self.key, self.value, self.out = dense(), dense(), dense(), dense()
+
+    def __call__(self, x_bld):
+        b, l, d = x_bld.shape
+        split = lambda t: t.reshape(b, l, self.num_heads, d // self.num_heads)  # noqa: E731
+        q_blhk, k_blhk, v_blhk = split(self.query(x_bld)), split(self.key(x_bld)), split(
+            self.value(x_bld))
+        o_blhk = jax.nn.dot_product_attention(q_blhk, k_blhk, v_blhk)
+        return self.out(o_blhk.reshape(b, l, d))
+
+
+class MLP(nnx.Module):
+    def __init__(self, dim: int, mlp_dim: int, dtype, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(dim, mlp_dim, dtype=dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(mlp_dim, dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        # Exact (erf) GELU, as HF's "gelu" and the original ViT.
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Block(nnx.Module):
+    def __init__(self, shape: ViTShape, eps: float, dtype, rngs: nnx.Rngs):
+        d = shape.hidden_size
+        self.norm1 = nnx.LayerNorm(d, epsilon=eps, dtype=dtype, rngs=rngs)
+        self.attn = Attention(d, shape.num_heads, dtype, rngs)
+        self.norm2 = nnx.LayerNorm(d, epsilon=eps, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(d, shape.mlp_dim, dtype, rngs)
+
+    def __call__(self, x_bld):
+        x_bld = x_bld + self.attn(self.norm1(x_bld))
+        return x_bld + self.mlp(self.norm2(x_bld))
+
+
+class ViT(nnx.Module):
+    """Images (batch, height, width, 3), normalised floats -> class logits (float32)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, image_size: int, num_classes: int,
+                 rngs: nnx.Rngs):
+        shape = parse_variant(cfg.variant)
+        if image_size % shape.patch_size:
+            raise UserError(f"config data.image_size={image_size} is not a multiple of the "
+                            f"patch size {shape.patch_size} of model.variant={cfg.variant}")
+        d, p = shape.hidden_size, shape.patch_size
+        dtype = jnp.dtype(cfg.dtype)
+        num_patches = (image_size // p) ** 2
+        self.pool = cfg.pool
+        self.patch_embed = nnx.Conv(3, d, (p, p), strides=(p, p), padding="VALID", dtype=dtype,
+                                    rngs=rngs)
+        init = nnx.initializers.normal(0.02)
+        tokens = num_patches + (1 if cfg.pool == "cls" else 0)
+        self.cls_token = nnx.Param(jnp.zeros((1, 1, d))) if cfg.pool == "cls" else None
+        self.pos_embed = nnx.Param(init(rngs.params(), (1, tokens, d)))
+        self.blocks = nnx.List([Block(shape, cfg.layer_norm_eps, dtype, rngs)
+                                for _ in range(shape.num_layers)])
+        self.norm = nnx.LayerNorm(d, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
+        # Zero head: every class starts equally likely (big_vision; stable fine-tuning).
+        self.head = nnx.Linear(d, num_classes, kernel_init=nnx.initializers.zeros_init(),
+                               dtype=dtype, rngs=rngs)
+
+    def __call__(self, images_bhwc):
+        x_bhwd = self.patch_embed(images_bhwc)
+        b, h, w, d = x_bhwd.shape
+        x_bld = x_bhwd.reshape(b, h * w, d)
+        if self.cls_token is not None:
+            cls = jnp.broadcast_to(self.cls_token.value.astype(x_bld.dtype), (b, 1, d))
+            x_bld = jnp.concatenate([cls, x_bld], axis=1)
+        x_bld = x_bld + self.pos_embed.value.astype(x_bld.dtype)
+        for block in self.blocks:
+            x_bld = block(x_bld)
+        x_bld = self.norm(x_bld)
+        x_bd = x_bld[:, 0] if self.pool == "cls" else x_bld.mean(axis=1)
+        return self.head(x_bd).astype(jnp.float32)
+
+
+def abstract_model(cfg, image_size: int, num_classes: int):
+    """(graphdef, abstract params) without allocating anything."""
+    model = nnx.eval_shape(lambda: ViT(cfg, image_size, num_classes, nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    return graphdef, state.to_pure_dict()
+
+
+def init_params(cfg, image_size: int, num_classes: int, rng: jax.Array) -> dict:
+    """Fresh params as a plain nested dict of arrays (call under jit to place them)."""
+    model = ViT(cfg, image_size, num_classes, nnx.Rngs(params=rng))
+    return nnx.split(model)[1].to_pure_dict()
+
+
+def apply(graphdef, params: dict, images_bhwc: jax.Array) -> jax.Array:
+    """Pure forward pass: params dict + images -> logits."""
+    return nnx.merge(graphdef, params)(images_bhwc)
