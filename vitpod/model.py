@@ -53,12 +53,11 @@ class Attention(nnx.Module):
         self.query, self.key, self.value, self.out = dense(), dense(), dense(), dense()
 
     def __call__(self, x_bld):
-        b, l, d = x_bld.shape
-        split = lambda t: t.reshape(b, l, self.num_heads, d // self.num_heads)  # noqa: E731
-        q_blhk, k_blhk, v_blhk = split(self.query(x_bld)), split(self.key(x_bld)), split(
-            self.value(x_bld))
-        o_blhk = jax.nn.dot_product_attention(q_blhk, k_blhk, v_blhk)
-        return self.out(o_blhk.reshape(b, l, d))
+        b, length, d = x_bld.shape
+        heads = lambda t: t.reshape(b, length, self.num_heads, d // self.num_heads)  # noqa: E731
+        o_blhk = jax.nn.dot_product_attention(heads(self.query(x_bld)), heads(self.key(x_bld)),
+                                              heads(self.value(x_bld)))
+        return self.out(o_blhk.reshape(b, length, d))
 
 
 class MLP(nnx.Module):
@@ -115,9 +114,9 @@ class ViT(nnx.Module):
         b, h, w, d = x_bhwd.shape
         x_bld = x_bhwd.reshape(b, h * w, d)
         if self.cls_token is not None:
-            cls = jnp.broadcast_to(self.cls_token.value.astype(x_bld.dtype), (b, 1, d))
+            cls = jnp.broadcast_to(self.cls_token[...].astype(x_bld.dtype), (b, 1, d))
             x_bld = jnp.concatenate([cls, x_bld], axis=1)
-        x_bld = x_bld + self.pos_embed.value.astype(x_bld.dtype)
+        x_bld = x_bld + self.pos_embed[...].astype(x_bld.dtype)
         for block in self.blocks:
             x_bld = block(x_bld)
         x_bld = self.norm(x_bld)
@@ -129,13 +128,13 @@ def abstract_model(cfg, image_size: int, num_classes: int):
     """(graphdef, abstract params) without allocating anything."""
     model = nnx.eval_shape(lambda: ViT(cfg, image_size, num_classes, nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
-    return graphdef, state.to_pure_dict()
+    return graphdef, nnx.to_pure_dict(state)
 
 
 def init_params(cfg, image_size: int, num_classes: int, rng: jax.Array) -> dict:
     """Fresh params as a plain nested dict of arrays (call under jit to place them)."""
     model = ViT(cfg, image_size, num_classes, nnx.Rngs(params=rng))
-    return nnx.split(model)[1].to_pure_dict()
+    return nnx.to_pure_dict(nnx.split(model)[1])
 
 
 def apply(graphdef, params: dict, images_bhwc: jax.Array) -> jax.Array:

@@ -10,8 +10,10 @@ import os
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from PIL import Image
+
+from vitpod import cli
 
 _OUT = flags.DEFINE_string("out", None, "Output directory of the ImageFolder.")
 
@@ -47,4 +49,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

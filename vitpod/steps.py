@@ -73,7 +73,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: jax.shardi
         correct = ((logits.argmax(-1) == labels) * valid).sum()
         metrics = {"loss": jax.lax.psum(local_loss, BATCH_AXES),
                    "accuracy": jax.lax.psum(correct, BATCH_AXES) / jnp.maximum(count, 1),
-                   "grad_norm": optax.global_norm(grads),
+                   "grad_norm": optax.tree.norm(grads),
                    "skipped": jax.lax.psum((1 - valid).sum(), BATCH_AXES)}
         return new_state, metrics
 

@@ -8,7 +8,6 @@ a finished run (DONE in the workdir) says so and exits 0.
 
 import json
 import os
-import sys
 
 import jax
 import ml_collections
@@ -16,7 +15,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vitpod import checkpoint, distributed, metrics, model, optim, steps
+from vitpod import checkpoint, cli, distributed, metrics, model, optim, steps
 from vitpod import config as config_lib
 from vitpod.data import imagefolder, pipeline
 from vitpod.errors import UserError
@@ -54,14 +53,15 @@ def evaluate(eval_step, params, split: imagefolder.Split, config, mesh) -> dict:
         count, 1), "eval/count": int(count), "eval/skipped": len(split.files) - int(count)}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0) -> dict:
     """Train to config.total_steps in workdir, resuming if it holds a checkpoint.
 
-    Returns the final metrics (also written to workdir/DONE).
+    Returns the final metrics (also written to workdir/DONE). With `stop_after`, stops at
+    that step with a checkpoint and no DONE, to continue later on the same schedule.
     """
     primary = jax.process_index() == 0
-    config_lib.validate(config, jax.device_count(), jax.process_count())
     model.parse_variant(config.model.variant)
+    config_lib.validate(config, jax.device_count(), jax.process_count())
     done_path = os.path.join(workdir, "DONE")
     if os.path.exists(done_path):
         with open(done_path) as f:
@@ -111,7 +111,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, step_metrics = train_step(state, pipeline.to_global(host_batch, sharding))
         window.append(step_metrics)  # fetched only at log steps: no per-step host sync
         last = step == config.total_steps
-        if step % config.log_every == 0 or last:
+        pause = step == stop_after and not last
+        if step % config.log_every == 0 or last or pause:
             fetched = jax.device_get(window)
             skipped += sum(float(m["skipped"]) for m in fetched)
             row = {"train/loss": float(np.mean([m["loss"] for m in fetched])),
@@ -124,7 +125,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 progress.line(step, row, row["train/img_per_sec"])
             window, final = [], {**final, **row}
             _check_skips(skipped, (step - start) * config.batch_size, config.data)
-        if step % config.save_every == 0 or last:
+        if step % config.save_every == 0 or last or pause:
             checkpoint.save(ckpt, step, state)
         if "val" in splits and ((config.eval_every and step % config.eval_every == 0) or last):
             row = evaluate(eval_step, state["params"], splits["val"], config, mesh)
@@ -132,11 +133,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logging.info("step %d  eval accuracy %.4f  loss %.4f  (%d images)", step,
                          row["eval/accuracy"], row["eval/loss"], row["eval/count"])
             final.update(row)
+        if pause:
+            break
     ckpt.wait_until_finished()
     ckpt.close()
     writer.close()
-    final["step"] = config.total_steps
-    if primary:
+    final["step"] = step
+    if pause:
+        logging.info("stopped at step %d as asked; relaunch to continue", step)
+    elif primary:
         with open(done_path, "w") as f:
             json.dump(final, f)
     return final
@@ -156,20 +161,27 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "HOST:PORT of proc
                                    "(local multi-process runs; not needed on TPU pods).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index.")
+_STOP_AFTER = flags.DEFINE_integer(
+    "stop_after", 0, "Stop at this step with a checkpoint, to continue the same schedule later; "
+    "0: run to the end.")
 
 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if _CONFIG.value is None or not _WORKDIR.value:
-        sys.exit("error: pass --config=configs/NAME.py and --workdir=DIR")
-    try:
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-        final = run(_CONFIG.value, _WORKDIR.value)
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    print(f"final validation accuracy: {final.get('eval/accuracy', float('nan')):.4f}")
+    config = cli.config(_CONFIG)
+    if not _WORKDIR.value:
+        raise UserError("pass --workdir=DIR (where checkpoints and metrics go)")
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    final = run(config, _WORKDIR.value, _STOP_AFTER.value)
+    if final["step"] < config.total_steps:
+        print(f"stopped at step {final['step']} of {config.total_steps}; relaunch to continue")
+    elif "eval/accuracy" in final:
+        print(f"final validation accuracy: {final['eval/accuracy']:.4f} "
+              f"({final['eval/count']} images)")
+    else:
+        print(f"finished {config.total_steps} steps (no data.val_dir, so no validation)")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,0 +1,50 @@
+# vitpod: `make demo` trains the demo, `make test` runs the tests (both set up .venv first).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# 8 fake CPU devices: the laptop stand-in for a TPU host.
+FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+DIGITS := data/digits
+DEMO_WORKDIR ?= runs/demo
+
+.PHONY: install demo test test-fast lint format debug clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,demo]'
+	touch $@
+
+$(DIGITS)/.done: | install
+	$(BIN)/python -m vitpod.prepare digits --out=$(DIGITS)
+	touch $@
+
+# Trains from scratch each time; the final line is the validation accuracy.
+demo: install $(DIGITS)/.done
+	rm -rf $(DEMO_WORKDIR)
+	$(FAKE_DEVICES) $(BIN)/python -m vitpod.train --config=configs/demo.py --workdir=$(DEMO_WORKDIR)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check vitpod tests configs
+
+format: install
+	$(BIN)/ruff check --fix vitpod tests configs
+	$(BIN)/ruff format vitpod tests configs
+
+# A 20-step run of the tiny model on the digits that stops at the first NaN.
+debug: install $(DIGITS)/.done
+	rm -rf runs/debug
+	$(FAKE_DEVICES) JAX_DEBUG_NANS=1 $(BIN)/python -m vitpod.train --config=configs/tiny.py \
+	  --workdir=runs/debug --config.data.train_dir=$(DIGITS)/train \
+	  --config.data.val_dir=$(DIGITS)/val --config.total_steps=20 --config.log_every=1
+
+clean:
+	rm -rf runs data .pytest_cache

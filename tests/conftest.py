@@ -1,0 +1,85 @@
+"""Shared test set-up: 8 fake CPU devices, absl flags marked parsed, small ImageFolders."""
+
+import os
+
+# Before jax is imported anywhere: 8 fake CPU devices, as on the demo.
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+from PIL import Image  # noqa: E402
+
+# grain reads absl flags; outside app.run they must be marked parsed (ENVIRONMENT.md).
+if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PALETTE = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40), (200, 40, 200)]
+
+
+def load_config(name: str, **overrides):
+    """configs/<name>.py's config with dotted-key overrides, as --config.KEY=VALUE would."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for key, value in overrides.items():
+        *parents, leaf = key.split("__")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def write_image(path: pathlib.Path, label: int, rng: np.random.Generator, size: int = 12):
+    """A noisy image whose mean colour tells its class (learnable in a few steps)."""
+    base = np.array(PALETTE[label % len(PALETTE)], np.float32)
+    pixels = np.clip(base + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def make_imagefolder(root: pathlib.Path, counts: dict[str, int], seed: int = 0) -> pathlib.Path:
+    rng = np.random.default_rng(seed)
+    for label, (name, n) in enumerate(sorted(counts.items())):
+        for i in range(n):
+            write_image(root / name / f"img{i:03d}.png", label, rng)
+    return root
+
+
+@pytest.fixture(scope="session")
+def colors(tmp_path_factory) -> pathlib.Path:
+    """4 classes: 64 train images, 37 val images (37 divides neither 16 nor 8)."""
+    root = tmp_path_factory.mktemp("colors")
+    make_imagefolder(root / "train", {c: 16 for c in "abcd"}, seed=0)
+    make_imagefolder(root / "val", {"a": 10, "b": 9, "c": 9, "d": 9}, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> pathlib.Path:
+    from vitpod import prepare
+
+    root = tmp_path_factory.mktemp("digits")
+    prepare.digits(str(root))
+    return root
+
+
+@pytest.fixture
+def tiny(colors):
+    """configs/tiny.py on the colors data; call with overrides (a__b=... for a.b)."""
+    def make(**overrides):
+        paths = {"data__train_dir": str(colors / "train"), "data__val_dir": str(colors / "val")}
+        return load_config("tiny", **{**paths, **overrides})
+    return make
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

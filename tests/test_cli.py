@@ -1,0 +1,57 @@
+"""Entrypoints as users run them: bad input gives one line and exit code 2, no traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def _run(module, *args, timeout=120):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.data.bogus=1"], "--config.data.bogus: unknown config key 'bogus'"),
+    (["--config.model.variant=Q/16"], "model.variant='Q/16' is unknown"),
+    (["--config.batch_size=12"], "batch_size=12 is not divisible by the 8 devices"),
+    (["--config.data.train_dir=/no/such/dir"], "data dir '/no/such/dir' (train) does not exist"),
+    (["--config=configs/missing.py"], "cannot load the --config file"),
+])
+def test_bad_input_is_one_line_with_exit_code_2(colors, tmp_path, args, message):
+    base = ["--config=configs/tiny.py", f"--workdir={tmp_path}",
+            f"--config.data.train_dir={colors / 'train'}"]
+    result = _run("vitpod.train", *base, *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+
+
+def test_train_cli_runs_and_prints_the_accuracy(colors, tmp_path):
+    args = ["--config=configs/tiny.py", f"--workdir={tmp_path}",
+            f"--config.data.train_dir={colors / 'train'}",
+            f"--config.data.val_dir={colors / 'val'}"]
+    result = _run("vitpod.train", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "final validation accuracy" in result.stdout and "(37 images)" in result.stdout
+    for name in ("config.json", "manifest.json", "metrics.jsonl", "DONE", "checkpoints",
+                 "tensorboard"):
+        assert (tmp_path / name).exists(), name
+    assert any((tmp_path / "tensorboard").iterdir())
+    again = _run("vitpod.train", *args)  # a finished run says so and exits 0
+    assert again.returncode == 0 and "already finished" in again.stderr
+
+
+def test_prepare_digits_writes_a_stratified_split(digits):
+    counts = {split: {c.name: len(list(c.iterdir())) for c in (digits / split).iterdir()}
+              for split in ("train", "val")}
+    assert sum(counts["train"].values()) == 1437 and sum(counts["val"].values()) == 360
+    assert sorted(counts["val"]) == [str(d) for d in range(10)]
+    for digit, n in counts["val"].items():  # stratified: each class ~20 % in val
+        assert abs(n / (n + counts["train"][digit]) - 0.2) < 0.01

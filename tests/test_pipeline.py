@@ -1,0 +1,87 @@
+"""The step is the whole data state: batches depend only on (manifest, seed, step)."""
+
+import numpy as np
+import pytest
+from absl import logging
+
+from tests.conftest import load_config, make_imagefolder
+from vitpod.data import imagefolder, pipeline
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    root = make_imagefolder(tmp_path_factory.mktemp("pipe"), {"a": 7, "b": 6, "c": 7})
+    return imagefolder.scan(str(root))
+
+
+@pytest.fixture
+def data_cfg():
+    cfg = load_config("tiny").data
+    cfg.unlock()
+    return cfg
+
+
+def _steps(split, data_cfg, start=0, total=6, batch=8, hosts=1, host=0):
+    return list(pipeline.train_batches(split, data_cfg, seed=3, global_batch=batch,
+                                       start_step=start, total_steps=total,
+                                       process_index=host, process_count=hosts))
+
+
+def test_resuming_at_step_s_yields_the_same_batches(split, data_cfg):
+    full = _steps(split, data_cfg)
+    resumed = _steps(split, data_cfg, start=4)
+    assert len(full) == 6 and len(resumed) == 2
+    for a, b in zip(full[4:], resumed, strict=True):
+        np.testing.assert_array_equal(a["index"], b["index"])
+        np.testing.assert_array_equal(a["image"], b["image"])
+
+
+@pytest.mark.parametrize("hosts", [2, 4])
+def test_hosts_read_disjoint_rows_that_rebuild_the_global_batch(split, data_cfg, hosts):
+    full = _steps(split, data_cfg)
+    per_host = [_steps(split, data_cfg, hosts=hosts, host=h) for h in range(hosts)]
+    for step, whole in enumerate(full):
+        parts = [per_host[h][step] for h in range(hosts)]
+        assert all(len(p["index"]) == 8 // hosts for p in parts)
+        np.testing.assert_array_equal(np.concatenate([p["index"] for p in parts]), whole["index"])
+        np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), whole["image"])
+
+
+def test_each_epoch_is_a_fresh_full_permutation(split, data_cfg):
+    n = len(split.files)  # 20 examples, batch 4 -> epochs of 5 steps
+    order = np.concatenate([b["index"] for b in _steps(split, data_cfg, total=10, batch=4)])
+    first, second = order[:n], order[n:2 * n]
+    assert sorted(first) == list(range(n)) and sorted(second) == list(range(n))
+    assert not np.array_equal(first, second)
+
+
+def test_worker_processes_give_the_same_batches_as_in_process(split, data_cfg):
+    in_process = _steps(split, data_cfg, total=3)
+    data_cfg.num_workers = 2
+    workers = _steps(split, data_cfg, total=3)
+    for a, b in zip(in_process, workers, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_eval_batches_cover_every_file_once_with_padding_masked(split, data_cfg):
+    batches = list(pipeline.eval_batches(split, data_cfg, global_batch=8))
+    index = np.concatenate([b["index"] for b in batches])
+    valid = np.concatenate([b["valid"] for b in batches])
+    assert len(index) == 24 and valid.sum() == len(split.files) == 20
+    assert sorted(index[valid == 1]) == list(range(20))
+
+
+def test_unreadable_files_are_skipped_by_name_every_time(tmp_path, data_cfg, monkeypatch):
+    root = make_imagefolder(tmp_path, {"a": 4, "b": 4})
+    (root / "a" / "img001.png").write_bytes(b"")  # zero bytes
+    (root / "b" / "img002.png").write_bytes((root / "b" / "img000.png").read_bytes()[:50])
+    split = imagefolder.scan(str(root))
+    warnings = []
+    monkeypatch.setattr(logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    batch = _steps(split, data_cfg, total=1, batch=8)[0]  # one epoch: every file once
+    bad = {split.files[i] for i in batch["index"][batch["valid"] == 0]}
+    assert bad == {"a/img001.png", "b/img002.png"}
+    pipeline.SkipWarner(split)(batch)
+    assert sorted(w.split(" ")[3].removeprefix(str(root) + "/") for w in warnings) == sorted(bad)
+    again = _steps(split, data_cfg, total=1, batch=8)[0]
+    np.testing.assert_array_equal(batch["valid"], again["valid"])

@@ -1,0 +1,91 @@
+"""The shard_map steps on 8 devices compute what one device computes."""
+
+import jax
+import numpy as np
+import pytest
+
+from tests.conftest import load_config
+from vitpod import model, optim, steps
+
+
+def _mesh(n):
+    return jax.make_mesh((n, 1), ("data", "fsdp"), devices=jax.devices()[:n])
+
+
+def _batch(mesh, n=16, size=8, seed=0, valid=None):
+    rng = np.random.default_rng(seed)
+    batch = {"image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+             "label": rng.integers(0, 5, n).astype(np.int32),
+             "valid": np.ones(n, np.float32) if valid is None else valid}
+    return {k: jax.device_put(v, steps.batch_sharding(mesh)) for k, v in batch.items()}
+
+
+def _train(num_devices, config, num_steps=3, valid=None):
+    mesh = _mesh(num_devices)
+    tx = optim.make(config.optim, 10)
+    state = steps.state_initializer(config.model, 8, 5, tx, 0, mesh)()
+    graphdef, _ = model.abstract_model(config.model, 8, 5)
+    train_step = steps.make_train_step(graphdef, tx, mesh, config.data)
+    losses = []
+    for _ in range(num_steps):
+        state, metrics = train_step(state, _batch(mesh, valid=valid))
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state["params"])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_train_step_on_8_devices_matches_1_device(masked):
+    config = load_config("tiny", optim__warmup_steps=0)
+    valid = np.array([1, 0, 1, 1] * 4, np.float32) if masked else None
+    losses_1, params_1 = _train(1, config, valid=valid)
+    losses_8, params_8 = _train(8, config, valid=valid)
+    np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+    assert losses_1[-1] < losses_1[0]  # the steps really moved the params
+    for path, a in jax.tree_util.tree_leaves_with_path(params_1):
+        b = _at(params_8, path)
+        if _names(path)[-2:] == ["key", "bias"]:
+            # Exactly zero gradient (softmax ignores a per-query constant), so Adam turns
+            # rounding noise into lr-sized steps on either mesh: only bound their drift.
+            assert np.abs(b).max() <= 3 * config.optim.lr
+            continue
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5, err_msg=str(_names(path)))
+
+
+def _names(path):
+    return [str(getattr(k, "key", k)) for k in path]
+
+
+def _at(tree, path):
+    for k in path:
+        tree = tree[k.key]
+    return tree
+
+
+def test_eval_step_sums_only_valid_rows():
+    config = load_config("tiny")
+    mesh = _mesh(8)
+    tx = optim.make(config.optim, 10)
+    params = steps.state_initializer(config.model, 8, 5, tx, 0, mesh)()["params"]
+    graphdef, _ = model.abstract_model(config.model, 8, 5)
+    valid = np.array([1, 1, 0] * 5 + [1], np.float32)
+    out = steps.make_eval_step(graphdef, mesh, config.data)(params, _batch(mesh, valid=valid))
+    host = {k: np.asarray(v) for k, v in _batch(_mesh(1)).items()}
+    x = (host["image"] / 255.0 - 0.5) / 0.5
+    logits = np.asarray(model.apply(graphdef, jax.device_get(params), x))
+    keep = valid == 1
+    assert float(out["count"]) == keep.sum()
+    assert float(out["correct"]) == (logits.argmax(-1) == host["label"])[keep].sum()
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -log_probs[np.arange(16), host["label"]][keep].sum()
+    np.testing.assert_allclose(float(out["loss"]), expected, rtol=1e-5)
+
+
+def test_weight_decay_applies_to_kernels_only():
+    config = load_config("tiny")
+    _, params = model.abstract_model(config.model, 8, 5)
+    mask = optim.decay_mask(params)
+    flat = {"/".join(_names(path)): v
+            for path, v in jax.tree_util.tree_leaves_with_path(mask)}
+    assert flat["blocks/0/attn/query/kernel"] and flat["patch_embed/kernel"]
+    assert not flat["blocks/0/attn/query/bias"] and not flat["pos_embed"]
+    assert not flat["blocks/0/norm1/scale"] and not flat["head/bias"]

@@ -1,0 +1,115 @@
+"""Whole runs: determinism, exact resume, exact eval, finished runs, refused workdirs."""
+
+import json
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from tests.conftest import load_config, make_imagefolder
+from vitpod import model, train
+from vitpod.data import imagefolder, transforms
+from vitpod.errors import UserError
+
+
+def _losses(workdir) -> dict[int, float]:
+    """Per-step train loss; for a step logged twice (a resumed run) the last row wins."""
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def _params(workdir, step):
+    with ocp.CheckpointManager(workdir / "checkpoints") as mngr:
+        return mngr.restore(step)["params"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, colors):
+    config = load_config("tiny", data__train_dir=str(colors / "train"),
+                         data__val_dir=str(colors / "val"))
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    final = train.run(config, str(workdir))
+    return workdir, final
+
+
+def test_same_config_and_seed_give_identical_losses(tiny, tmp_path, uninterrupted):
+    train.run(tiny(), str(tmp_path))
+    first = _losses(uninterrupted[0])
+    assert len(first) == 6 and first[6] < first[1]
+    assert _losses(tmp_path) == first
+
+
+def test_resume_matches_uninterrupted_run(tiny, tmp_path, uninterrupted):
+    paused = train.run(tiny(), str(tmp_path), stop_after=4)
+    assert paused["step"] == 4 and not (tmp_path / "DONE").exists()
+    train.run(tiny(), str(tmp_path))
+    assert _losses(tmp_path) == _losses(uninterrupted[0])
+    for a, b in zip(jax.tree.leaves(_params(tmp_path, 6)),
+                    jax.tree.leaves(_params(uninterrupted[0], 6)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_eval_counts_every_image_once_and_matches_a_direct_evaluation(tiny, uninterrupted):
+    workdir, final = uninterrupted
+    val = imagefolder.scan(str(tiny().data.val_dir), "val")
+    assert final["eval/count"] == len(val.files) == 37  # 37 divides neither 16 nor 8
+    config = tiny()
+    graphdef, _ = model.abstract_model(config.model, config.data.image_size, 4)
+    params = _params(workdir, 6)
+    images = np.stack([transforms.eval_transform(Image.open(val.path(i)).convert("RGB"),
+                                                 config.data.image_size, 1.0)
+                       for i in range(len(val.files))])
+    logits = np.asarray(model.apply(graphdef, params, (images / 255.0 - 0.5) / 0.5))
+    labels = np.array(val.labels)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    assert final["eval/accuracy"] == pytest.approx((logits.argmax(-1) == labels).mean(), abs=1e-6)
+    assert final["eval/loss"] == pytest.approx(-log_probs[np.arange(37), labels].mean(), rel=1e-5)
+
+
+def test_a_finished_run_returns_at_once_without_training(tiny, uninterrupted):
+    workdir, final = uninterrupted
+    before = (workdir / "metrics.jsonl").read_text()
+    assert train.run(tiny(), str(workdir)) == final
+    assert (workdir / "metrics.jsonl").read_text() == before
+
+
+def test_workdir_with_a_different_config_is_refused_naming_the_keys(tiny, tmp_path):
+    train.run(tiny(), str(tmp_path), stop_after=1)
+    with pytest.raises(UserError, match=r"different config \(optim.lr, seed\)"):
+        train.run(tiny(optim__lr=0.5, seed=7), str(tmp_path))
+    # Keys that change no numbers (logging, eval, saving cadence) may change on resume.
+    train.run(tiny(log_every=2, eval_every=3, save_every=2), str(tmp_path), stop_after=2)
+
+
+def test_too_many_unreadable_images_stop_the_run(tmp_path, tiny):
+    root = make_imagefolder(tmp_path / "data", {"a": 8, "b": 8})
+    for i in range(4):
+        (root / "a" / f"img{i:03d}.png").write_bytes(b"broken")
+    with pytest.raises(UserError, match="unreadable.*max_skipped_fraction"):
+        train.run(tiny(data__train_dir=str(root), data__val_dir=""), str(tmp_path / "run"))
+
+
+def test_a_few_unreadable_images_are_skipped_and_counted(tmp_path, tiny):
+    root = make_imagefolder(tmp_path / "data", {"a": 8, "b": 8})
+    (root / "b" / "img003.png").write_bytes(b"")
+    config = tiny(data__train_dir=str(root), data__val_dir="", data__max_skipped_fraction=0.2)
+    final = train.run(config, str(tmp_path / "run"))
+    assert final["train/skipped"] == 6  # 6 steps x 16 = 6 epochs of 16: the file each epoch
+
+
+def test_batch_size_the_devices_do_not_divide_is_refused(tiny, tmp_path):
+    with pytest.raises(UserError, match="batch_size=12 is not divisible by the 8 devices"):
+        train.run(tiny(batch_size=12), str(tmp_path))
+
+
+@pytest.mark.slow
+def test_demo_config_learns_real_digits(digits, tmp_path):
+    config = load_config("demo", total_steps=150, eval_every=0, log_every=25,
+                         data__train_dir=str(digits / "train"), data__val_dir=str(digits / "val"))
+    final = train.run(config, str(tmp_path))
+    losses = _losses(tmp_path)
+    assert losses[150] < 0.5 * losses[25]
+    assert final["eval/count"] == 360
+    assert final["eval/accuracy"] > 0.5  # chance is 0.1
