@@ -1,6 +1,7 @@
 """Whole runs: determinism, exact resume, exact eval, finished runs, refused workdirs."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -73,6 +74,16 @@ def test_a_finished_run_returns_at_once_without_training(tiny, uninterrupted):
     before = (workdir / "metrics.jsonl").read_text()
     assert train.run(tiny(), str(workdir)) == final
     assert (workdir / "metrics.jsonl").read_text() == before
+
+
+def test_a_run_stopped_after_its_last_checkpoint_finishes_without_training(
+        tiny, uninterrupted, tmp_path):
+    workdir, final = uninterrupted
+    shutil.copytree(workdir, tmp_path / "run")
+    (tmp_path / "run" / "DONE").unlink()  # as if killed between the last save and DONE
+    assert train.run(tiny(), str(tmp_path / "run"))["eval/accuracy"] == final["eval/accuracy"]
+    assert (tmp_path / "run" / "DONE").exists()
+    assert _losses(tmp_path / "run") == _losses(workdir)
 
 
 def test_workdir_with_a_different_config_is_refused_naming_the_keys(tiny, tmp_path):

@@ -104,7 +104,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0) ->
                                      jax.process_count())
     warn = pipeline.SkipWarner(train_split)
     sharding = steps.batch_sharding(mesh)
-    window, skipped, final = [], 0.0, {}
+    window, skipped, final, step, pause = [], 0.0, {}, start, False
     for step in range(start + 1, config.total_steps + 1):
         host_batch = next(batches)
         warn(host_batch)
@@ -113,12 +113,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0) ->
         last = step == config.total_steps
         pause = step == stop_after and not last
         if step % config.log_every == 0 or last or pause:
-            fetched = jax.device_get(window)
-            skipped += sum(float(m["skipped"]) for m in fetched)
-            row = {"train/loss": float(np.mean([m["loss"] for m in fetched])),
-                   "train/accuracy": float(np.mean([m["accuracy"] for m in fetched])),
-                   "train/grad_norm": float(fetched[-1]["grad_norm"]),
-                   "train/lr": float(lr_at(step - 1)), "train/skipped": int(skipped)}
+            row, skipped = _train_row(jax.device_get(window), skipped, float(lr_at(step - 1)))
             row["train/img_per_sec"] = progress.tick(step)
             writer.write(step, row)
             if primary:
@@ -128,13 +123,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0) ->
         if step % config.save_every == 0 or last or pause:
             checkpoint.save(ckpt, step, state)
         if "val" in splits and ((config.eval_every and step % config.eval_every == 0) or last):
-            row = evaluate(eval_step, state["params"], splits["val"], config, mesh)
-            writer.write(step, row)
-            logging.info("step %d  eval accuracy %.4f  loss %.4f  (%d images)", step,
-                         row["eval/accuracy"], row["eval/loss"], row["eval/count"])
-            final.update(row)
+            final.update(_log_eval(writer, step, evaluate(eval_step, state["params"],
+                                                          splits["val"], config, mesh)))
         if pause:
             break
+    if start == config.total_steps and "val" in splits:  # stopped between last save and DONE
+        final.update(_log_eval(writer, step, evaluate(eval_step, state["params"],
+                                                      splits["val"], config, mesh)))
     ckpt.wait_until_finished()
     ckpt.close()
     writer.close()
@@ -145,6 +140,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0) ->
         with open(done_path, "w") as f:
             json.dump(final, f)
     return final
+
+
+def _train_row(fetched: list[dict], skipped: float, lr: float) -> tuple[dict, float]:
+    """The log row of the steps since the last one, and the running count of skipped images."""
+    skipped += sum(float(m["skipped"]) for m in fetched)
+    row = {"train/loss": float(np.mean([m["loss"] for m in fetched])),
+           "train/accuracy": float(np.mean([m["accuracy"] for m in fetched])),
+           "train/grad_norm": float(fetched[-1]["grad_norm"]),
+           "train/lr": lr, "train/skipped": int(skipped)}
+    return row, skipped
+
+
+def _log_eval(writer: metrics.Writer, step: int, row: dict) -> dict:
+    writer.write(step, row)
+    logging.info("step %d  eval accuracy %.4f  loss %.4f  (%d images)", step,
+                 row["eval/accuracy"], row["eval/loss"], row["eval/count"])
+    return row
 
 
 def _check_skips(skipped: float, seen: int, data_cfg) -> None:
