@@ -1,0 +1,1 @@
+"""ImageFolder data: scan into a manifest, decode and transform, step-indexed grain batches."""

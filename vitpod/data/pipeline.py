@@ -1,0 +1,132 @@
+"""Step-indexed, host-sharded grain pipelines and their assembly into global jax.Arrays.
+
+The global batch of step s is a pure function of (manifest, seed, s): a seeded permutation
+per epoch, batches cut in order, augmentation seeded by the global example position. Host
+h of H reads only rows [h*b, (h+1)*b) of each global batch (b = B / H), so resuming needs
+only the step, and a different host count sees the same global batches.
+"""
+
+import dataclasses
+import math
+
+import grain
+import jax
+import numpy as np
+from absl import logging
+
+from vitpod.data import transforms
+from vitpod.data.imagefolder import Split
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _example(image: np.ndarray | None, label: int, index: int, size: int) -> dict:
+    valid = image is not None
+    return {
+        "image": image if valid else np.zeros((size, size, 3), np.uint8),
+        "label": np.int32(label),
+        "valid": np.float32(valid),
+        "index": np.int32(index),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainExample:
+    """Manifest index -> augmented example; an unreadable file gives valid=0 (same each time)."""
+
+    split: Split
+    size: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    hflip: bool
+
+    def __call__(self, index: int, rng: np.random.Generator) -> dict:
+        index = int(index)
+        try:
+            img = transforms.decode_rgb(_read(self.split.path(index)))
+            image = transforms.train_transform(img, self.size, self.scale, self.ratio,
+                                               self.hflip, rng)
+        except Exception:  # noqa: BLE001  corrupt/truncated/empty: reported by the host
+            image = None
+        return _example(image, self.split.labels[index], index, self.size)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalExample:
+    """Position -> eval example; positions past the split are padding with valid=0."""
+
+    split: Split
+    size: int
+    crop_pct: float
+
+    def __call__(self, index: int) -> dict:
+        index = int(index)
+        if index >= len(self.split.files):
+            return _example(None, 0, -1, self.size)
+        try:
+            img = transforms.decode_rgb(_read(self.split.path(index)))
+            image = transforms.eval_transform(img, self.size, self.crop_pct)
+        except Exception:  # noqa: BLE001
+            image = None
+        return _example(image, self.split.labels[index], index, self.size)
+
+
+def _host_rows(ds: grain.MapDataset, global_batch: int, process_index: int,
+               process_count: int) -> grain.MapDataset:
+    """Cut global batches in order and keep this host's contiguous block of each."""
+    local = global_batch // process_count
+    return ds.batch(local, drop_remainder=True)[process_index::process_count]
+
+
+def _iterate(ds: grain.MapDataset, num_workers: int):
+    it = ds.to_iter_dataset()
+    if num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(it)
+
+
+def train_batches(split: Split, data_cfg, seed: int, global_batch: int, start_step: int,
+                  total_steps: int, process_index: int = 0, process_count: int = 1):
+    """Iterator over this host's rows of the global batches for steps start_step..total-1."""
+    n = len(split.files)
+    epochs = math.ceil(total_steps * global_batch / n) + 1
+    ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(epochs)
+    ds = ds.random_map(TrainExample(split, data_cfg.image_size, tuple(data_cfg.crop_scale),
+                                    tuple(data_cfg.crop_ratio), data_cfg.hflip), seed=seed)
+    ds = _host_rows(ds, global_batch, process_index, process_count)[start_step:total_steps]
+    return _iterate(ds, data_cfg.num_workers)
+
+
+def eval_batches(split: Split, data_cfg, global_batch: int, process_index: int = 0,
+                 process_count: int = 1):
+    """Every example once, padded to whole global batches (padding has valid=0)."""
+    padded = math.ceil(len(split.files) / global_batch) * global_batch
+    ds = grain.MapDataset.range(padded).map(
+        EvalExample(split, data_cfg.image_size, data_cfg.eval_crop_pct))
+    return _iterate(_host_rows(ds, global_batch, process_index, process_count),
+                    data_cfg.num_workers)
+
+
+def to_global(host_batch: dict, sharding: jax.sharding.Sharding) -> dict:
+    """This host's rows -> global jax.Arrays sharded along the batch axis."""
+    return {k: jax.make_array_from_process_local_data(sharding, v)
+            for k, v in host_batch.items() if k != "index"}
+
+
+class SkipWarner:
+    """Warns once per unreadable file, by name (the step counts skips over all hosts)."""
+
+    def __init__(self, split: Split):
+        self.split = split
+        self.warned: set[int] = set()
+
+    def __call__(self, host_batch: dict) -> None:
+        bad = host_batch["index"][(host_batch["valid"] == 0) & (host_batch["index"] >= 0)]
+        for i in map(int, bad):
+            if i not in self.warned:
+                self.warned.add(i)
+                logging.warning("skipped unreadable image %s (corrupt, truncated or empty)",
+                                self.split.path(i))
