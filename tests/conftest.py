@@ -7,6 +7,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
 import importlib.util  # noqa: E402
+import json  # noqa: E402
 import pathlib  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -83,3 +84,45 @@ def tiny(colors):
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def read_losses(workdir) -> dict[int, float]:
+    """Per-step train loss; for a step logged twice (a resumed run) the last row wins."""
+    rows = [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def read_params(workdir, step: int) -> dict:
+    """The params of a checkpoint, on one local device (whatever topology saved them)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(pathlib.Path(workdir) / "checkpoints",
+                               item_handlers=ocp.StandardCheckpointHandler()) as mngr:
+        meta = mngr.item_metadata(step).tree
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              meta)
+        return mngr.restore(step, args=ocp.args.StandardRestore(target))["params"]
+
+
+def key_names(path) -> list[str]:
+    return [str(getattr(k, "key", k)) for k in path]
+
+
+def assert_params_close(reference: dict, other: dict, atol: float = 1e-5) -> None:
+    """Equal within atol, leaf by leaf, except attention key biases (see DESIGN.md).
+
+    Key biases get an exactly-zero gradient (softmax ignores a per-query constant), so Adam
+    turns float rounding noise into lr-sized steps on any mesh: only their shapes are compared.
+    """
+    import jax
+
+    for path, a in jax.tree_util.tree_leaves_with_path(reference):
+        b = other
+        for k in path:
+            b = b[k.key]
+        if key_names(path)[-2:] == ["key", "bias"]:
+            assert np.shape(a) == np.shape(b)
+            continue
+        np.testing.assert_allclose(b, a, atol=atol, rtol=atol, err_msg="/".join(key_names(path)))

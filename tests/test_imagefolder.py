@@ -52,14 +52,12 @@ def test_val_classes_must_match_train_classes(tmp_path):
     make_imagefolder(tmp_path / "train", {"a": 1, "b": 1})
     make_imagefolder(tmp_path / "val", {"a": 1, "c": 1})
     with pytest.raises(UserError, match=r"only in train \['b'\], only in val \['c'\]"):
-        imagefolder.load_or_scan(str(tmp_path / "m.json"), str(tmp_path / "train"),
-                                 str(tmp_path / "val"))
+        imagefolder.scan_splits(str(tmp_path / "train"), str(tmp_path / "val"))
 
 
-def test_manifest_is_reused_even_if_the_tree_changes(tmp_path):
+def test_manifest_round_trips_through_json(tmp_path):
     make_imagefolder(tmp_path / "train", {"a": 2, "b": 2})
-    path = str(tmp_path / "manifest.json")
-    first = imagefolder.load_or_scan(path, str(tmp_path / "train"), "")
-    imagefolder.save(path, first)
-    make_imagefolder(tmp_path / "train", {"a": 5, "b": 2, "z": 1})
-    assert imagefolder.load_or_scan(path, str(tmp_path / "train"), "") == first
+    make_imagefolder(tmp_path / "val", {"a": 1, "b": 1})
+    splits = imagefolder.scan_splits(str(tmp_path / "train"), str(tmp_path / "val"))
+    imagefolder.save(str(tmp_path / "manifest.json"), splits)
+    assert imagefolder.load(str(tmp_path / "manifest.json")) == splits

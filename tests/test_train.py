@@ -1,29 +1,16 @@
 """Whole runs: determinism, exact resume, exact eval, finished runs, refused workdirs."""
 
-import json
 import shutil
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from tests.conftest import load_config, make_imagefolder
+from tests.conftest import load_config, make_imagefolder, read_losses, read_params
 from vitpod import model, train
 from vitpod.data import imagefolder, transforms
 from vitpod.errors import UserError
-
-
-def _losses(workdir) -> dict[int, float]:
-    """Per-step train loss; for a step logged twice (a resumed run) the last row wins."""
-    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
-
-
-def _params(workdir, step):
-    with ocp.CheckpointManager(workdir / "checkpoints") as mngr:
-        return mngr.restore(step)["params"]
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +22,20 @@ def uninterrupted(tmp_path_factory, colors):
     return workdir, final
 
 
-def test_same_config_and_seed_give_identical_losses(tiny, tmp_path, uninterrupted):
+def test_same_config_and_seed_give_identicalread_losses(tiny, tmp_path, uninterrupted):
     train.run(tiny(), str(tmp_path))
-    first = _losses(uninterrupted[0])
+    first = read_losses(uninterrupted[0])
     assert len(first) == 6 and first[6] < first[1]
-    assert _losses(tmp_path) == first
+    assert read_losses(tmp_path) == first
 
 
 def test_resume_matches_uninterrupted_run(tiny, tmp_path, uninterrupted):
     paused = train.run(tiny(), str(tmp_path), stop_after=4)
     assert paused["step"] == 4 and not (tmp_path / "DONE").exists()
     train.run(tiny(), str(tmp_path))
-    assert _losses(tmp_path) == _losses(uninterrupted[0])
-    for a, b in zip(jax.tree.leaves(_params(tmp_path, 6)),
-                    jax.tree.leaves(_params(uninterrupted[0], 6)), strict=True):
+    assert read_losses(tmp_path) == read_losses(uninterrupted[0])
+    for a, b in zip(jax.tree.leaves(read_params(tmp_path, 6)),
+                    jax.tree.leaves(read_params(uninterrupted[0], 6)), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -58,7 +45,7 @@ def test_eval_counts_every_image_once_and_matches_a_direct_evaluation(tiny, unin
     assert final["eval/count"] == len(val.files) == 37  # 37 divides neither 16 nor 8
     config = tiny()
     graphdef, _ = model.abstract_model(config.model, config.data.image_size, 4)
-    params = _params(workdir, 6)
+    params = read_params(workdir, 6)
     images = np.stack([transforms.eval_transform(Image.open(val.path(i)).convert("RGB"),
                                                  config.data.image_size, 1.0)
                        for i in range(len(val.files))])
@@ -83,7 +70,7 @@ def test_a_run_stopped_after_its_last_checkpoint_finishes_without_training(
     (tmp_path / "run" / "DONE").unlink()  # as if killed between the last save and DONE
     assert train.run(tiny(), str(tmp_path / "run"))["eval/accuracy"] == final["eval/accuracy"]
     assert (tmp_path / "run" / "DONE").exists()
-    assert _losses(tmp_path / "run") == _losses(workdir)
+    assert read_losses(tmp_path / "run") == read_losses(workdir)
 
 
 def test_workdir_with_a_different_config_is_refused_naming_the_keys(tiny, tmp_path):
@@ -120,7 +107,7 @@ def test_demo_config_learns_real_digits(digits, tmp_path):
     config = load_config("demo", total_steps=150, eval_every=0, log_every=25,
                          data__train_dir=str(digits / "train"), data__val_dir=str(digits / "val"))
     final = train.run(config, str(tmp_path))
-    losses = _losses(tmp_path)
+    losses = read_losses(tmp_path)
     assert losses[150] < 0.5 * losses[25]
     assert final["eval/count"] == 360
     assert final["eval/accuracy"] > 0.5  # chance is 0.1

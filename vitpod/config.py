@@ -15,7 +15,7 @@ from vitpod.errors import UserError
 # Keys that change how a run is observed or scheduled, not the numbers it computes.
 # Anything else differing from a workdir's config.json refuses to resume.
 RESULT_NEUTRAL_KEYS = frozenset({
-    "log_every", "eval_every", "save_every", "keep_checkpoints",
+    "log_every", "eval_every", "save_every", "save_every_minutes", "keep_checkpoints",
     "data.val_dir", "data.num_workers", "data.eval_batch_size",
 })
 
@@ -29,6 +29,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.eval_every = 500  # 0: only at the end
     c.save_every = 500
+    c.save_every_minutes = 0.0  # also save when this much wall time passed (0: off)
     c.keep_checkpoints = 2
 
     c.data = ml_collections.ConfigDict()

@@ -19,9 +19,10 @@ from vitpod import checkpoint, cli, distributed, metrics, model, optim, steps
 from vitpod import config as config_lib
 from vitpod.data import imagefolder, pipeline
 from vitpod.errors import UserError
+from vitpod.preemption import Preemption, SaveClock
 
 
-def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str, primary: bool) -> None:
+def _check_or_write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Refuse a workdir whose run computed different numbers; record this run's config."""
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
@@ -31,7 +32,7 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str, primary: b
             raise UserError(
                 f"workdir {workdir!r} holds a run with a different config ({', '.join(changed)}"
                 "); resume with the same values, or use a new --workdir")
-    elif primary:
+    else:
         os.makedirs(workdir, exist_ok=True)
         with open(path, "w") as f:
             f.write(config_lib.to_json(config))
@@ -40,12 +41,14 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str, primary: b
 def evaluate(eval_step, params, split: imagefolder.Split, config, mesh) -> dict:
     """Exact metrics over every readable image of `split` (padding and skips masked out)."""
     sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    batches = pipeline.eval_batches(split, config.data, config_lib.eval_batch_size(config),
-                                    jax.process_index(), jax.process_count())
+    global_batch = config_lib.eval_batch_size(config)
+    sharding = steps.batch_sharding(mesh)
+    batches = pipeline.eval_batches(split, config.data, global_batch,
+                                    *distributed.host_block(sharding, global_batch))
     warn = pipeline.SkipWarner(split)
     for host_batch in batches:
         warn(host_batch)
-        out = eval_step(params, pipeline.to_global(host_batch, steps.batch_sharding(mesh)))
+        out = eval_step(params, pipeline.to_global(host_batch, sharding))
         for k, v in jax.device_get(out).items():
             sums[k] += float(v)
     count = sums["count"]
@@ -56,10 +59,9 @@ def evaluate(eval_step, params, split: imagefolder.Split, config, mesh) -> dict:
 def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0) -> dict:
     """Train to config.total_steps in workdir, resuming if it holds a checkpoint.
 
-    Returns the final metrics (also written to workdir/DONE). With `stop_after`, stops at
-    that step with a checkpoint and no DONE, to continue later on the same schedule.
+    Returns the final metrics (also written to workdir/DONE). Stops early, with a checkpoint
+    and no DONE, at `stop_after` or when preempted (SIGTERM); `final["stopped"]` says why.
     """
-    primary = jax.process_index() == 0
     model.parse_variant(config.model.variant)
     config_lib.validate(config, jax.device_count(), jax.process_count())
     done_path = os.path.join(workdir, "DONE")
@@ -69,77 +71,113 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0) ->
         logging.info("run in %s already finished at step %d; nothing to do", workdir,
                      final.get("step", config.total_steps))
         return final
-    _prepare_workdir(config, workdir, primary)
-
+    distributed.check_same_config(config, workdir)
     manifest_path = os.path.join(workdir, "manifest.json")
-    splits = imagefolder.load_or_scan(manifest_path, config.data.train_dir, config.data.val_dir)
-    if primary and not os.path.exists(manifest_path):
-        imagefolder.save(manifest_path, splits)
-    train_split = splits["train"]
-    num_classes = len(train_split.classes)
-    logging.info("train: %d images in %d classes from %s", len(train_split.files), num_classes,
-                 train_split.root)
+
+    def prepare_workdir():  # on process 0; the other hosts read what it wrote
+        _check_or_write_config(config, workdir)
+        if not os.path.exists(manifest_path):  # scanned once per run, reused on resume
+            imagefolder.save(manifest_path, imagefolder.scan_splits(config.data.train_dir,
+                                                                    config.data.val_dir))
+    distributed.primary_first(prepare_workdir, "prepare the workdir")
+    splits = imagefolder.load(manifest_path)
+    logging.info("train: %d images in %d classes from %s", len(splits["train"].files),
+                 len(splits["train"].classes), splits["train"].root)
 
     mesh = distributed.make_mesh(config.mesh)
     tx = optim.make(config.optim, config.total_steps)
-    lr_at = optim.schedule(config.optim, config.total_steps)
-    graphdef, _ = model.abstract_model(config.model, config.data.image_size, num_classes)
+    num_classes = len(splits["train"].classes)
     init = steps.state_initializer(config.model, config.data.image_size, num_classes, tx,
                                    config.seed, mesh)
     ckpt = checkpoint.manager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                               config.keep_checkpoints)
-    start = ckpt.latest_step()
-    if start is None:
-        start, state = 0, init()
+    start, state = checkpoint.restore_latest(ckpt, jax.eval_shape(init))
+    if state is None:
+        state = init()
     else:
         logging.info("resuming from the checkpoint of step %d", start)
-        state = checkpoint.restore(ckpt, start, jax.eval_shape(init))
+    preemption = metrics_writer = None
+    try:
+        preemption = Preemption()
+        metrics_writer = metrics.Writer(workdir, jax.process_index() == 0)
+        final = _train(config, splits, mesh, tx, state, start, ckpt, metrics_writer,
+                       preemption, stop_after)
+        ckpt.wait_until_finished()
+    finally:
+        ckpt.close()
+        if metrics_writer:
+            metrics_writer.close()
+        if preemption:
+            preemption.close()
+    if final.get("stopped"):
+        logging.info("%s at step %d, checkpoint saved; relaunch the same command to continue",
+                     final["stopped"], final["step"])
+    elif jax.process_index() == 0:
+        with open(done_path, "w") as f:
+            json.dump(final, f)
+    return final
 
+
+def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, stop_after) -> dict:
+    """The loop from step start+1: train, log, save, evaluate; returns the last metrics."""
+    num_classes = len(splits["train"].classes)
+    graphdef, _ = model.abstract_model(config.model, config.data.image_size, num_classes)
     train_step = steps.make_train_step(graphdef, tx, mesh, config.data)
     eval_step = steps.make_eval_step(graphdef, mesh, config.data)
-    writer = metrics.Writer(workdir, primary)
+    lr_at = optim.schedule(config.optim, config.total_steps)
     progress = metrics.Progress(start, config.total_steps, config.batch_size)
-    batches = pipeline.train_batches(train_split, config.data, config.seed, config.batch_size,
-                                     start, config.total_steps, jax.process_index(),
-                                     jax.process_count())
-    warn = pipeline.SkipWarner(train_split)
     sharding = steps.batch_sharding(mesh)
-    window, skipped, final, step, pause = [], 0.0, {}, start, False
+    batches = pipeline.train_batches(splits["train"], config.data, config.seed,
+                                     config.batch_size, start, config.total_steps,
+                                     *distributed.host_block(sharding, config.batch_size))
+    warn = pipeline.SkipWarner(splits["train"])
+    clock = SaveClock(config.save_every_minutes)
+    window, fetched, skipped, final, step = [], [], 0.0, {}, start
     for step in range(start + 1, config.total_steps + 1):
         host_batch = next(batches)
         warn(host_batch)
         state, step_metrics = train_step(state, pipeline.to_global(host_batch, sharding))
-        window.append(step_metrics)  # fetched only at log steps: no per-step host sync
+        window.append(step_metrics)  # fetched only at log and save steps: no per-step sync
         last = step == config.total_steps
-        pause = step == stop_after and not last
-        if step % config.log_every == 0 or last or pause:
-            row, skipped = _train_row(jax.device_get(window), skipped, float(lr_at(step - 1)))
+        stop = ("stopped as asked" if step == stop_after and not last else
+                "preempted" if preemption.reached(step) else "")
+        log = step % config.log_every == 0 or last or bool(stop)
+        save = step % config.save_every == 0 or last or bool(stop) or (log and clock.due())
+        if log or save:
+            fetched += _fetch_finite(window, step)  # never save a state that saw a NaN
+            window = []
+        if log:
+            row, skipped = _train_row(fetched, skipped, float(lr_at(step - 1)))
             row["train/img_per_sec"] = progress.tick(step)
             writer.write(step, row)
-            if primary:
+            if jax.process_index() == 0:
                 progress.line(step, row, row["train/img_per_sec"])
-            window, final = [], {**final, **row}
+            fetched, final = [], {**final, **row}
             _check_skips(skipped, (step - start) * config.batch_size, config.data)
-        if step % config.save_every == 0 or last or pause:
+        if save:
             checkpoint.save(ckpt, step, state)
+            clock.saved()
         if "val" in splits and ((config.eval_every and step % config.eval_every == 0) or last):
             final.update(_log_eval(writer, step, evaluate(eval_step, state["params"],
                                                           splits["val"], config, mesh)))
-        if pause:
-            break
+        if stop:
+            return {**final, "step": step, "stopped": stop}
     if start == config.total_steps and "val" in splits:  # stopped between last save and DONE
         final.update(_log_eval(writer, step, evaluate(eval_step, state["params"],
                                                       splits["val"], config, mesh)))
-    ckpt.wait_until_finished()
-    ckpt.close()
-    writer.close()
-    final["step"] = step
-    if pause:
-        logging.info("stopped at step %d as asked; relaunch to continue", step)
-    elif primary:
-        with open(done_path, "w") as f:
-            json.dump(final, f)
-    return final
+    return {**final, "step": step}
+
+
+def _fetch_finite(window: list, last_step: int) -> list[dict]:
+    """Host copies of the window's metrics; UserError naming the first non-finite step."""
+    fetched = jax.device_get(window)
+    for i, m in enumerate(fetched):
+        if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+            bad = last_step - len(fetched) + 1 + i
+            raise UserError(f"loss or gradients are not finite at step {bad}; the last good "
+                            "checkpoint is kept. Lower optim.lr, raise optim.warmup_steps or "
+                            "set optim.clip_norm")
+    return fetched
 
 
 def _train_row(fetched: list[dict], skipped: float, lr: float) -> tuple[dict, float]:
@@ -186,8 +224,11 @@ def main(argv) -> None:
         raise UserError("pass --workdir=DIR (where checkpoints and metrics go)")
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     final = run(config, _WORKDIR.value, _STOP_AFTER.value)
-    if final["step"] < config.total_steps:
-        print(f"stopped at step {final['step']} of {config.total_steps}; relaunch to continue")
+    if jax.process_index() != 0:
+        return
+    if final.get("stopped"):
+        print(f"{final['stopped']} at step {final['step']} of {config.total_steps}, checkpoint "
+              "saved; relaunch the same command to continue")
     elif "eval/accuracy" in final:
         print(f"final validation accuracy: {final['eval/accuracy']:.4f} "
               f"({final['eval/count']} images)")

@@ -83,16 +83,18 @@ def check_same_classes(train: Split, val: Split) -> None:
             "both splits need the same class folders")
 
 
-def load_or_scan(manifest_path: str, train_dir: str, val_dir: str) -> dict[str, Split]:
-    """The run's manifest: read from the workdir if there, else scanned (not yet written)."""
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            return {k: Split.from_json(v) for k, v in json.load(f).items()}
+def scan_splits(train_dir: str, val_dir: str) -> dict[str, Split]:
+    """The run's manifest: the train split, and the val split when given (same classes)."""
     splits = {"train": scan(train_dir, "train")}
     if val_dir:
         splits["val"] = scan(val_dir, "val")
         check_same_classes(splits["train"], splits["val"])
     return splits
+
+
+def load(manifest_path: str) -> dict[str, Split]:
+    with open(manifest_path) as f:
+        return {k: Split.from_json(v) for k, v in json.load(f).items()}
 
 
 def save(manifest_path: str, splits: dict[str, Split]) -> None:

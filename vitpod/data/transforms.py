@@ -30,7 +30,7 @@ def decode_rgb(data: bytes) -> Image.Image:
 
 def random_resized_crop_box(width: int, height: int, scale, ratio,
                             rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop.get_params, returning a PIL box (left, top, right, bottom)."""
+    """torchvision's RandomResizedCrop.get_params as a PIL box (left, top, right, bottom)."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):

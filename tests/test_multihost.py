@@ -1,0 +1,110 @@
+"""Real multi-process jobs on localhost: jax.distributed, gloo collectives, the launcher."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, assert_params_close, load_config, read_losses, read_params
+from vitpod import train
+
+pytestmark = pytest.mark.slow
+
+
+def _launch(workdir, data, *extra, processes=2, devices=4, timeout=240):
+    cmd = [sys.executable, "-m", "vitpod.launch", f"--num_processes={processes}",
+           f"--devices_per_process={devices}", "--", "--config=configs/tiny.py",
+           f"--workdir={workdir}", f"--config.data.train_dir={data / 'train'}",
+           f"--config.data.val_dir={data / 'val'}", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def one_by_eight(tmp_path_factory, colors):
+    workdir = tmp_path_factory.mktemp("1x8")
+    config = load_config("tiny", data__train_dir=str(colors / "train"),
+                         data__val_dir=str(colors / "val"))
+    return workdir, train.run(config, str(workdir))
+
+
+@pytest.fixture(scope="module")
+def two_by_four(tmp_path_factory, colors):
+    workdir = tmp_path_factory.mktemp("2x4")
+    result = _launch(workdir, colors)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workdir, json.loads((workdir / "DONE").read_text()), result
+
+
+def test_two_processes_match_one_process_with_eight_devices(one_by_eight, two_by_four):
+    (dir_1, _), (dir_2, _, _) = one_by_eight, two_by_four
+    losses_1, losses_2 = read_losses(dir_1), read_losses(dir_2)
+    assert sorted(losses_2) == sorted(losses_1) == list(range(1, 7))
+    np.testing.assert_allclose([losses_2[s] for s in range(1, 7)],
+                               [losses_1[s] for s in range(1, 7)], rtol=1e-5)
+    assert_params_close(read_params(dir_1, 6), read_params(dir_2, 6))
+
+
+def test_eval_across_hosts_counts_every_image_once(one_by_eight, two_by_four):
+    (_, final_1), (_, final_2, _) = one_by_eight, two_by_four
+    assert final_2["eval/count"] == final_1["eval/count"] == 37  # odd: no even host split
+    assert final_2["eval/accuracy"] == pytest.approx(final_1["eval/accuracy"], abs=1e-6)
+
+
+def test_only_process_0_writes_the_run_files(two_by_four):
+    workdir, _, result = two_by_four
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 7))  # not twice
+    assert result.stdout.count("final validation accuracy") == 1
+
+
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_hosts_continues_the_same_batches(
+        first, then, one_by_eight, colors, tmp_path):
+    for processes, extra in ((first, ["--stop_after=3"]), (then, [])):
+        if processes == 1:
+            config = load_config("tiny", data__train_dir=str(colors / "train"),
+                                 data__val_dir=str(colors / "val"))
+            train.run(config, str(tmp_path), stop_after=3 if extra else 0)
+        else:
+            result = _launch(tmp_path, colors, *extra)
+            assert result.returncode == 0, result.stderr[-3000:]
+    losses, reference = read_losses(tmp_path), read_losses(one_by_eight[0])
+    np.testing.assert_allclose([losses[s] for s in range(1, 7)],
+                               [reference[s] for s in range(1, 7)], rtol=1e-5)
+    assert_params_close(read_params(one_by_eight[0], 6), read_params(tmp_path, 6))
+
+
+def test_launcher_stops_the_job_when_a_process_dies(colors, tmp_path):
+    cmd = [sys.executable, "-m", "vitpod.launch", "--num_processes=2",
+           "--devices_per_process=4", "--", "--config=configs/tiny.py",
+           f"--workdir={tmp_path}", f"--config.data.train_dir={colors / 'train'}",
+           "--config.total_steps=100000", "--config.save_every=100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    pids, deadline = [], time.monotonic() + 180
+    for line in proc.stdout:
+        if line.startswith("[launch] process"):
+            pids.append(int(line.split("pid")[1]))
+        if "step 2/" in line:  # both processes are training
+            break
+        assert time.monotonic() < deadline, "the job never started training"
+    os.kill(pids[1], signal.SIGKILL)
+    killed_at = time.monotonic()
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode != 0
+    assert time.monotonic() - killed_at < 60
+    assert "process 1 exited with code -9; stopped the others" in output
+    assert proc.returncode != 0 and all(_gone(pid) for pid in pids)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
