@@ -7,7 +7,7 @@ FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS
 DIGITS := data/digits
 DEMO_WORKDIR ?= runs/demo
 
-.PHONY: install demo test test-fast lint format debug clean
+.PHONY: install demo test test-fast lint format debug debug-multihost clean
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,12 @@ debug: install $(DIGITS)/.done
 	$(FAKE_DEVICES) JAX_DEBUG_NANS=1 $(BIN)/python -m vitpod.train --config=configs/tiny.py \
 	  --workdir=runs/debug --config.data.train_dir=$(DIGITS)/train \
 	  --config.data.val_dir=$(DIGITS)/val --config.total_steps=20 --config.log_every=1
+
+# The demo as a real 2-host job: 2 processes x 4 fake devices, jax.distributed on loopback.
+debug-multihost: install $(DIGITS)/.done
+	rm -rf runs/demo-2x4
+	$(BIN)/python -m vitpod.launch --num_processes=2 --devices_per_process=4 -- \
+	  --config=configs/demo.py --workdir=runs/demo-2x4
 
 clean:
 	rm -rf runs data .pytest_cache

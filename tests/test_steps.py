@@ -20,12 +20,12 @@ def _batch(mesh, n=16, size=8, seed=0, valid=None):
     return {k: jax.device_put(v, steps.batch_sharding(mesh)) for k, v in batch.items()}
 
 
-def _train(num_devices, config, num_steps=3, valid=None):
+def _train(num_devices, config, num_steps=3, valid=None, pack=None):
     mesh = _mesh(num_devices)
     tx = optim.make(config.optim, 10)
     state = steps.state_initializer(config.model, 8, 5, tx, 0, mesh)()
     graphdef, _ = model.abstract_model(config.model, 8, 5)
-    train_step = steps.make_train_step(graphdef, tx, mesh, config.data)
+    train_step = steps.make_train_step(graphdef, tx, mesh, config.data, pack=pack)
     losses = []
     for _ in range(num_steps):
         state, metrics = train_step(state, _batch(mesh, valid=valid))
@@ -33,12 +33,12 @@ def _train(num_devices, config, num_steps=3, valid=None):
     return losses, jax.device_get(state["params"])
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_train_step_on_8_devices_matches_1_device(masked):
+@pytest.mark.parametrize("masked,pack", [(False, True), (True, True), (False, False)])
+def test_train_step_on_8_devices_matches_1_device(masked, pack):
     config = load_config("tiny", optim__warmup_steps=0)
     valid = np.array([1, 0, 1, 1] * 4, np.float32) if masked else None
     losses_1, params_1 = _train(1, config, valid=valid)
-    losses_8, params_8 = _train(8, config, valid=valid)
+    losses_8, params_8 = _train(8, config, valid=valid, pack=pack)
     np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
     assert losses_1[-1] < losses_1[0]  # the steps really moved the params
     assert_params_close(params_1, params_8)

@@ -44,7 +44,8 @@ class Job:
     def __init__(self, module: str, args: list[str], num_processes: int, devices: int):
         port = free_port()
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
+               + os.environ.get("XLA_FLAGS_EXTRA", "")}
         self.tails = [collections.deque(maxlen=_TAIL) for _ in range(num_processes)]
         self.procs, self.threads = [], []
         for i in range(num_processes):

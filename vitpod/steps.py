@@ -1,8 +1,9 @@
 """Train state, loss, and the pure train/eval steps under jax.shard_map.
 
-Every collective is written out: each device differentiates its share of the global mean
-loss with respect to a device-varying copy of the params, then the gradients are summed
-over the batch axes with one explicit psum (the gradient all-reduce of data parallelism).
+Every collective is written out: each device differentiates the sum of its rows' losses
+with respect to a device-varying copy of the params; one explicit psum over the batch axes
+then sums gradients and metric counts together, and dividing by the global count of valid
+rows gives the gradient of the global mean loss.
 """
 
 import functools
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -49,32 +51,48 @@ def _cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
+def psum_tree(tree, pack: bool):
+    """Sum a pytree over the batch axes in one collective.
+
+    With `pack`, leaves travel as one flat buffer: cross-process CPU collectives (gloo) cost
+    about 7 ms per buffer, so a ViT's 70 gradient leaves took 0.5 s a step unpacked and
+    13 ms packed (2 processes x 4 devices). TPUs combine all-reduces themselves and are
+    spared the copy.
+    """
+    if not pack:
+        return jax.lax.psum(tree, BATCH_AXES)
+    flat, unravel = ravel_pytree(tree)
+    return unravel(jax.lax.psum(flat, BATCH_AXES))
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                    data_cfg: ml_collections.ConfigDict):
-    """jit(state, batch) -> (state, metrics); metrics are sums over the global batch."""
+                    data_cfg: ml_collections.ConfigDict, pack: bool | None = None):
+    """jit(state, batch) -> (state, metrics) over the global batch, with one all-reduce."""
+    if pack is None:
+        pack = jax.default_backend() == "cpu"
 
     def local_step(state, images, labels, valid):
         x = _normalize(images, data_cfg.mean, data_cfg.std)
-        count = jax.lax.psum(valid.sum(), BATCH_AXES)
 
-        def loss_fn(params):
+        def loss_sum_fn(params):
             logits = model.apply(graphdef, params, x)
-            # This device's share of the global mean: sum over local rows / global count.
-            return (_cross_entropy(logits, labels) * valid).sum() / jnp.maximum(count, 1), logits
+            return (_cross_entropy(logits, labels) * valid).sum(), logits
 
+        # Differentiate w.r.t. a device-varying copy: no implicit psum, ours is explicit.
         params_varying = jax.lax.pcast(state["params"], BATCH_AXES, to="varying")
-        (local_loss, logits), local_grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss_sum, logits), grad_sums = jax.value_and_grad(loss_sum_fn, has_aux=True)(
             params_varying)
-        grads = jax.lax.psum(local_grads, BATCH_AXES)
+        sums = {"loss": loss_sum, "correct": ((logits.argmax(-1) == labels) * valid).sum(),
+                "count": valid.sum(), "skipped": (1 - valid).sum()}
+        grad_sums, sums = psum_tree((grad_sums, sums), pack)
+        count = jnp.maximum(sums["count"], 1)
+        grads = jax.tree.map(lambda g: g / count, grad_sums)  # gradient of the global mean
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {"step": state["step"] + 1,
                      "params": optax.apply_updates(state["params"], updates),
                      "opt_state": opt_state}
-        correct = ((logits.argmax(-1) == labels) * valid).sum()
-        metrics = {"loss": jax.lax.psum(local_loss, BATCH_AXES),
-                   "accuracy": jax.lax.psum(correct, BATCH_AXES) / jnp.maximum(count, 1),
-                   "grad_norm": optax.tree.norm(grads),
-                   "skipped": jax.lax.psum((1 - valid).sum(), BATCH_AXES)}
+        metrics = {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count,
+                   "grad_norm": optax.tree.norm(grads), "skipped": sums["skipped"]}
         return new_state, metrics
 
     sharded = jax.shard_map(local_step, mesh=mesh,

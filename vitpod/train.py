@@ -192,8 +192,9 @@ def _train_row(fetched: list[dict], skipped: float, lr: float) -> tuple[dict, fl
 
 def _log_eval(writer: metrics.Writer, step: int, row: dict) -> dict:
     writer.write(step, row)
-    logging.info("step %d  eval accuracy %.4f  loss %.4f  (%d images)", step,
-                 row["eval/accuracy"], row["eval/loss"], row["eval/count"])
+    if jax.process_index() == 0:
+        logging.info("step %d  eval accuracy %.4f  loss %.4f  (%d images)", step,
+                     row["eval/accuracy"], row["eval/loss"], row["eval/count"])
     return row
 
 
