@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, assert_params_close, load_config, read_losses, read_params
-from vitpod import train
+from vitpod import distributed, train
 
 pytestmark = pytest.mark.slow
 
@@ -108,3 +108,19 @@ def _gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+def test_hosts_launched_with_different_configs_refuse_to_start(colors, tmp_path):
+    port = distributed.free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "vitpod.train", "--config=configs/tiny.py",
+         f"--workdir={tmp_path}", f"--config.data.train_dir={colors / 'train'}",
+         f"--config.seed={i}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+         f"--process_id={i}"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2]
+    for err in errors:
+        assert "error: process(es) [1] run a different config or workdir than process 0" in err

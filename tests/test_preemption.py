@@ -65,15 +65,16 @@ def _assert_matches(workdir, reference_dir):
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_saves_at_an_agreed_step_and_resumes(
-        colors, tmp_path, reference):
+@pytest.mark.parametrize("target", ["process 1", "launcher"])
+def test_sigterm_to_a_two_process_run_saves_at_an_agreed_step_and_resumes(
+        target, colors, tmp_path, reference):
     launch = [sys.executable, "-m", "vitpod.launch", "--num_processes=2",
               "--devices_per_process=4", "--"]
     proc = _start(launch + _flags(tmp_path, colors))
     pids = [int(line.split("pid")[1]) for line in _wait_for(proc, "process 1: pid")
             if "pid" in line]
-    _wait_for(proc, f"step {random.Random(0).randint(2, 6)}/{STEPS}")
-    os.kill(pids[1], signal.SIGTERM)
+    _wait_for(proc, f"step {random.Random(target).randint(2, 6)}/{STEPS}")
+    os.kill(pids[1] if target == "process 1" else proc.pid, signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out[-3000:]
     saved = [int(m) for m in re.findall(r"\[p\d\].*preempted at step (\d+), checkpoint", out)]
@@ -140,3 +141,10 @@ def test_non_finite_loss_stops_naming_the_step_and_saves_no_nan(colors, tmp_path
     for step in saved:
         for leaf in jax.tree.leaves(read_params(tmp_path, step)):
             assert np.isfinite(leaf).all()
+
+
+def test_wall_clock_interval_saves_between_step_intervals(colors, tmp_path):
+    config = _config(colors, save_every=1000, save_every_minutes=1e-6, log_every=5)
+    train.run(config, str(tmp_path), stop_after=12)
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [5, 10, 12]  # checked at log steps (5, 10); 12 is the stop

@@ -7,6 +7,7 @@ manifest) they decide identically, through the coordinator or a collective.
 import glob
 import hashlib
 import os
+import socket
 from collections.abc import Callable
 
 import jax
@@ -36,6 +37,13 @@ def initialize(coordinator_address: str = "", num_processes: int = 0,
                                    num_processes=num_processes, process_id=process_id)
     elif _on_cloud_tpu_vm():
         jax.distributed.initialize()  # worker list and coordinator from the TPU metadata
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for a local coordinator."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:

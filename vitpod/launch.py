@@ -12,7 +12,6 @@ last lines. SIGTERM or Ctrl-C to the launcher is forwarded to every process.
 import collections
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ import time
 
 from absl import flags
 
-from vitpod import cli
+from vitpod import cli, distributed
 from vitpod.errors import UserError
 
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "Processes to start.")
@@ -32,17 +31,11 @@ _MODULE = flags.DEFINE_string("module", "vitpod.train", "The entrypoint each pro
 _TAIL = 20
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Job:
     """N child processes, their prefixed log streams and the last lines of each."""
 
     def __init__(self, module: str, args: list[str], num_processes: int, devices: int):
-        port = free_port()
+        port = distributed.free_port()
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
                + os.environ.get("XLA_FLAGS_EXTRA", "")}
