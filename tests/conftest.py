@@ -94,16 +94,9 @@ def read_losses(workdir) -> dict[int, float]:
 
 def read_params(workdir, step: int) -> dict:
     """The params of a checkpoint, on one local device (whatever topology saved them)."""
-    import jax
-    import orbax.checkpoint as ocp
+    from vitpod import checkpoint
 
-    with ocp.CheckpointManager(pathlib.Path(workdir) / "checkpoints",
-                               item_handlers=ocp.StandardCheckpointHandler()) as mngr:
-        meta = mngr.item_metadata(step).tree
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              meta)
-        return mngr.restore(step, args=ocp.args.StandardRestore(target))["params"]
+    return checkpoint.load_params(str(pathlib.Path(workdir) / "checkpoints"), step)[1]
 
 
 def key_names(path) -> list[str]:

@@ -23,7 +23,7 @@ def _batch(mesh, n=16, size=8, seed=0, valid=None):
 def _train(num_devices, config, num_steps=3, valid=None, pack=None):
     mesh = _mesh(num_devices)
     tx = optim.make(config.optim, 10)
-    state = steps.state_initializer(config.model, 8, 5, tx, 0, mesh)()
+    state = steps.state_initializer(config.model, 8, 5, tx, 0, mesh)(None)
     graphdef, _ = model.abstract_model(config.model, 8, 5)
     train_step = steps.make_train_step(graphdef, tx, mesh, config.data, pack=pack)
     losses = []
@@ -48,7 +48,7 @@ def test_eval_step_sums_only_valid_rows():
     config = load_config("tiny")
     mesh = _mesh(8)
     tx = optim.make(config.optim, 10)
-    params = steps.state_initializer(config.model, 8, 5, tx, 0, mesh)()["params"]
+    params = steps.state_initializer(config.model, 8, 5, tx, 0, mesh)(None)["params"]
     graphdef, _ = model.abstract_model(config.model, 8, 5)
     valid = np.array([1, 1, 0] * 5 + [1], np.float32)
     out = steps.make_eval_step(graphdef, mesh, config.data)(params, _batch(mesh, valid=valid))

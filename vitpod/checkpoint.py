@@ -6,11 +6,16 @@ still fails to restore (a damaged disk, a partial copy) is moved aside and the o
 it is used, with a warning naming it.
 """
 
+import os
+
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+
+from vitpod.errors import UserError
 
 
 def manager(directory: str, keep: int) -> ocp.CheckpointManager:
@@ -42,3 +47,30 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
             continue
         return step, state
     return 0, None
+
+
+def load_params(directory: str, step: int | None = None) -> tuple[int, dict]:
+    """(step, params as numpy) of a checkpoint (the latest by default), on this host alone.
+
+    For tools that read a run's weights (export, predict, evaluate) whatever mesh and
+    process count wrote them.
+    """
+    with ocp.CheckpointManager(os.path.abspath(directory),
+                               item_handlers=ocp.StandardCheckpointHandler(),
+                               options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise UserError(f"no checkpoint in {directory}; train first (python -m vitpod.train)")
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              mngr.item_metadata(step).tree)
+        state = mngr.restore(step, args=ocp.args.StandardRestore(target))
+    return step, jax.tree.map(np.asarray, _int_keys(state["params"]))
+
+
+def _int_keys(tree):
+    """Checkpoint metadata spells list indices as strings; the model's params use ints."""
+    if not isinstance(tree, dict):
+        return tree
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v)
+            for k, v in tree.items()}

@@ -38,9 +38,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(f"cannot load the --config file: {_one_line(e)}")
 
 
-def config(holder) -> "ml_collections.ConfigDict":  # noqa: F821
+def config(value) -> "ml_collections.ConfigDict":  # noqa: F821
     """The value of a config_flags flag, or UserError if its file failed to load."""
-    value = holder.value
     if value is None:
         raise UserError("pass --config=configs/NAME.py (see configs/)")
     try:

@@ -126,6 +126,14 @@ def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
 
+def from_json(saved: dict) -> ml_collections.ConfigDict:
+    """A workdir's config.json back as a ConfigDict."""
+    config = defaults()
+    config.update_from_flattened_dict(
+        {k: tuple(v) if isinstance(v, list) else v for k, v in _flatten(saved).items()})
+    return config
+
+
 def changed_result_keys(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
     """Dotted keys whose values differ and would change the run's numbers."""
     now = json.loads(to_json(current))

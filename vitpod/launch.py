@@ -22,12 +22,17 @@ from absl import flags
 from vitpod import cli, distributed
 from vitpod.errors import UserError
 
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "Processes to start.")
-_DEVICES = flags.DEFINE_integer("devices_per_process", 4, "Fake CPU devices per process.")
-_TIMEOUT = flags.DEFINE_float("timeout", 0, "Stop everything after this many seconds (0: none).")
-_STRAGGLER = flags.DEFINE_float("straggler_timeout", 120, "After one process exits, stop "
-                                "the others if they have not finished within this many seconds.")
-_MODULE = flags.DEFINE_string("module", "vitpod.train", "The entrypoint each process runs.")
+
+def define_flags() -> None:
+    """This entrypoint's flags (defined only when run, so entrypoints import each other)."""
+    flags.DEFINE_integer("num_processes", 2, "Processes to start.")
+    flags.DEFINE_integer("devices_per_process", 4, "Fake CPU devices per process.")
+    flags.DEFINE_float("timeout", 0, "Stop everything after this many seconds (0: none).")
+    flags.DEFINE_float("straggler_timeout", 120, "After one process exits, stop the others if "
+                       "they have not finished within this many seconds.")
+    flags.DEFINE_string("module", "vitpod.train", "The entrypoint each process runs.")
+
+
 _TAIL = 20
 
 
@@ -115,9 +120,9 @@ def main(argv: list[str]) -> None:
     if not args:
         raise UserError("pass the train flags after --, e.g. -- --config=configs/demo.py "
                         "--workdir=runs/x")
-    if _NUM_PROCESSES.value < 1 or _DEVICES.value < 1:
+    if flags.FLAGS.num_processes < 1 or flags.FLAGS.devices_per_process < 1:
         raise UserError("--num_processes and --devices_per_process must be >= 1")
-    job = Job(_MODULE.value, args, _NUM_PROCESSES.value, _DEVICES.value)
+    job = Job(flags.FLAGS.module, args, flags.FLAGS.num_processes, flags.FLAGS.devices_per_process)
 
     def forward(signum, _frame):
         print(f"[launch] got signal {signum}; forwarding to every process", flush=True)
@@ -125,8 +130,9 @@ def main(argv: list[str]) -> None:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    sys.exit(job.wait(_TIMEOUT.value, _STRAGGLER.value))
+    sys.exit(job.wait(flags.FLAGS.timeout, flags.FLAGS.straggler_timeout))
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

@@ -7,15 +7,18 @@ OUT/train/<digit>/ and OUT/val/<digit>/, with a fixed stratified 80/20 split.
 """
 
 import os
-import sys
 
 import numpy as np
 from absl import flags
 from PIL import Image
 
 from vitpod import cli
+from vitpod.errors import UserError
 
-_OUT = flags.DEFINE_string("out", None, "Output directory of the ImageFolder.")
+
+def define_flags() -> None:
+    """This entrypoint's flags (defined only when run, so entrypoints import each other)."""
+    flags.DEFINE_string("out", None, "Output directory of the ImageFolder.")
 
 
 def digits(out: str, val_fraction: float = 0.2, seed: int = 0) -> dict[str, int]:
@@ -42,11 +45,13 @@ SOURCES = {"digits": digits}
 
 
 def main(argv) -> None:
-    if len(argv) != 2 or argv[1] not in SOURCES or not _OUT.value:
-        sys.exit(f"usage: python -m vitpod.prepare {{{'|'.join(SOURCES)}}} --out=DIR")
-    counts = SOURCES[argv[1]](_OUT.value)
-    print(f"wrote {argv[1]} to {_OUT.value}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if len(argv) != 2 or argv[1] not in SOURCES or not flags.FLAGS.out:
+        raise UserError(f"usage: python -m vitpod.prepare {{{'|'.join(SOURCES)}}} --out=DIR")
+    counts = SOURCES[argv[1]](flags.FLAGS.out)
+    summary = ", ".join(f"{k} {v}" for k, v in counts.items())
+    print(f"wrote {argv[1]} to {flags.FLAGS.out}: {summary}")
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

@@ -30,13 +30,15 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def state_initializer(model_cfg, image_size: int, num_classes: int,
                       tx: optax.GradientTransformation, seed: int, mesh: jax.sharding.Mesh):
-    """A jitted () -> {step, params, opt_state} that creates the state already sharded.
+    """A jitted (params or None) -> {step, params, opt_state}, created already sharded.
 
-    `jax.eval_shape` of it gives the abstract state that checkpoints restore into, so a
-    resumed run never initialises params it would throw away.
+    None initialises fresh params from the seed; given params (e.g. imported weights) are
+    placed as they are. `jax.eval_shape(init, None)` is the abstract state that checkpoints
+    restore into, so a resumed run never initialises params it would throw away.
     """
-    def init():
-        params = model.init_params(model_cfg, image_size, num_classes, jax.random.key(seed))
+    def init(params):
+        if params is None:
+            params = model.init_params(model_cfg, image_size, num_classes, jax.random.key(seed))
         return {"step": jnp.zeros((), jnp.int32), "params": params,
                 "opt_state": tx.init(params)}
     return jax.jit(init, out_shardings=replicated(mesh))

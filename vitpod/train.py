@@ -15,7 +15,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vitpod import checkpoint, cli, distributed, metrics, model, optim, steps
+from vitpod import checkpoint, cli, distributed, hf, metrics, model, optim, steps
 from vitpod import config as config_lib
 from vitpod.data import imagefolder, pipeline
 from vitpod.errors import UserError
@@ -91,9 +91,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0) ->
                                    config.seed, mesh)
     ckpt = checkpoint.manager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                               config.keep_checkpoints)
-    start, state = checkpoint.restore_latest(ckpt, jax.eval_shape(init))
+    start, state = checkpoint.restore_latest(ckpt, jax.eval_shape(init, None))
     if state is None:
-        state = init()
+        pretrained = None
+        if config.model.init_from:
+            pretrained = hf.load_params(config.model.init_from, config.model,
+                                        config.data.image_size, splits["train"].classes)
+        state = init(pretrained)
     else:
         logging.info("resuming from the checkpoint of step %d", start)
     preemption = metrics_writer = None
@@ -205,26 +209,28 @@ def _check_skips(skipped: float, seen: int, data_cfg) -> None:
                         "remove them (the log names each) or raise that key")
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0 "
-                                   "(local multi-process runs; not needed on TPU pods).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index.")
-_STOP_AFTER = flags.DEFINE_integer(
-    "stop_after", 0, "Stop at this step with a checkpoint, to continue the same schedule later; "
-    "0: run to the end.")
+def define_flags() -> None:
+    """This entrypoint's flags (defined only when run, so entrypoints import each other)."""
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+    flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0 (local "
+                        "multi-process runs; not needed on TPU pods).")
+    flags.DEFINE_integer("num_processes", 0, "Processes in the job.")
+    flags.DEFINE_integer("process_id", -1, "This process's index.")
+    flags.DEFINE_integer("stop_after", 0, "Stop at this step with a checkpoint, to continue "
+                         "the same schedule later; 0: run to the end.")
 
 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    config = cli.config(_CONFIG)
-    if not _WORKDIR.value:
+    config = cli.config(flags.FLAGS.config)
+    if not flags.FLAGS.workdir:
         raise UserError("pass --workdir=DIR (where checkpoints and metrics go)")
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    final = run(config, _WORKDIR.value, _STOP_AFTER.value)
+    f = flags.FLAGS
+    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    final = run(config, f.workdir, f.stop_after)
     if jax.process_index() != 0:
         return
     if final.get("stopped"):
@@ -238,4 +244,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

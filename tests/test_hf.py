@@ -1,0 +1,149 @@
+"""Hugging Face ViT checkpoints in and out, against transformers' PyTorch ViT."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from tests.conftest import ROOT, load_config
+from vitpod import export, hf, inference, model, predict, train
+from vitpod.errors import UserError
+
+# vitpod variant -> the HF shape of a random checkpoint built here (no hub).
+SHAPES = {"pico/4": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, patch_size=4),
+          "mu/4": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       intermediate_size=128, patch_size=4),
+          "pico/2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, patch_size=2)}
+
+
+def _hf_model(path, variant="pico/4", image_size=8, labels=("a", "b", "c", "d"), seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.ViTConfig(image_size=image_size, id2label=dict(enumerate(labels)),
+                                 label2id={c: i for i, c in enumerate(labels)},
+                                 **SHAPES[variant])
+    m = transformers.ViTForImageClassification(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():  # HF zero-inits biases: randomise all to test every tensor
+            p.normal_(0, 0.2)
+    m.save_pretrained(path)
+    return m
+
+
+def _model_cfg(variant):
+    cfg = load_config("tiny").model
+    cfg.variant, cfg.layer_norm_eps = variant, 1e-12
+    return cfg
+
+
+def _torch_logits(m, images_nhwc, interpolate=False):
+    with torch.no_grad():
+        x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
+        return m(x, interpolate_pos_encoding=interpolate).logits.numpy()
+
+
+@pytest.mark.parametrize("variant,image_size", [("pico/4", 8), ("mu/4", 16), ("pico/2", 8)])
+def test_imported_checkpoint_gives_pytorch_logits(tmp_path, variant, image_size):
+    m = _hf_model(tmp_path, variant, image_size)
+    cfg = _model_cfg(variant)
+    params = hf.load_params(str(tmp_path), cfg, image_size, ("a", "b", "c", "d"))
+    graphdef, _ = model.abstract_model(cfg, image_size, 4)
+    x = np.random.default_rng(0).normal(size=(3, image_size, image_size, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(model.apply(graphdef, params, x)),
+                               _torch_logits(m, x), atol=1e-4)
+
+
+def test_position_embeddings_resize_like_interpolate_pos_encoding(tmp_path):
+    m = _hf_model(tmp_path, "pico/4", image_size=8)  # 2x2 patch grid -> 4x4 at 16 px
+    cfg = _model_cfg("pico/4")
+    params = hf.load_params(str(tmp_path), cfg, 16, ("a", "b", "c", "d"))
+    assert params["pos_embed"].shape == (1, 17, 32)
+    graphdef, _ = model.abstract_model(cfg, 16, 4)
+    x = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(model.apply(graphdef, params, x)),
+                               _torch_logits(m, x, interpolate=True), atol=1e-4)
+
+
+def test_other_classes_get_a_zero_head(tmp_path):
+    _hf_model(tmp_path)
+    params = hf.load_params(str(tmp_path), _model_cfg("pico/4"), 8, ("x", "y"))
+    assert params["head"]["kernel"].shape == (32, 2) and not params["head"]["kernel"].any()
+
+
+def test_mismatched_checkpoints_are_refused_in_one_line(tmp_path):
+    _hf_model(tmp_path)
+    with pytest.raises(UserError, match=r"model.variant='mu/4' is \(64, 4, 4, 128, 4\)"):
+        hf.load_params(str(tmp_path), _model_cfg("mu/4"), 8, ("a",))
+    weights = tmp_path / hf.WEIGHTS
+    import safetensors.numpy
+
+    tensors = safetensors.numpy.load_file(weights)
+    tensors.pop("vit.layernorm.weight")
+    tensors["vit.extra.weight"] = np.zeros(3, np.float32)
+    safetensors.numpy.save_file(tensors, weights)
+    with pytest.raises(UserError, match=r"missing tensors \['layernorm.weight'\], unexpected "
+                                        r"tensors \['extra.weight'\]"):
+        hf.load_params(str(tmp_path), _model_cfg("pico/4"), 8, ("a",))
+
+
+def test_hub_id_without_internet_names_the_id_and_the_way_out(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="cannot download 'google/vit-base-patch16-224'.*"
+                                        "pass the directory"):
+        hf.resolve("google/vit-base-patch16-224")
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, colors):
+    """A tiny HF checkpoint fine-tuned on the colors data, then exported."""
+    root = tmp_path_factory.mktemp("ft")
+    _hf_model(root / "pretrained", labels=tuple("0123456789"))
+    config = load_config("tiny", data__train_dir=str(colors / "train"),
+                         data__val_dir=str(colors / "val"), model__init_from=str(
+                             root / "pretrained"), model__layer_norm_eps=1e-12)
+    final = train.run(config, str(root / "run"))
+    export.run(str(root / "run"), str(root / "exported"))
+    return root, final
+
+
+def test_finetune_export_and_transformers_agree_on_logits(finetuned, colors):
+    root, final = finetuned
+    assert final["eval/count"] == 37
+    ours = inference.load(str(root / "run"))
+    exported = transformers.ViTForImageClassification.from_pretrained(root / "exported").eval()
+    assert exported.config.id2label == {0: "a", 1: "b", 2: "c", 3: "d"}
+    x = np.random.default_rng(2).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    normalised = ((x / 255.0 - 0.5) / 0.5).astype(np.float32)
+    np.testing.assert_allclose(_torch_logits(exported, normalised), ours.logits(x), atol=1e-4)
+
+
+def test_transformers_pipeline_predicts_the_class_names(finetuned, colors):
+    root, _ = finetuned
+    pipe = transformers.pipeline("image-classification", model=str(root / "exported"))
+    files = sorted((colors / "val" / "c").iterdir())[:3]
+    ours = predict.predict(inference.load(str(root / "exported")), [str(f) for f in files], 4)
+    for path, mine in zip(files, ours, strict=True):
+        theirs = pipe(Image.open(path).convert("RGB"), top_k=4)
+        assert {t["label"] for t in theirs} == set("abcd")
+        assert theirs[0]["label"] == mine["top_k"][0]["label"]
+        assert theirs[0]["score"] == pytest.approx(mine["top_k"][0]["prob"], abs=1e-4)
+
+
+def test_predict_cli_prints_json_per_image(finetuned, colors):
+    root, _ = finetuned
+    result = subprocess.run(
+        [sys.executable, "-m", "vitpod.predict", f"--model={root / 'run'}", "--format=json",
+         "--top_k=2", str(colors / "val" / "a")], capture_output=True, text=True, cwd=ROOT,
+        timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 10 and all(len(r["top_k"]) == 2 for r in rows)
+    for row in rows:
+        probs = [t["prob"] for t in row["top_k"]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6

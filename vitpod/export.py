@@ -1,0 +1,35 @@
+"""Export a run's weights as a Hugging Face ViT directory that `transformers` loads.
+
+    python -m vitpod.export --workdir=runs/demo --out=exported/demo
+    # then: transformers.pipeline("image-classification", model="exported/demo")
+"""
+
+from absl import flags
+
+from vitpod import cli, hf, inference
+from vitpod.errors import UserError
+
+
+def define_flags() -> None:
+    """This entrypoint's flags (defined only when run, so entrypoints import each other)."""
+    flags.DEFINE_string("workdir", None, "The run's workdir (its latest checkpoint).")
+    flags.DEFINE_string("out", None, "Directory to write the HF model to.")
+
+
+def run(workdir: str, out: str) -> str:
+    classifier = inference.load(workdir)
+    hf.export(classifier.params, classifier.model_cfg, classifier.data_cfg, classifier.classes,
+              out)
+    return classifier.source
+
+
+def main(argv) -> None:
+    if not flags.FLAGS.workdir or not flags.FLAGS.out:
+        raise UserError("pass --workdir=DIR and --out=DIR")
+    source = run(flags.FLAGS.workdir, flags.FLAGS.out)
+    print(f"exported {source} to {flags.FLAGS.out}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)

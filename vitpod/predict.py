@@ -1,0 +1,87 @@
+"""Classify image files with a trained model.
+
+    python -m vitpod.predict --model=runs/demo data/digits/val/3 [--top_k=3] [--format=json]
+
+--model is a workdir, an exported directory, or any Hugging Face ViT checkpoint directory.
+"""
+
+import json
+import os
+
+import numpy as np
+from absl import flags
+
+from vitpod import cli, inference
+from vitpod.data import imagefolder, transforms
+from vitpod.errors import UserError
+
+
+def define_flags() -> None:
+    """This entrypoint's flags (defined only when run, so entrypoints import each other)."""
+    flags.DEFINE_string("model", None, "Workdir or Hugging Face ViT directory.")
+    flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
+    flags.DEFINE_enum("format", "text", ["text", "json"], "json: one object per line.")
+
+
+_BATCH = 64
+
+
+def image_files(paths: list[str]) -> list[str]:
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            for root, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                files += [os.path.join(root, n) for n in sorted(names)
+                          if n.lower().endswith(imagefolder.IMG_EXTENSIONS)]
+        elif os.path.exists(path):
+            files.append(path)
+        else:
+            raise UserError(f"no such file or directory: {path}")
+    return files
+
+
+def predict(classifier: inference.Classifier, files: list[str], top_k: int) -> list[dict]:
+    """[{path, top_k: [{label, prob}]}] per file; unreadable files get an 'error' instead."""
+    results, size = [], classifier.data_cfg.image_size
+    for start in range(0, len(files), _BATCH):
+        images, rows = [], []
+        for path in files[start:start + _BATCH]:
+            try:
+                with open(path, "rb") as f:
+                    img = transforms.decode_rgb(f.read())
+                images.append(transforms.eval_transform(img, size,
+                                                        classifier.data_cfg.eval_crop_pct))
+                rows.append({"path": path})
+            except Exception as e:  # noqa: BLE001
+                results.append({"path": path, "error": f"{type(e).__name__}: {e}"})
+        if not images:
+            continue
+        logits = classifier.logits(np.stack(images))
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        for row, p in zip(rows, probs, strict=True):
+            best = np.argsort(-p)[:top_k]
+            row["top_k"] = [{"label": classifier.classes[i], "prob": round(float(p[i]), 6)}
+                            for i in best]
+            results.append(row)
+    return results
+
+
+def main(argv) -> None:
+    if not flags.FLAGS.model or len(argv) < 2:
+        raise UserError("usage: python -m vitpod.predict --model=DIR IMAGE_OR_DIR...")
+    files = image_files(argv[1:])
+    for row in predict(inference.load(flags.FLAGS.model), files, flags.FLAGS.top_k):
+        if flags.FLAGS.format == "json":
+            print(json.dumps(row))
+        elif "error" in row:
+            print(f"{row['path']}: {row['error']}")
+        else:
+            best = ", ".join(f"{t['label']} {t['prob']:.3f}" for t in row["top_k"])
+            print(f"{row['path']}: {best}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)
