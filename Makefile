@@ -7,7 +7,8 @@ FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS
 DIGITS := data/digits
 DEMO_WORKDIR ?= runs/demo
 
-.PHONY: install demo test test-fast lint format debug debug-multihost clean
+.PHONY: install demo test test-fast lint format debug debug-multihost clean \
+	pod-create pod-setup pod-launch pod-status pod-logs pod-ssh pod-delete pod-run
 
 install: $(VENV)/.installed
 
@@ -33,7 +34,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
-	$(BIN)/ruff check vitpod tests configs
+	$(BIN)/ruff check vitpod tests configs deploy
 
 format: install
 	$(BIN)/ruff check --fix vitpod tests configs
@@ -51,6 +52,26 @@ debug-multihost: install $(DIGITS)/.done
 	rm -rf runs/demo-2x4
 	$(BIN)/python -m vitpod.launch --num_processes=2 --devices_per_process=4 -- \
 	  --config=configs/demo.py --workdir=runs/demo-2x4
+
+# Cloud TPU slices: settings in deploy/pod.env, overridable here (make pod-run TPU_TYPE=v4-32).
+# DRY_RUN=1 prints the gcloud commands instead of running them.
+POD := $(PYTHON) deploy/pod.py
+pod-create:
+	$(POD) create
+pod-setup:
+	$(POD) setup
+pod-launch:
+	$(POD) launch
+pod-status:
+	$(POD) status
+pod-logs:
+	$(POD) logs
+pod-ssh:
+	$(POD) ssh
+pod-delete:
+	$(POD) delete
+pod-run:
+	$(POD) run
 
 clean:
 	rm -rf runs data .pytest_cache
