@@ -8,7 +8,7 @@ DIGITS := data/digits
 DEMO_WORKDIR ?= runs/demo
 
 .PHONY: install demo test test-fast lint format debug debug-multihost clean \
-	pod-create pod-setup pod-launch pod-status pod-logs pod-ssh pod-delete pod-run
+	bench pod-create pod-setup pod-launch pod-status pod-logs pod-ssh pod-delete pod-run
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,10 @@ debug-multihost: install $(DIGITS)/.done
 	rm -rf runs/demo-2x4
 	$(BIN)/python -m vitpod.launch --num_processes=2 --devices_per_process=4 -- \
 	  --config=configs/demo.py --workdir=runs/demo-2x4
+
+# Benchmarks with their baselines; writes benchmarks/results.json and results.md.
+bench: install
+	$(BIN)/python benchmarks/run.py
 
 # Cloud TPU slices: settings in deploy/pod.env, overridable here (make pod-run TPU_TYPE=v4-32).
 # DRY_RUN=1 prints the gcloud commands instead of running them.

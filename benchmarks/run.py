@@ -1,0 +1,70 @@
+"""`make bench`: run every benchmark with its baseline, write results.json and results.md.
+
+Each benchmark is its own script printing one JSON line; this runs them at the shapes below,
+puts ratios next to their baselines and targets, and prints the markdown table.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+S16 = ["--hidden_size=384", "--num_layers=12", "--num_heads=6", "--mlp_dim=1536"]
+TI16 = ["--hidden_size=192", "--num_layers=12", "--num_heads=3", "--mlp_dim=768"]
+
+
+def bench(script: str, *args: str) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.path.dirname(HERE)}
+    out = subprocess.run([sys.executable, os.path.join(HERE, script), *args], env=env,
+                         capture_output=True, text=True, timeout=900)
+    if out.returncode:
+        raise SystemExit(f"{script} {' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    start = time.time()
+    rows = []
+    base = bench("input_pipeline.py", "--baseline")
+    rows.append(("input pipeline: plain PIL loop (baseline)", f"{base['img_per_sec']} img/s",
+                 "1.00x", "", json.dumps(base["time_share"])))
+    for workers in (1, 2):
+        r = bench("input_pipeline.py", f"--workers={workers}")
+        ratio = r["img_per_sec"] / base["img_per_sec"]
+        target = ">= 1.8x" if workers == 2 else ""
+        rows.append((f"input pipeline: vitpod grain, {workers} worker(s)",
+                     f"{r['img_per_sec']} img/s", f"{ratio:.2f}x", target,
+                     "met" if workers != 2 or ratio >= 1.8 else "not met"))
+    steps = {}
+    for name, shape in (("Ti/16", TI16), ("S/16", S16)):
+        for devices in (1, 8):
+            r = bench("train_step.py", *shape, f"--devices={devices}", "--global_batch=16",
+                      "--steps=3")
+            steps[(name, devices)] = r
+            target = ">= 0.65 MFU" if name == "S/16" else ""
+            rows.append((f"train step {name} 224px, {devices} device(s), batch 16",
+                         f"{r['img_per_sec']} img/s, {r['flops_per_sec'] / 1e9:.1f} GFLOP/s",
+                         f"MFU {r['mfu']:.2f}", target,
+                         f"matmul peak {r['matmul_peak_flops_per_sec'] / 1e9:.0f} GFLOP/s"))
+    stall = bench("checkpoint_stall.py", "--variant=S/16", "--global_batch=8")
+    rows.append(("checkpoint stall S/16 (async save)", f"{stall['save_blocking_seconds']} s",
+                 f"{stall['stall_in_steps']} steps", "< 1 step",
+                 f"blocking sync save: {stall['sync_save_seconds']} s, step "
+                 f"{stall['step_seconds']} s"))
+    table = ["| benchmark | measured | ratio | target | notes |", "|---|---|---|---|---|"]
+    table += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    results = {"rows": rows, "input_baseline": base, "train_step": {
+        f"{k[0]} x{k[1]}": v for k, v in steps.items()}, "checkpoint_stall": stall,
+        "seconds": round(time.time() - start)}
+    with open(os.path.join(HERE, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(HERE, "results.md"), "w") as f:
+        f.write("\n".join(table) + "\n")
+    print("\n".join(table))
+    print(f"\n(benchmarks took {results['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Train-step throughput and MFU of vitpod's shard_map step, against this CPU's matmul peak.
+
+    python benchmarks/train_step.py --image_size=224 --patch_size=16 --hidden_size=384 \
+        --num_layers=12 --num_heads=6 --mlp_dim=1536 --num_classes=1000 --global_batch=16 \
+        --devices=8
+
+Prints one JSON line: img_per_sec, flops_per_sec (XLA's count for the compiled step),
+matmul_peak_flops_per_sec (a large f32 matmul measured in the same run) and mfu, their ratio.
+--devices sets the fake CPU device count (all of them share this machine's cores).
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+flags.DEFINE_integer("image_size", 224, "")
+flags.DEFINE_integer("patch_size", 16, "")
+flags.DEFINE_integer("hidden_size", 384, "")
+flags.DEFINE_integer("num_layers", 12, "")
+flags.DEFINE_integer("num_heads", 6, "")
+flags.DEFINE_integer("mlp_dim", 1536, "")
+flags.DEFINE_integer("num_classes", 1000, "")
+flags.DEFINE_integer("global_batch", 16, "")
+flags.DEFINE_integer("devices", 1, "Fake CPU devices (set before jax starts).")
+flags.DEFINE_integer("steps", 5, "Timed steps after the compile and one warm-up step.")
+FLAGS = flags.FLAGS
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+    """Best f32 FLOP/s of an n x n matmul on the first device, the roofline for this CPU."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), jax.devices()[0])
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def main(argv) -> None:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={FLAGS.devices}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    import numpy as np
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests.conftest import load_config
+    from vitpod import model, optim, steps
+
+    model.WIDTHS["bench"] = (FLAGS.hidden_size, FLAGS.num_layers, FLAGS.num_heads,
+                             FLAGS.mlp_dim)
+    config = load_config("tiny", model__variant=f"bench/{FLAGS.patch_size}",
+                         data__image_size=FLAGS.image_size)
+    mesh = jax.make_mesh((FLAGS.devices, 1), ("data", "fsdp"))
+    tx = optim.make(config.optim, 100)
+    state = steps.state_initializer(config.model, FLAGS.image_size, FLAGS.num_classes, tx, 0,
+                                    mesh)(None)
+    graphdef, _ = model.abstract_model(config.model, FLAGS.image_size, FLAGS.num_classes)
+    train_step = steps.make_train_step(graphdef, tx, mesh, config.data)
+    rng = np.random.default_rng(0)
+    size, b = FLAGS.image_size, FLAGS.global_batch
+    batch = {"image": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8),
+             "label": rng.integers(0, FLAGS.num_classes, b).astype(np.int32),
+             "valid": np.ones(b, np.float32)}
+    batch = {k: jax.device_put(v, steps.batch_sharding(mesh)) for k, v in batch.items()}
+    compiled = train_step.lower(state, batch).compile()
+    flops = compiled.cost_analysis()["flops"] * FLAGS.devices  # per-device program
+    state, metrics = train_step(state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(FLAGS.steps):
+        state, metrics = train_step(state, batch)
+    jax.block_until_ready(metrics)
+    seconds = (time.perf_counter() - start) / FLAGS.steps
+    peak = matmul_peak()
+    print(json.dumps({
+        "impl": "vitpod shard_map step", "devices": FLAGS.devices, "global_batch": b,
+        "image_size": size, "patch_size": FLAGS.patch_size, "hidden_size": FLAGS.hidden_size,
+        "num_layers": FLAGS.num_layers, "step_seconds": round(seconds, 4),
+        "img_per_sec": round(b / seconds, 2), "flops_per_step": flops,
+        "flops_per_sec": round(flops / seconds), "matmul_peak_flops_per_sec": round(peak),
+        "mfu": round(flops / seconds / peak, 3)}))
+
+
+if __name__ == "__main__":
+    app.run(main)
