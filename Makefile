@@ -34,7 +34,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
-	$(BIN)/ruff check vitpod tests configs deploy
+	$(BIN)/ruff check vitpod tests configs deploy benchmarks
 
 format: install
 	$(BIN)/ruff check --fix vitpod tests configs

@@ -58,11 +58,13 @@ def main(argv) -> None:
         mngr.wait_until_finished()
         total = time.perf_counter() - t
         mngr.close()
-        t = time.perf_counter()
         import orbax.checkpoint as ocp
 
-        ocp.StandardCheckpointer().save(os.path.join(tmp, "sync"), state)
-        ocp.StandardCheckpointer().close()
+        t = time.perf_counter()
+        blocking_checkpointer = ocp.StandardCheckpointer()
+        blocking_checkpointer.save(os.path.join(tmp, "sync"), state)
+        blocking_checkpointer.wait_until_finished()
+        blocking_checkpointer.close()
         sync = time.perf_counter() - t
     params = sum(x.size for x in jax.tree.leaves(state["params"]))
     print(json.dumps({"impl": "vitpod async save", "variant": FLAGS.variant,

@@ -21,7 +21,9 @@ def bench(script: str, *args: str) -> dict:
                          capture_output=True, text=True, timeout=900)
     if out.returncode:
         raise SystemExit(f"{script} {' '.join(args)} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(json.dumps(result), file=sys.stderr, flush=True)
+    return result
 
 
 def main() -> None:

@@ -147,3 +147,32 @@ def test_predict_cli_prints_json_per_image(finetuned, colors):
     for row in rows:
         probs = [t["prob"] for t in row["top_k"]]
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+
+
+def test_prepare_hf_writes_a_saved_dataset_as_an_imagefolder(tmp_path, monkeypatch):
+    import datasets
+
+    from vitpod import prepare
+    from vitpod.data import imagefolder
+
+    features = datasets.Features({"img": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=["cat", "dog"])})
+    rng = np.random.default_rng(0)
+
+    def split(labels):
+        images = [Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8))
+                  for _ in labels]
+        return datasets.Dataset.from_dict({"img": images, "label": labels}, features=features)
+
+    datasets.DatasetDict({"train": split([0, 1, 1, 0, 1]), "test": split([1, 0])}).save_to_disk(
+        str(tmp_path / "saved"))
+    counts = prepare.hf_dataset(str(tmp_path / "out"), str(tmp_path / "saved"))
+    assert counts == {"train": 5, "val": 2}
+    train = imagefolder.scan(str(tmp_path / "out" / "train"))
+    assert train.classes == ("cat", "dog") and train.labels.count(1) == 3
+    with Image.open(train.path(0)) as img:
+        assert img.size == (5, 6)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(UserError, match="cannot load the dataset"):
+        prepare.hf_dataset(str(tmp_path / "x"), str(tmp_path / "no-such-dataset"))
