@@ -1,5 +1,8 @@
 """Input pipeline throughput: vitpod's grain pipeline against a plain single-process PIL loop.
 
+grain reads ahead with a thread pool even in-process (workers=0): PIL releases the GIL while
+decoding, so threads already use several cores; workers add processes on top.
+
     python benchmarks/input_pipeline.py --data_dir=/tmp/photos --image_size=224 \
         --batch_size=64 --workers=2 [--generate=600] [--baseline]
 
@@ -22,7 +25,9 @@ flags.DEFINE_integer("generate", 600, "Photo-sized JPEGs to write when data_dir 
 flags.DEFINE_integer("image_size", 224, "Output size.")
 flags.DEFINE_integer("batch_size", 64, "Images per batch.")
 flags.DEFINE_integer("workers", 2, "grain worker processes (0: in-process).")
-flags.DEFINE_integer("batches", 8, "Batches to time (after one warm-up batch).")
+flags.DEFINE_integer("batches", 100, "Batches to time, after --warmup batches.")
+flags.DEFINE_integer("warmup", 20, "Batches before timing: grain's read-ahead buffer (500 "
+                     "images) fills at start-up, so steady state comes after it.")
 flags.DEFINE_bool("baseline", False, "Time the plain PIL loop instead, with phase shares.")
 FLAGS = flags.FLAGS
 
@@ -48,12 +53,13 @@ def baseline(split, size: int, batch: int, batches: int) -> dict:
 
     rng, phases = np.random.default_rng(0), {"read+decode": 0.0, "crop+resize+flip": 0.0,
                                              "normalise+batch": 0.0}
-    order = rng.permutation(len(split.files))
+    order = np.concatenate([rng.permutation(len(split.files))
+                            for _ in range(math.ceil(batches * batch / len(split.files)))])
     n = 0
     start = time.perf_counter()
     for b in range(batches):
         images = []
-        for i in order[(b * batch) % len(order):][:batch]:
+        for i in order[b * batch:(b + 1) * batch]:
             t0 = time.perf_counter()
             with open(split.path(int(i)), "rb") as f:
                 img = transforms.decode_rgb(f.read())
@@ -72,16 +78,17 @@ def baseline(split, size: int, batch: int, batches: int) -> dict:
             "time_share": {k: round(v / total, 3) for k, v in phases.items()}}
 
 
-def vitpod_pipeline(split, size: int, batch: int, batches: int, workers: int) -> dict:
-    from tests.conftest import load_config
+def vitpod_pipeline(split, size: int, batch: int, batches: int, workers: int,
+                    warmup: int) -> dict:
+    from vitpod import config
     from vitpod.data import pipeline
 
-    cfg = load_config("demo").data
-    cfg.unlock()
+    cfg = config.defaults().data
     cfg.image_size, cfg.crop_scale, cfg.hflip, cfg.num_workers = size, (0.08, 1.0), True, workers
     it = pipeline.train_batches(split, cfg, seed=0, global_batch=batch, start_step=0,
-                                total_steps=batches + 1)
-    next(it)  # warm-up: worker start-up is not throughput
+                                total_steps=warmup + batches)
+    for _ in range(warmup):
+        next(it)
     start = time.perf_counter()
     n = sum(len(next(it)["label"]) for _ in range(batches))
     return {"img_per_sec": n / (time.perf_counter() - start)}
@@ -93,7 +100,7 @@ def main(argv) -> None:
     if not os.path.isdir(FLAGS.data_dir):
         make_photos(FLAGS.data_dir, FLAGS.generate)
     split = imagefolder.scan(FLAGS.data_dir)
-    batches = min(FLAGS.batches, math.ceil(len(split.files) / FLAGS.batch_size))
+    batches = FLAGS.batches
     shape = {"image_size": FLAGS.image_size, "batch_size": FLAGS.batch_size, "batches": batches}
     if FLAGS.baseline:
         result = {"impl": "plain PIL loop", **shape, **baseline(split, FLAGS.image_size,
@@ -101,7 +108,7 @@ def main(argv) -> None:
     else:
         result = {"impl": "vitpod grain", "workers": FLAGS.workers, **shape,
                   **vitpod_pipeline(split, FLAGS.image_size, FLAGS.batch_size, batches,
-                                    FLAGS.workers)}
+                                    FLAGS.workers, FLAGS.warmup)}
     result["img_per_sec"] = round(result["img_per_sec"], 1)
     print(json.dumps(result))
 
