@@ -7,7 +7,7 @@
 OUT/train/<digit>/ and OUT/val/<digit>/, with a fixed stratified 80/20 split.
 `hf`: a Hugging Face `datasets` image classification set (a hub name, or a local
 `save_to_disk` directory) as OUT/<split>/<class name>/<index>.<ext>; its `test` or
-`validation` split becomes `val`. Needs the `datasets` package (the `demo` extra).
+`validation` split becomes `val`. Needs the `datasets` package (the `hf` extra).
 """
 
 import os
