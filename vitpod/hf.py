@@ -206,7 +206,7 @@ def export(params: dict, model_cfg, data_cfg, classes: tuple[str, ...], out: str
 
 def _at(tree, keys):
     for k in keys:
-        tree = tree[k] if k in tree else tree[str(k)]
+        tree = tree[k]
     return tree
 
 

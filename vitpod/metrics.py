@@ -54,7 +54,8 @@ class Progress:
         self.last_step, self.last_time = step, now
         return rate
 
-    def line(self, step: int, row: dict, img_per_sec: float) -> None:
+    def line(self, step: int, row: dict) -> None:
+        img_per_sec = row["train/img_per_sec"]
         eta = (self.total - step) * self.batch / max(img_per_sec, 1e-9)
         logging.info("step %d/%d  loss %.4f  lr %.2e  %.0f img/s  eta %s", step, self.total,
                      row["train/loss"], row["train/lr"], img_per_sec, _duration(eta))

@@ -155,7 +155,7 @@ def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, sto
             row["train/img_per_sec"] = progress.tick(step)
             writer.write(step, row)
             if jax.process_index() == 0:
-                progress.line(step, row, row["train/img_per_sec"])
+                progress.line(step, row)
             fetched, final = [], {**final, **row}
             _check_skips(skipped, (step - start) * config.batch_size, config.data)
         if save:
