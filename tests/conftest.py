@@ -94,9 +94,9 @@ def read_losses(workdir) -> dict[int, float]:
 
 def read_params(workdir, step: int) -> dict:
     """The params of a checkpoint, on one local device (whatever topology saved them)."""
-    from vitpod import checkpoint
+    from vitpod import checkpoint, storage
 
-    return checkpoint.load_params(str(pathlib.Path(workdir) / "checkpoints"), step)[1]
+    return checkpoint.load_params(storage.join(str(workdir), "checkpoints"), step)[1]
 
 
 def key_names(path) -> list[str]:
@@ -119,3 +119,28 @@ def assert_params_close(reference: dict, other: dict, atol: float = 1e-5) -> Non
             assert np.shape(a) == np.shape(b)
             continue
         np.testing.assert_allclose(b, a, atol=atol, rtol=atol, err_msg="/".join(key_names(path)))
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """fake-gcs-server on loopback behind the fault proxy; the clients' env points at it."""
+    from tests import gcs_emulator
+
+    emulator = gcs_emulator.Emulator()
+    saved = {k: os.environ.get(k) for k in emulator.env()}
+    os.environ.update(emulator.env())
+    yield emulator
+    emulator.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def gcs(gcs_server):
+    """The emulator with no faults injected and request counts from zero."""
+    gcs_server.faults.reset()
+    yield gcs_server
+    gcs_server.faults.reset()

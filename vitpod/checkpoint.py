@@ -6,8 +6,6 @@ still fails to restore (a damaged disk, a partial copy) is moved aside and the o
 it is used, with a warning naming it.
 """
 
-import os
-
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -15,6 +13,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from vitpod import storage
 from vitpod.errors import UserError
 
 
@@ -55,7 +54,7 @@ def load_params(directory: str, step: int | None = None) -> tuple[int, dict]:
     For tools that read a run's weights (export, predict, evaluate) whatever mesh and
     process count wrote them.
     """
-    with ocp.CheckpointManager(os.path.abspath(directory),
+    with ocp.CheckpointManager(storage.absolute(directory),
                                item_handlers=ocp.StandardCheckpointHandler(),
                                options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
         step = mngr.latest_step() if step is None else step

@@ -16,7 +16,7 @@ from vitpod.errors import UserError
 # Anything else differing from a workdir's config.json refuses to resume.
 RESULT_NEUTRAL_KEYS = frozenset({
     "log_every", "eval_every", "save_every", "save_every_minutes", "keep_checkpoints",
-    "data.val_dir", "data.num_workers", "data.eval_batch_size",
+    "data.val_dir", "data.num_workers", "data.read_threads", "data.eval_batch_size",
 })
 
 
@@ -43,6 +43,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.hflip = True
     c.data.eval_crop_pct = 0.875  # eval: resize shorter side to size / pct, center crop
     c.data.num_workers = 2  # grain decode processes per host; 0 decodes in-process
+    c.data.read_threads = 16  # files (gs:// objects) fetched at once per decode process
     c.data.eval_batch_size = 0  # global; 0 means batch_size
     c.data.max_skipped_fraction = 0.01  # unreadable images tolerated before stopping
 
@@ -86,6 +87,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     _require(0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", "needs 0<lo<=hi<=1")
     _require(0 < d.eval_crop_pct <= 1, "data.eval_crop_pct", "must be in (0, 1]")
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(d.read_threads >= 1, "data.read_threads", "must be >= 1")
     _require(config.model.pool in ("cls", "gap"), "model.pool", "must be 'cls' or 'gap'")
     _require(config.model.dtype in ("float32", "bfloat16"), "model.dtype",
              "must be 'float32' or 'bfloat16'")

@@ -6,7 +6,6 @@ manifest) they decide identically, through the coordinator or a collective.
 
 import glob
 import hashlib
-import os
 import socket
 from collections.abc import Callable
 
@@ -16,6 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vitpod import config as config_lib
+from vitpod import storage
 from vitpod.errors import UserError
 
 # Batch rows are split over both axes; params are replicated over 'data', sharded over 'fsdp'.
@@ -74,7 +74,7 @@ def check_same_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Fail on every host if any host was launched with another config or workdir."""
     if jax.process_count() == 1:
         return
-    text = config_lib.to_json(config) + "\n" + os.path.abspath(workdir)
+    text = config_lib.to_json(config) + "\n" + storage.absolute(workdir)
     digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], np.int64)
     digests = multihost_utils.process_allgather(digest).reshape(-1)
     differ = [i for i, d in enumerate(digests) if d != digests[0]]

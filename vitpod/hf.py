@@ -14,7 +14,7 @@ import numpy as np
 import safetensors.numpy
 from absl import logging
 
-from vitpod import model
+from vitpod import model, storage
 from vitpod.errors import UserError
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -90,7 +90,7 @@ def resize_pos_embed(pos_1nd: np.ndarray, grid: int) -> np.ndarray:
 
 def resolve(init_from: str) -> str:
     """A local checkpoint directory for `init_from` (a directory, or a hub id to download)."""
-    if os.path.isdir(init_from):
+    if os.path.isdir(init_from) or storage.is_gcs(init_from):
         return init_from
     if init_from.count("/") != 1 or init_from.startswith((".", "/")):
         raise UserError(f"config model.init_from={init_from!r} is neither a directory nor a "
@@ -142,10 +142,9 @@ def _check_config(hf: dict, model_cfg, path: str) -> None:
 def load_params(init_from: str, model_cfg, image_size: int, classes: tuple[str, ...]) -> dict:
     """Params (numpy) for vitpod's ViT from an HF checkpoint, ready for this dataset."""
     path = resolve(init_from)
-    with open(os.path.join(path, CONFIG)) as f:
-        hf_cfg = json.load(f)
+    hf_cfg = json.loads(storage.read_text(storage.join(path, CONFIG)))
     _check_config(hf_cfg, model_cfg, path)
-    tensors = safetensors.numpy.load_file(os.path.join(path, WEIGHTS))
+    tensors = safetensors.numpy.load(storage.read_bytes(storage.join(path, WEIGHTS)))
     tensors = {k.removeprefix("vit."): v for k, v in tensors.items()}
     _, abstract = model.abstract_model(model_cfg, image_size, len(classes))
     id2label = hf_cfg.get("id2label") or {}

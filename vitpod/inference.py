@@ -2,14 +2,13 @@
 
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vitpod import checkpoint, config, hf, model
+from vitpod import checkpoint, config, hf, model, storage
 from vitpod.data import imagefolder
 from vitpod.errors import UserError
 
@@ -37,34 +36,31 @@ class Classifier:
 
 def load(path: str) -> Classifier:
     """A workdir (latest checkpoint) or a directory with config.json + model.safetensors."""
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    if storage.isdir(storage.join(path, "checkpoints")):
         return _from_workdir(path)
-    if os.path.exists(os.path.join(path, hf.WEIGHTS)):
+    if storage.exists(storage.join(path, hf.WEIGHTS)):
         return _from_hf(path)
     raise UserError(f"{path!r} is neither a vitpod workdir (with checkpoints/) nor a Hugging "
                     "Face ViT directory (with model.safetensors)")
 
 
 def _from_workdir(workdir: str) -> Classifier:
-    with open(os.path.join(workdir, "config.json")) as f:
-        cfg = config.from_json(json.load(f))
-    classes = imagefolder.load(os.path.join(workdir, "manifest.json"))["train"].classes
-    step, params = checkpoint.load_params(os.path.join(workdir, "checkpoints"))
+    cfg = config.from_json(json.loads(storage.read_text(storage.join(workdir, "config.json"))))
+    classes = imagefolder.load(storage.join(workdir, "manifest.json"))["train"].classes
+    step, params = checkpoint.load_params(storage.join(workdir, "checkpoints"))
     return Classifier(cfg.model, cfg.data, classes, params, f"{workdir} step {step}")
 
 
 def _from_hf(path: str) -> Classifier:
-    with open(os.path.join(path, hf.CONFIG)) as f:
-        hf_cfg = json.load(f)
+    hf_cfg = json.loads(storage.read_text(storage.join(path, hf.CONFIG)))
     cfg = config.defaults()
     cfg.model.variant = hf.variant_of(hf_cfg, path)
     cfg.model.layer_norm_eps = hf_cfg.get("layer_norm_eps", 1e-12)
     cfg.data.image_size = hf_cfg.get("image_size", 224)
     cfg.data.eval_crop_pct = 1.0
-    processor = os.path.join(path, "preprocessor_config.json")
-    if os.path.exists(processor):
-        with open(processor) as f:
-            pre = json.load(f)
+    processor = storage.join(path, "preprocessor_config.json")
+    if storage.exists(processor):
+        pre = json.loads(storage.read_text(processor))
         cfg.data.mean, cfg.data.std = tuple(pre["image_mean"]), tuple(pre["image_std"])
     id2label = hf_cfg.get("id2label") or {"0": "0"}
     classes = tuple(id2label[str(i)] for i in range(len(id2label)))

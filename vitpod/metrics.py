@@ -2,37 +2,58 @@
 
 import json
 import os
+import shutil
+import tempfile
 import time
 
 from absl import logging
 
+from vitpod import storage
+
 
 class Writer:
-    """Appends one JSON object per call to metrics.jsonl and the same scalars to TensorBoard."""
+    """Appends one JSON object per call to metrics.jsonl and the same scalars to TensorBoard.
+
+    For a gs:// workdir the event file is written locally and copied to the bucket after each
+    row (with storage's retries), rather than through tensorboardX's own GCS writer, which
+    uploads again when garbage-collected at exit.
+    """
 
     def __init__(self, workdir: str, enabled: bool):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.tb = None
+        self.log = self.tb = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.log = storage.Appender(storage.join(workdir, "metrics.jsonl"))
+            self.tb_dir = storage.join(workdir, "tensorboard")
+            self.local_tb = (tempfile.mkdtemp(prefix="vitpod-tb-") if storage.is_gcs(workdir)
+                             else self.tb_dir)
+            self.tb = SummaryWriter(self.local_tb)
 
     def write(self, step: int, row: dict) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _plain(v) for k, v in row.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.log.write(json.dumps(row) + "\n")
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.tb.add_scalar(key, value, step)
         self.tb.flush()
+        self._copy_events()
+
+    def _copy_events(self) -> None:
+        if self.local_tb != self.tb_dir:
+            for name in os.listdir(self.local_tb):
+                with open(os.path.join(self.local_tb, name), "rb") as f:
+                    storage.write_bytes(storage.join(self.tb_dir, name), f.read())
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self._copy_events()
+            if self.local_tb != self.tb_dir:
+                shutil.rmtree(self.local_tb, ignore_errors=True)
 
 
 def _plain(value):

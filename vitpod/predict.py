@@ -6,12 +6,11 @@
 """
 
 import json
-import os
 
 import numpy as np
 from absl import flags
 
-from vitpod import cli, inference
+from vitpod import cli, inference, storage
 from vitpod.data import imagefolder, transforms
 from vitpod.errors import UserError
 
@@ -27,14 +26,13 @@ _BATCH = 64
 
 
 def image_files(paths: list[str]) -> list[str]:
+    """Each path that is a file, and the images below each folder (local or gs://)."""
     files = []
     for path in paths:
-        if os.path.isdir(path):
-            for root, dirs, names in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                files += [os.path.join(root, n) for n in sorted(names)
-                          if n.lower().endswith(imagefolder.IMG_EXTENSIONS)]
-        elif os.path.exists(path):
+        if storage.isdir(path):
+            files += [storage.join(path, f) for f in storage.files_below(path)
+                      if imagefolder.is_image(f)]
+        elif storage.exists(path):
             files.append(path)
         else:
             raise UserError(f"no such file or directory: {path}")
@@ -48,8 +46,7 @@ def predict(classifier: inference.Classifier, files: list[str], top_k: int) -> l
         images, rows = [], []
         for path in files[start:start + _BATCH]:
             try:
-                with open(path, "rb") as f:
-                    img = transforms.decode_rgb(f.read())
+                img = transforms.decode_rgb(storage.read_bytes(path))
                 images.append(transforms.eval_transform(img, size,
                                                         classifier.data_cfg.eval_crop_pct))
                 rows.append({"path": path})

@@ -8,15 +8,22 @@ OUT/train/<digit>/ and OUT/val/<digit>/, with a fixed stratified 80/20 split.
 `hf`: a Hugging Face `datasets` image classification set (a hub name, or a local
 `save_to_disk` directory) as OUT/<split>/<class name>/<index>.<ext>; its `test` or
 `validation` split becomes `val`. Needs the `datasets` package (the `hf` extra).
+
+    python -m vitpod.prepare upload --src=data/digits --dst=gs://BUCKET/digits
+
+`upload`: copy a local ImageFolder (or any folder) to a bucket in parallel, skipping
+objects already there with the same size and MD5, so a rerun finishes an interrupted copy.
 """
 
 import os
+import sys
+import time
 
 import numpy as np
 from absl import flags
 from PIL import Image
 
-from vitpod import cli
+from vitpod import cli, storage
 from vitpod.errors import UserError
 
 
@@ -24,6 +31,9 @@ def define_flags() -> None:
     """This entrypoint's flags (defined only when run, so entrypoints import each other)."""
     flags.DEFINE_string("out", None, "Output directory of the ImageFolder.")
     flags.DEFINE_string("dataset", None, "hf: a datasets hub name or save_to_disk directory.")
+    flags.DEFINE_string("src", None, "upload: the local folder to copy.")
+    flags.DEFINE_string("dst", None, "upload: where to copy it, gs://BUCKET/PATH.")
+    flags.DEFINE_integer("threads", 32, "upload: files copied at once.")
 
 
 def digits(out: str, val_fraction: float = 0.2, seed: int = 0) -> dict[str, int]:
@@ -79,20 +89,42 @@ def hf_dataset(out: str, dataset: str) -> dict[str, int]:
     return counts
 
 
-SOURCES = {"digits": digits, "hf": hf_dataset}
+def upload(src: str, dst: str, threads: int = 32) -> dict[str, int]:
+    """Copy src to gs://dst (see the module doc), with a progress line on a terminal."""
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if sys.stderr.isatty() and (time.monotonic() - last[0] > 0.5 or done == total):
+            last[0] = time.monotonic()
+            print(f"\r{done}/{total} files", end="\n" if done == total else "",
+                  file=sys.stderr, flush=True)
+
+    copied, skipped = storage.upload_tree(src, dst, threads, progress)
+    return {"copied": copied, "already there": skipped}
+
+
+SOURCES = {"digits": digits, "hf": hf_dataset, "upload": upload}
 
 
 def main(argv) -> None:
-    if len(argv) != 2 or argv[1] not in SOURCES or not flags.FLAGS.out:
-        raise UserError(f"usage: python -m vitpod.prepare {{{'|'.join(SOURCES)}}} --out=DIR")
-    if argv[1] == "hf":
-        if not flags.FLAGS.dataset:
+    f = flags.FLAGS
+    if len(argv) != 2 or argv[1] not in SOURCES:
+        raise UserError(f"usage: python -m vitpod.prepare {{{'|'.join(SOURCES)}}} --out=DIR "
+                        "(upload: --src=DIR --dst=gs://BUCKET/PATH)")
+    if argv[1] == "upload":
+        if not (f.src and f.dst):
+            raise UserError("upload needs --src=LOCAL_DIR and --dst=gs://BUCKET/PATH")
+        counts, out = upload(f.src, f.dst, f.threads), f.dst
+    elif not f.out:
+        raise UserError(f"pass --out=DIR (where the {argv[1]} ImageFolder is written)")
+    elif argv[1] == "hf":
+        if not f.dataset:
             raise UserError("pass --dataset=NAME_OR_DIR (a hub name or a save_to_disk directory)")
-        counts = hf_dataset(flags.FLAGS.out, flags.FLAGS.dataset)
+        counts, out = hf_dataset(f.out, f.dataset), f.out
     else:
-        counts = digits(flags.FLAGS.out)
+        counts, out = digits(f.out), f.out
     summary = ", ".join(f"{k} {v}" for k, v in counts.items())
-    print(f"wrote {argv[1]} to {flags.FLAGS.out}: {summary}")
+    print(f"{argv[1]} to {out}: {summary}")
 
 
 if __name__ == "__main__":

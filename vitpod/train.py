@@ -7,7 +7,6 @@ a finished run (DONE in the workdir) says so and exits 0.
 """
 
 import json
-import os
 
 import jax
 import ml_collections
@@ -15,27 +14,33 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vitpod import checkpoint, cli, distributed, hf, metrics, model, optim, steps
+from vitpod import checkpoint, cli, distributed, hf, metrics, model, optim, steps, storage
 from vitpod import config as config_lib
 from vitpod.data import imagefolder, pipeline
 from vitpod.errors import UserError
 from vitpod.preemption import Preemption, SaveClock
 
 
-def _check_or_write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Refuse a workdir whose run computed different numbers; record this run's config."""
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            changed = config_lib.changed_result_keys(json.load(f), config)
+def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str, manifest_path: str):
+    """Refuse a workdir whose run computed different numbers; else record this run's config
+    and its manifest (the data scanned once per run, reused on resume). Nothing is written
+    until the data scanned cleanly, so a mistyped data dir leaves the workdir as it was."""
+    path = storage.join(workdir, "config.json")
+    recorded = storage.exists(path)
+    if recorded:
+        changed = config_lib.changed_result_keys(json.loads(storage.read_text(path)), config)
         if changed:
             raise UserError(
                 f"workdir {workdir!r} holds a run with a different config ({', '.join(changed)}"
                 "); resume with the same values, or use a new --workdir")
-    else:
-        os.makedirs(workdir, exist_ok=True)
-        with open(path, "w") as f:
-            f.write(config_lib.to_json(config))
+    splits = None
+    if not storage.exists(manifest_path):
+        splits = imagefolder.scan_splits(config.data.train_dir, config.data.val_dir)
+    if not recorded:
+        storage.makedirs(workdir)
+        storage.write_text(path, config_lib.to_json(config))
+    if splits is not None:
+        imagefolder.save(manifest_path, splits)
 
 
 def evaluate(eval_step, params, split: imagefolder.Split, config, mesh) -> dict:
@@ -64,22 +69,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0) ->
     """
     model.parse_variant(config.model.variant)
     config_lib.validate(config, jax.device_count(), jax.process_count())
-    done_path = os.path.join(workdir, "DONE")
-    if os.path.exists(done_path):
-        with open(done_path) as f:
-            final = json.load(f)
+    done_path = storage.join(workdir, "DONE")
+    if storage.exists(done_path):
+        final = json.loads(storage.read_text(done_path))
         logging.info("run in %s already finished at step %d; nothing to do", workdir,
                      final.get("step", config.total_steps))
         return final
     distributed.check_same_config(config, workdir)
-    manifest_path = os.path.join(workdir, "manifest.json")
+    manifest_path = storage.join(workdir, "manifest.json")
 
-    def prepare_workdir():  # on process 0; the other hosts read what it wrote
-        _check_or_write_config(config, workdir)
-        if not os.path.exists(manifest_path):  # scanned once per run, reused on resume
-            imagefolder.save(manifest_path, imagefolder.scan_splits(config.data.train_dir,
-                                                                    config.data.val_dir))
-    distributed.primary_first(prepare_workdir, "prepare the workdir")
+    distributed.primary_first(lambda: _prepare_workdir(config, workdir, manifest_path),
+                              "prepare the workdir")
     splits = imagefolder.load(manifest_path)
     logging.info("train: %d images in %d classes from %s", len(splits["train"].files),
                  len(splits["train"].classes), splits["train"].root)
@@ -89,7 +89,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0) ->
     num_classes = len(splits["train"].classes)
     init = steps.state_initializer(config.model, config.data.image_size, num_classes, tx,
                                    config.seed, mesh)
-    ckpt = checkpoint.manager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+    ckpt = checkpoint.manager(storage.join(storage.absolute(workdir), "checkpoints"),
                               config.keep_checkpoints)
     start, state = checkpoint.restore_latest(ckpt, jax.eval_shape(init, None))
     if state is None:
@@ -117,8 +117,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0) ->
         logging.info("%s at step %d, checkpoint saved; relaunch the same command to continue",
                      final["stopped"], final["step"])
     elif jax.process_index() == 0:
-        with open(done_path, "w") as f:
-            json.dump(final, f)
+        storage.write_text(done_path, json.dumps(final))
     return final
 
 

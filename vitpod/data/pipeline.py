@@ -14,13 +14,18 @@ import jax
 import numpy as np
 from absl import logging
 
+from vitpod import storage
 from vitpod.data import transforms
 from vitpod.data.imagefolder import Split
 
 
 def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    """The file's bytes; a file gone since the scan reads as empty (skipped like a corrupt one).
+    Other storage errors, after storage's retries, stop the run rather than change its data."""
+    try:
+        return storage.read_bytes(path)
+    except storage.NotFound:
+        return b""
 
 
 def _example(image: np.ndarray | None, label: int, index: int, size: int) -> dict:
@@ -45,8 +50,9 @@ class TrainExample:
 
     def __call__(self, index: int, rng: np.random.Generator) -> dict:
         index = int(index)
+        data = _read(self.split.path(index))
         try:
-            img = transforms.decode_rgb(_read(self.split.path(index)))
+            img = transforms.decode_rgb(data)
             image = transforms.train_transform(img, self.size, self.scale, self.ratio,
                                                self.hflip, rng)
         except Exception:  # noqa: BLE001  corrupt/truncated/empty: reported by the host
@@ -66,8 +72,9 @@ class EvalExample:
         index = int(index)
         if index >= len(self.split.files):
             return _example(None, 0, -1, self.size)
+        data = _read(self.split.path(index))
         try:
-            img = transforms.decode_rgb(_read(self.split.path(index)))
+            img = transforms.decode_rgb(data)
             image = transforms.eval_transform(img, self.size, self.crop_pct)
         except Exception:  # noqa: BLE001
             image = None
@@ -81,8 +88,9 @@ def _host_rows(ds: grain.MapDataset, global_batch: int, process_index: int,
     return ds.batch(local, drop_remainder=True)[process_index::process_count]
 
 
-def _iterate(ds: grain.MapDataset, num_workers: int):
-    it = ds.to_iter_dataset()
+def _iterate(ds: grain.MapDataset, num_workers: int, read_threads: int):
+    # grain's read threads bound how many files (objects on gs://) are fetched at once.
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads))
     if num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(it)
@@ -97,7 +105,7 @@ def train_batches(split: Split, data_cfg, seed: int, global_batch: int, start_st
     ds = ds.random_map(TrainExample(split, data_cfg.image_size, tuple(data_cfg.crop_scale),
                                     tuple(data_cfg.crop_ratio), data_cfg.hflip), seed=seed)
     ds = _host_rows(ds, global_batch, process_index, process_count)[start_step:total_steps]
-    return _iterate(ds, data_cfg.num_workers)
+    return _iterate(ds, data_cfg.num_workers, data_cfg.read_threads)
 
 
 def eval_batches(split: Split, data_cfg, global_batch: int, process_index: int = 0,
@@ -107,7 +115,7 @@ def eval_batches(split: Split, data_cfg, global_batch: int, process_index: int =
     ds = grain.MapDataset.range(padded).map(
         EvalExample(split, data_cfg.image_size, data_cfg.eval_crop_pct))
     return _iterate(_host_rows(ds, global_batch, process_index, process_count),
-                    data_cfg.num_workers)
+                    data_cfg.num_workers, data_cfg.read_threads)
 
 
 def to_global(host_batch: dict, sharding: jax.sharding.Sharding) -> dict:

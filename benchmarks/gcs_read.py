@@ -1,0 +1,82 @@
+"""gs:// through a real GCS server on loopback (fake-gcs-server) against local disk.
+
+    python benchmarks/gcs_read.py [--workers=0] [--objects=50000] [--classes=100]
+        [--data_dir=... --image_size=224 --batch_size=64]  (input_pipeline.py's flags)
+
+1. Input pipeline: images/s of vitpod's train pipeline reading photo-sized JPEGs from the
+   emulator versus the same files on local disk (same process, same shapes).
+2. Manifest build: seconds to scan an ImageFolder of `--objects` objects in `--classes`
+   class folders in the bucket (class folders listed in parallel), against one sequential
+   paged listing of the same prefix (what a plain `list_blobs` walk costs).
+
+Prints one JSON line. The emulator runs on this machine, so this measures client overhead and
+request concurrency, not network latency: against real GCS, per-object latency is higher and
+the parallelism matters more.
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.input_pipeline import make_photos, vitpod_pipeline  # noqa: E402
+from tests import gcs_emulator  # noqa: E402
+
+# --data_dir, --image_size, --batch_size, --batches, --warmup, --workers: input_pipeline's.
+flags.DEFINE_integer("objects", 50000, "Objects in the manifest benchmark.")
+flags.DEFINE_integer("classes", 100, "Class folders in the manifest benchmark.")
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> None:
+    if not os.path.isdir(FLAGS.data_dir):
+        make_photos(FLAGS.data_dir, FLAGS.generate)
+    with tempfile.TemporaryDirectory() as preload:
+        many = os.path.join(preload, "bench-many", "many")
+        for i in range(FLAGS.objects):
+            folder = os.path.join(many, f"class{i % FLAGS.classes:03d}")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, f"{i:07d}.jpg"), "wb") as f:
+                f.write(b"x")
+        started = time.perf_counter()
+        emulator = gcs_emulator.Emulator(preload=preload)
+        load_seconds = time.perf_counter() - started
+    os.environ.update(emulator.env())
+    try:
+        from vitpod import storage
+        from vitpod.data import imagefolder
+
+        emulator.create_bucket("bench-photos")
+        storage.upload_tree(FLAGS.data_dir, "gs://bench-photos/photos")
+        shape = (FLAGS.image_size, FLAGS.batch_size, FLAGS.batches, FLAGS.workers, FLAGS.warmup)
+        local = vitpod_pipeline(imagefolder.scan(FLAGS.data_dir), *shape)["img_per_sec"]
+        remote = vitpod_pipeline(imagefolder.scan("gs://bench-photos/photos"),
+                                 *shape)["img_per_sec"]
+
+        started = time.perf_counter()
+        split = imagefolder.scan("gs://bench-many/many")
+        scan_seconds = time.perf_counter() - started
+        assert len(split.files) == FLAGS.objects
+        started = time.perf_counter()
+        listed = storage.files_below("gs://bench-many/many")
+        sequential_seconds = time.perf_counter() - started
+        assert len(listed) == FLAGS.objects
+    finally:
+        emulator.stop()
+    print(json.dumps({
+        "workers": FLAGS.workers, "image_size": FLAGS.image_size,
+        "local_img_per_sec": round(local, 1), "gcs_img_per_sec": round(remote, 1),
+        "gcs_over_local": round(remote / local, 2), "objects": FLAGS.objects,
+        "classes": FLAGS.classes, "manifest_seconds": round(scan_seconds, 2),
+        "sequential_listing_seconds": round(sequential_seconds, 2),
+        "listing_speedup": round(sequential_seconds / scan_seconds, 2),
+        "emulator_preload_seconds": round(load_seconds, 1)}))
+
+
+if __name__ == "__main__":
+    app.run(main)

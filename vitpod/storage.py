@@ -1,0 +1,247 @@
+"""Local and gs:// paths in one place: read, write, list, with retries and one-line errors.
+
+Everything else passes path strings. Cloud I/O uses google-cloud-storage, whose retry object
+already backs off exponentially on 429, 5xx and dropped connections; every call here passes it
+(uploads included: each of our writes replaces a whole object, so repeating one is safe).
+Permanent errors (403, 404, a missing bucket, no credentials) become UserError naming the
+bucket or object and the likely cause. orbax and TensorBoard reach gs:// through their own
+clients (tensorstore, gcsfs, google-cloud-storage) and read the same credentials.
+"""
+
+import base64
+import concurrent.futures
+import contextlib
+import hashlib
+import os
+import posixpath
+import threading
+
+from vitpod.errors import UserError
+
+GCS = "gs://"
+_local = threading.local()
+
+
+class NotFound(UserError):
+    """A file or object that is not there (its bucket is)."""
+
+
+def is_gcs(path: str) -> bool:
+    return str(path).startswith(GCS)
+
+
+def join(base: str, *parts: str) -> str:
+    return posixpath.join(base, *parts) if is_gcs(base) else os.path.join(base, *parts)
+
+
+def absolute(path: str) -> str:
+    return path.rstrip("/") if is_gcs(path) else os.path.abspath(path)
+
+
+def split(path: str) -> tuple[str, str]:
+    """gs://bucket/a/b -> ('bucket', 'a/b')."""
+    bucket, _, name = path[len(GCS):].partition("/")
+    if not bucket:
+        raise UserError(f"{path!r} names no bucket; write gs://BUCKET/PATH")
+    return bucket, name
+
+
+def _retry():
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return DEFAULT_RETRY.with_deadline(600.0)
+
+
+def _client():
+    """One client per thread (and per process: grain workers start fresh)."""
+    client = getattr(_local, "client", None)
+    if client is None or _local.pid != os.getpid():
+        from google.cloud import storage
+
+        with _errors("gs://"):
+            client = storage.Client()
+        _local.client, _local.pid = client, os.getpid()
+    return client
+
+
+def _blob(path: str):
+    bucket, name = split(path)
+    return _client().bucket(bucket).blob(name)
+
+
+@contextlib.contextmanager
+def _errors(path: str):
+    """Permanent cloud errors -> one UserError naming what failed and what to check."""
+    from google.api_core import exceptions
+    from google.auth import exceptions as auth_exceptions
+
+    bucket = split(path)[0] if is_gcs(path) and len(path) > len(GCS) else "?"
+    try:
+        yield
+    except exceptions.NotFound:
+        if _bucket_missing(bucket):
+            raise UserError(f"bucket gs://{bucket} does not exist ({path}); check the bucket "
+                            "name for a typo, or create the bucket") from None
+        raise NotFound(f"{path} does not exist") from None
+    except (exceptions.Forbidden, exceptions.Unauthorized) as e:
+        raise UserError(
+            f"permission denied on gs://{bucket} ({path}): HTTP {e.code}; check the "
+            "credentials (`gcloud auth application-default login`, or on a VM the service "
+            "account's storage scope and its roles on the bucket)") from None
+    except auth_exceptions.DefaultCredentialsError:
+        raise UserError(f"no Google Cloud credentials to reach {path}; run `gcloud auth "
+                        "application-default login`, or run on a VM with a service account"
+                        ) from None
+
+
+def _bucket_missing(bucket: str) -> bool:
+    from google.api_core import exceptions
+
+    try:
+        return not _client().bucket(bucket).exists(retry=_retry())
+    except exceptions.GoogleAPICallError:  # e.g. may read objects but not bucket metadata
+        return False
+
+
+def exists(path: str) -> bool:
+    if not is_gcs(path):
+        return os.path.exists(path)
+    with _errors(path):
+        return _blob(path).exists(retry=_retry())
+
+
+def read_bytes(path: str) -> bytes:
+    if not is_gcs(path):
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise NotFound(f"{path} does not exist") from None
+    with _errors(path):
+        return _blob(path).download_as_bytes(retry=_retry())
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Whole-file write that readers never see half done (rename locally; GCS objects are)."""
+    if is_gcs(path):
+        with _errors(path):
+            _blob(path).upload_from_string(data, retry=_retry())
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def makedirs(path: str) -> None:
+    if not is_gcs(path):
+        os.makedirs(path, exist_ok=True)
+
+
+class Appender:
+    """A text file grown line by line; on GCS (objects are immutable) the whole text is
+    rewritten at each append, which suits a metrics log of thousands of short rows."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.text = None
+        if is_gcs(path):
+            self.text = read_text(path) if exists(path) else ""
+
+    def write(self, text: str) -> None:
+        if self.text is None:
+            with open(self.path, "a") as f:
+                f.write(text)
+        else:
+            self.text += text
+            write_text(self.path, self.text)
+
+
+def isdir(path: str) -> bool:
+    if not is_gcs(path):
+        return os.path.isdir(path)
+    bucket, name = split(path)
+    prefix = name.rstrip("/") + "/" if name else ""
+    with _errors(path):
+        blobs = _client().list_blobs(bucket, prefix=prefix, max_results=1, retry=_retry())
+        return any(True for _ in blobs)
+
+
+def subdirs(path: str) -> list[str]:
+    """Names of the folders directly under `path`, sorted."""
+    if not is_gcs(path):
+        return sorted(e.name for e in os.scandir(path) if e.is_dir())
+    bucket, name = split(path)
+    prefix = name.rstrip("/") + "/" if name else ""
+    with _errors(path):
+        pages = _client().list_blobs(bucket, prefix=prefix, delimiter="/", retry=_retry())
+        for _ in pages:
+            pass
+        return sorted(p[len(prefix):].rstrip("/") for p in pages.prefixes)
+
+
+def files_below(path: str) -> list[str]:
+    """Every file under `path` (any depth, links followed), relative to it, sorted."""
+    if not is_gcs(path):
+        found = []
+        for dirpath, _, filenames in os.walk(path, followlinks=True):
+            found += [os.path.relpath(os.path.join(dirpath, f), path) for f in filenames]
+        return sorted(found)
+    bucket, name = split(path)
+    prefix = name.rstrip("/") + "/"
+    with _errors(path):
+        blobs = _client().list_blobs(bucket, prefix=prefix, retry=_retry())
+        return sorted(b.name[len(prefix):] for b in blobs if not b.name.endswith("/"))
+
+
+def parallel_map(fn, items, threads: int = 32) -> list:
+    """fn over items on a thread pool, results in order (listing and copying are I/O bound)."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(items)))) as pool:
+        return list(pool.map(fn, items))
+
+
+def _md5_b64(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def _remote_checksums(path: str) -> dict[str, tuple[int, str]]:
+    """Relative name -> (size, base64 MD5) of every object under gs://path."""
+    bucket, name = split(path)
+    prefix = name.rstrip("/") + "/" if name else ""
+    with _errors(path):
+        blobs = _client().list_blobs(bucket, prefix=prefix, retry=_retry())
+        return {b.name[len(prefix):]: (b.size, b.md5_hash) for b in blobs}
+
+
+def upload_tree(src: str, dst: str, threads: int = 32, progress=None) -> tuple[int, int]:
+    """Copy every file under local `src` to gs://`dst` in parallel, skipping objects already
+    there with the same size and MD5 (so an interrupted copy resumes); (copied, skipped).
+    `progress(done, total)` is called after each file."""
+    if not is_gcs(dst) or is_gcs(src):
+        raise UserError(f"upload copies a local folder to gs://; got {src!r} -> {dst!r}")
+    if not os.path.isdir(src):
+        raise UserError(f"{src!r} is not a folder; pass --src=a local ImageFolder")
+    files, remote = files_below(src), _remote_checksums(dst)
+    lock, counts = threading.Lock(), {"copied": 0, "skipped": 0}
+
+    def copy(rel: str) -> None:
+        data = read_bytes(os.path.join(src, rel))
+        same = remote.get(rel) == (len(data), _md5_b64(data))
+        if not same:
+            write_bytes(join(dst, rel), data)
+        with lock:
+            counts["skipped" if same else "copied"] += 1
+            if progress:
+                progress(counts["copied"] + counts["skipped"], len(files))
+
+    parallel_map(copy, files, threads)
+    return counts["copied"], counts["skipped"]
