@@ -16,6 +16,7 @@ the parallelism matters more.
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -36,17 +37,9 @@ FLAGS = flags.FLAGS
 def main(argv) -> None:
     if not os.path.isdir(FLAGS.data_dir):
         make_photos(FLAGS.data_dir, FLAGS.generate)
-    with tempfile.TemporaryDirectory() as preload:
-        many = os.path.join(preload, "bench-many", "many")
-        for i in range(FLAGS.objects):
-            folder = os.path.join(many, f"class{i % FLAGS.classes:03d}")
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, f"{i:07d}.jpg"), "wb") as f:
-                f.write(b"x")
-        started = time.perf_counter()
-        emulator = gcs_emulator.Emulator(preload=preload)
-        load_seconds = time.perf_counter() - started
-    os.environ.update(emulator.env())
+    root = tempfile.mkdtemp(prefix="vitpod-bench-gcs-")
+    emulator = gcs_emulator.Emulator(root=root)
+    os.environ.update(emulator.env(direct=True))  # not through the tests' fault proxy
     try:
         from vitpod import storage
         from vitpod.data import imagefolder
@@ -58,6 +51,13 @@ def main(argv) -> None:
         remote = vitpod_pipeline(imagefolder.scan("gs://bench-photos/photos"),
                                  *shape)["img_per_sec"]
 
+        emulator.create_bucket("bench-many")
+        started = time.perf_counter()
+        storage.parallel_map(
+            lambda i: storage.write_bytes(
+                f"gs://bench-many/many/class{i % FLAGS.classes:03d}/{i:07d}.jpg", b"x"),
+            range(FLAGS.objects), threads=32)
+        upload_seconds = time.perf_counter() - started
         started = time.perf_counter()
         split = imagefolder.scan("gs://bench-many/many")
         scan_seconds = time.perf_counter() - started
@@ -68,6 +68,7 @@ def main(argv) -> None:
         assert len(listed) == FLAGS.objects
     finally:
         emulator.stop()
+        shutil.rmtree(root, ignore_errors=True)
     print(json.dumps({
         "workers": FLAGS.workers, "image_size": FLAGS.image_size,
         "local_img_per_sec": round(local, 1), "gcs_img_per_sec": round(remote, 1),
@@ -75,7 +76,7 @@ def main(argv) -> None:
         "classes": FLAGS.classes, "manifest_seconds": round(scan_seconds, 2),
         "sequential_listing_seconds": round(sequential_seconds, 2),
         "listing_speedup": round(sequential_seconds / scan_seconds, 2),
-        "emulator_preload_seconds": round(load_seconds, 1)}))
+        "objects_uploaded_per_sec": round(FLAGS.objects / upload_seconds)}))
 
 
 if __name__ == "__main__":

@@ -56,15 +56,27 @@ def main() -> None:
                  f"blocking sync save: {stall['sync_save_seconds']} s, step "
                  f"{stall['step_seconds']} s"))
     first = bench("first_step.py")
-    rows.append(("time to first step (start-up + compile), demo model",
-                 f"{first['seconds_with_cache']} s with JAX's compile cache",
+    rows.append(("relaunch to first step (start-up, restore, compile, 1 step), demo model",
+                 f"{first['seconds_with_cache']} s with the workdir's compile cache",
                  f"{first['speedup']}x", ">= 2x",
-                 f"without cache: {first['seconds_without_cache']} s"))
+                 f"met; without cache: {first['seconds_without_cache']} s" if first["speedup"] >= 2
+                 else f"not met; without cache: {first['seconds_without_cache']} s"))
+    ev = bench("eval_throughput.py")
+    rows.append((f"eval {ev['variant']} 224px, sharded over {ev['devices']} devices",
+                 f"{ev['sharded_img_per_sec']} img/s", f"{ev['speedup']}x", "",
+                 f"host-side evaluate command: {ev['host_loop_img_per_sec']} img/s"))
+    gcs = bench("gcs_read.py", "--objects=10000")
+    rows.append(("input pipeline from gs:// (emulator on this machine), 2 workers",
+                 f"{gcs['gcs_img_per_sec']} img/s", f"{gcs['gcs_over_local']}x", "",
+                 f"same files on local disk: {gcs['local_img_per_sec']} img/s"))
+    rows.append((f"manifest of {gcs['objects']} gs:// objects in {gcs['classes']} classes",
+                 f"{gcs['manifest_seconds']} s", f"{gcs['listing_speedup']}x", "",
+                 f"one sequential listing: {gcs['sequential_listing_seconds']} s"))
     table = ["| benchmark | measured | ratio | target | notes |", "|---|---|---|---|---|"]
     table += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
     results = {"rows": rows, "input_baseline": base,
                "train_step": {f"{k[0]} x{k[1]}": v for k, v in steps.items()},
-               "checkpoint_stall": stall, "first_step": first,
+               "checkpoint_stall": stall, "first_step": first, "eval": ev, "gcs": gcs,
                "seconds": round(time.time() - start)}
     with open(os.path.join(HERE, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -1,10 +1,15 @@
 """Shared test set-up: 8 fake CPU devices, absl flags marked parsed, small ImageFolders."""
 
 import os
+import tempfile
 
 # Before jax is imported anywhere: 8 fake CPU devices, as on the demo.
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+# One persistent compile cache for the session, shared with the subprocesses the tests start:
+# the same small programs are compiled by many tests. (train's own default, a cache in the
+# workdir, is checked by the CLI test, which unsets this.)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="vitpod-test-jax-"))
 
 import importlib.util  # noqa: E402
 import json  # noqa: E402

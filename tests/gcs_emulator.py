@@ -151,17 +151,20 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 class Emulator:
     """fake-gcs-server on one loopback port, the proxy on another; `url` is the proxy's.
 
-    `preload`: a folder of BUCKET/OBJECT files the server starts with (fast bulk set-up)."""
+    `root`: keep objects in files under this folder instead of memory; the memory backend
+    slows down as a bucket grows (each insert costs time linear in the objects there)."""
 
-    def __init__(self, preload: str | None = None):
+    def __init__(self, root: str | None = None):
         self.faults = Faults()
         self.server_port = free_port()
         server_url = f"http://127.0.0.1:{self.server_port}"
         self.process = subprocess.Popen(
             [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1",
-             "-port", str(self.server_port), "-backend", "memory",
+             "-port", str(self.server_port),
+             *(["-backend", "filesystem", "-filesystem-root", root] if root
+               else ["-backend", "memory"]),
              "-external-url", server_url, "-public-host", f"127.0.0.1:{self.server_port}",
-             "-log-level", "error", *(["-data", preload] if preload else [])],
+             "-log-level", "error"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 300
         while True:
@@ -173,13 +176,18 @@ class Emulator:
                     self.stop()
                     raise RuntimeError("fake-gcs-server did not start") from None
                 time.sleep(0.05)
+        conn = http.client.HTTPConnection("127.0.0.1", self.server_port, timeout=600)
+        conn.request("GET", "/storage/v1/b?project=test-project")  # answers once preloaded
+        conn.getresponse().read()
+        conn.close()
         self.proxy = _Server(("127.0.0.1", 0), _handler(("127.0.0.1", self.server_port),
                                                        self.faults))
         self.url = f"http://127.0.0.1:{self.proxy.server_address[1]}"
         threading.Thread(target=self.proxy.serve_forever, daemon=True).start()
 
-    def env(self) -> dict[str, str]:
-        return client_env(self.url)
+    def env(self, direct: bool = False) -> dict[str, str]:
+        """Client environment through the proxy, or `direct` to the server (benchmarks)."""
+        return client_env(f"http://127.0.0.1:{self.server_port}" if direct else self.url)
 
     def create_bucket(self, name: str):
         conn = http.client.HTTPConnection("127.0.0.1", self.server_port, timeout=10)

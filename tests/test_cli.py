@@ -12,6 +12,7 @@ from tests.conftest import ROOT
 def _run(module, *args, timeout=120):
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the workdir's own cache, as for a user
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT, env=env)
 
@@ -41,9 +42,10 @@ def test_train_cli_runs_and_prints_the_accuracy(colors, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "final validation accuracy" in result.stdout and "(37 images)" in result.stdout
     for name in ("config.json", "manifest.json", "metrics.jsonl", "DONE", "checkpoints",
-                 "tensorboard"):
+                 "tensorboard", "compile_cache"):
         assert (tmp_path / name).exists(), name
     assert any((tmp_path / "tensorboard").iterdir())
+    assert any((tmp_path / "compile_cache").iterdir())  # what a relaunch compiles from
     again = _run("vitpod.train", *args)  # a finished run says so and exits 0
     assert again.returncode == 0 and "already finished" in again.stderr
 

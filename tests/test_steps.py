@@ -20,12 +20,13 @@ def _batch(mesh, n=16, size=8, seed=0, valid=None):
     return {k: jax.device_put(v, steps.batch_sharding(mesh)) for k, v in batch.items()}
 
 
-def _train(num_devices, config, num_steps=3, valid=None, pack=None):
+def _train(num_devices, config, num_steps=3, valid=None, pack=None, accum=1):
     mesh = _mesh(num_devices)
     tx = optim.make(config.optim, 10)
     state = steps.state_initializer(config.model, 8, 5, tx, 0, mesh)(None)
     graphdef, _ = model.abstract_model(config.model, 8, 5)
-    train_step = steps.make_train_step(graphdef, tx, mesh, config.data, pack=pack)
+    train_step = steps.make_train_step(graphdef, tx, mesh, config.data, pack=pack,
+                                       accum_steps=accum)
     losses = []
     for _ in range(num_steps):
         state, metrics = train_step(state, _batch(mesh, valid=valid))
@@ -42,6 +43,16 @@ def test_train_step_on_8_devices_matches_1_device(masked, pack):
     np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
     assert losses_1[-1] < losses_1[0]  # the steps really moved the params
     assert_params_close(params_1, params_8)
+
+
+@pytest.mark.parametrize("devices,accum", [(1, 4), (8, 2)])
+def test_accumulated_microbatches_match_the_whole_batch(devices, accum):
+    config = load_config("tiny", optim__warmup_steps=0)
+    valid = np.array([1, 0, 1, 1] * 4, np.float32)  # masked rows in some microbatches
+    losses_1, params_1 = _train(1, config, valid=valid)
+    losses_n, params_n = _train(devices, config, valid=valid, accum=accum)
+    np.testing.assert_allclose(losses_n, losses_1, rtol=1e-5)
+    assert_params_close(params_1, params_n)
 
 
 def test_eval_step_sums_only_valid_rows():

@@ -1,5 +1,6 @@
 """Whole runs: determinism, exact resume, exact eval, finished runs, refused workdirs."""
 
+import json
 import shutil
 
 import jax
@@ -37,6 +38,18 @@ def test_resume_matches_uninterrupted_run(tiny, tmp_path, uninterrupted):
     for a, b in zip(jax.tree.leaves(read_params(tmp_path, 6)),
                     jax.tree.leaves(read_params(uninterrupted[0], 6)), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_profiling_traces_steps_without_changing_them_and_rows_report_data_wait(
+        tiny, tmp_path, uninterrupted):
+    train.run(tiny(), str(tmp_path), profile="3:2")
+    assert list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert read_losses(tmp_path) == read_losses(uninterrupted[0])
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    waits = [r["train/data_wait"] for r in rows if "train/loss" in r]
+    assert len(waits) == 6 and all(0 <= w <= 1 for w in waits)
+    with pytest.raises(UserError, match="--profile='3': write START:COUNT"):
+        train.run(tiny(), str(tmp_path / "other"), profile="3")
 
 
 def test_eval_counts_every_image_once_and_matches_a_direct_evaluation(tiny, uninterrupted):
@@ -100,6 +113,8 @@ def test_a_few_unreadable_images_are_skipped_and_counted(tmp_path, tiny):
 def test_batch_size_the_devices_do_not_divide_is_refused(tiny, tmp_path):
     with pytest.raises(UserError, match="batch_size=12 is not divisible by the 8 devices"):
         train.run(tiny(batch_size=12), str(tmp_path))
+    with pytest.raises(UserError, match="grad_accum_steps=3 does not divide the 2 rows each"):
+        train.run(tiny(grad_accum_steps=3), str(tmp_path))
 
 
 @pytest.mark.slow

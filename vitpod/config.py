@@ -16,6 +16,7 @@ from vitpod.errors import UserError
 # Anything else differing from a workdir's config.json refuses to resume.
 RESULT_NEUTRAL_KEYS = frozenset({
     "log_every", "eval_every", "save_every", "save_every_minutes", "keep_checkpoints",
+    "compile_cache", "grad_accum_steps",
     "data.val_dir", "data.num_workers", "data.read_threads", "data.eval_batch_size",
 })
 
@@ -26,11 +27,17 @@ def defaults() -> ml_collections.ConfigDict:
     c.seed = 0
     c.batch_size = 128  # global, over all hosts and devices
     c.total_steps = 1000
+    # Each device's rows run as this many microbatches, gradients summed: the same update
+    # with 1/N of the activation memory (may change between launches of a run).
+    c.grad_accum_steps = 1
     c.log_every = 50
     c.eval_every = 500  # 0: only at the end
     c.save_every = 500
     c.save_every_minutes = 0.0  # also save when this much wall time passed (0: off)
     c.keep_checkpoints = 2
+    # JAX's persistent compile cache in WORKDIR/compile_cache (or $JAX_COMPILATION_CACHE_DIR,
+    # e.g. a bucket shared by runs): a relaunch after preemption skips most compilation.
+    c.compile_cache = True
 
     c.data = ml_collections.ConfigDict()
     c.data.train_dir = ""
@@ -102,6 +109,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
                 f"config {key}={value} is not divisible by the {data * fsdp} devices "
                 f"of the mesh and the {num_processes} process(es); use a multiple of "
                 f"{_lcm(data * fsdp, num_processes)}")
+    _require(config.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
+    per_device = config.batch_size // (data * fsdp)
+    if per_device % config.grad_accum_steps:
+        raise UserError(f"config grad_accum_steps={config.grad_accum_steps} does not divide the "
+                        f"{per_device} rows each of the {data * fsdp} devices gets from "
+                        f"batch_size={config.batch_size}; pick a divisor of {per_device}")
 
 
 def mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:

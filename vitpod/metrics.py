@@ -68,18 +68,20 @@ class Progress:
         self.total, self.batch = total_steps, global_batch
         self.last_step, self.last_time = start_step, time.perf_counter()
 
-    def tick(self, step: int) -> float:
-        """Images per second since the previous tick."""
+    def tick(self, step: int) -> tuple[float, float]:
+        """(images per second, seconds) since the previous tick."""
         now = time.perf_counter()
-        rate = (step - self.last_step) * self.batch / max(now - self.last_time, 1e-9)
+        seconds = now - self.last_time
+        rate = (step - self.last_step) * self.batch / max(seconds, 1e-9)
         self.last_step, self.last_time = step, now
-        return rate
+        return rate, seconds
 
     def line(self, step: int, row: dict) -> None:
         img_per_sec = row["train/img_per_sec"]
         eta = (self.total - step) * self.batch / max(img_per_sec, 1e-9)
-        logging.info("step %d/%d  loss %.4f  lr %.2e  %.0f img/s  eta %s", step, self.total,
-                     row["train/loss"], row["train/lr"], img_per_sec, _duration(eta))
+        logging.info("step %d/%d  loss %.4f  lr %.2e  %.0f img/s  data wait %.0f%%  eta %s",
+                     step, self.total, row["train/loss"], row["train/lr"], img_per_sec,
+                     100 * row["train/data_wait"], _duration(eta))
 
 
 def _duration(seconds: float) -> str:

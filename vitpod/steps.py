@@ -68,25 +68,41 @@ def psum_tree(tree, pack: bool):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                    data_cfg: ml_collections.ConfigDict, pack: bool | None = None):
-    """jit(state, batch) -> (state, metrics) over the global batch, with one all-reduce."""
+                    data_cfg: ml_collections.ConfigDict, pack: bool | None = None,
+                    accum_steps: int = 1):
+    """jit(state, batch) -> (state, metrics) over the global batch, with one all-reduce.
+
+    With `accum_steps` > 1 each device runs its rows as that many microbatches in a scan,
+    summing gradients and counts; losses are sums over rows, so the step equals the
+    unaccumulated one (up to float summation order) with a fraction of the activations.
+    """
     if pack is None:
         pack = jax.default_backend() == "cpu"
 
-    def local_step(state, images, labels, valid):
+    def grads_and_sums(params_varying, images, labels, valid):
         x = _normalize(images, data_cfg.mean, data_cfg.std)
 
         def loss_sum_fn(params):
             logits = model.apply(graphdef, params, x)
             return (_cross_entropy(logits, labels) * valid).sum(), logits
 
-        # Differentiate w.r.t. a device-varying copy: no implicit psum, ours is explicit.
-        params_varying = jax.lax.pcast(state["params"], BATCH_AXES, to="varying")
         (loss_sum, logits), grad_sums = jax.value_and_grad(loss_sum_fn, has_aux=True)(
             params_varying)
-        sums = {"loss": loss_sum, "correct": ((logits.argmax(-1) == labels) * valid).sum(),
-                "count": valid.sum(), "skipped": (1 - valid).sum()}
-        grad_sums, sums = psum_tree((grad_sums, sums), pack)
+        return grad_sums, {"loss": loss_sum,
+                           "correct": ((logits.argmax(-1) == labels) * valid).sum(),
+                           "count": valid.sum(), "skipped": (1 - valid).sum()}
+
+    def local_step(state, images, labels, valid):
+        # Differentiate w.r.t. a device-varying copy: no implicit psum, ours is explicit.
+        params_varying = jax.lax.pcast(state["params"], BATCH_AXES, to="varying")
+        micro = jax.tree.map(lambda a: a.reshape(accum_steps, -1, *a.shape[1:]),
+                             (images, labels, valid))
+        total = grads_and_sums(params_varying, *jax.tree.map(lambda a: a[0], micro))
+        if accum_steps > 1:
+            def add_one(carry, batch):
+                return jax.tree.map(jnp.add, carry, grads_and_sums(params_varying, *batch)), None
+            total, _ = jax.lax.scan(add_one, total, jax.tree.map(lambda a: a[1:], micro))
+        grad_sums, sums = psum_tree(total, pack)
         count = jnp.maximum(sums["count"], 1)
         grads = jax.tree.map(lambda g: g / count, grad_sums)  # gradient of the global mean
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

@@ -7,6 +7,7 @@ a finished run (DONE in the workdir) says so and exits 0.
 """
 
 import json
+import time
 
 import jax
 import ml_collections
@@ -43,6 +44,14 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str, manifest_p
         imagefolder.save(manifest_path, splits)
 
 
+def _enable_compile_cache(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """JAX's persistent cache in the workdir, unless off or already set (env or a shared dir).
+    JAX opens its cache once per process, at the first compile after this."""
+    if config.compile_cache and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir",
+                          storage.join(storage.absolute(workdir), "compile_cache"))
+
+
 def evaluate(eval_step, params, split: imagefolder.Split, config, mesh) -> dict:
     """Exact metrics over every readable image of `split` (padding and skips masked out)."""
     sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
@@ -61,14 +70,17 @@ def evaluate(eval_step, params, split: imagefolder.Split, config, mesh) -> dict:
         count, 1), "eval/count": int(count), "eval/skipped": len(split.files) - int(count)}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
+        profile: str = "") -> dict:
     """Train to config.total_steps in workdir, resuming if it holds a checkpoint.
 
     Returns the final metrics (also written to workdir/DONE). Stops early, with a checkpoint
     and no DONE, at `stop_after` or when preempted (SIGTERM); `final["stopped"]` says why.
+    `profile="START:COUNT"` traces steps START..START+COUNT-1 with jax.profiler.
     """
     model.parse_variant(config.model.variant)
     config_lib.validate(config, jax.device_count(), jax.process_count())
+    tracer = Tracer(profile, workdir)
     done_path = storage.join(workdir, "DONE")
     if storage.exists(done_path):
         final = json.loads(storage.read_text(done_path))
@@ -76,6 +88,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0) ->
                      final.get("step", config.total_steps))
         return final
     distributed.check_same_config(config, workdir)
+    _enable_compile_cache(config, workdir)
     manifest_path = storage.join(workdir, "manifest.json")
 
     distributed.primary_first(lambda: _prepare_workdir(config, workdir, manifest_path),
@@ -105,9 +118,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0) ->
         preemption = Preemption()
         metrics_writer = metrics.Writer(workdir, jax.process_index() == 0)
         final = _train(config, splits, mesh, tx, state, start, ckpt, metrics_writer,
-                       preemption, stop_after)
+                       preemption, stop_after, tracer)
         ckpt.wait_until_finished()
     finally:
+        tracer.close()
         ckpt.close()
         if metrics_writer:
             metrics_writer.close()
@@ -121,11 +135,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0) ->
     return final
 
 
-def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, stop_after) -> dict:
+def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, stop_after,
+           tracer) -> dict:
     """The loop from step start+1: train, log, save, evaluate; returns the last metrics."""
     num_classes = len(splits["train"].classes)
     graphdef, _ = model.abstract_model(config.model, config.data.image_size, num_classes)
-    train_step = steps.make_train_step(graphdef, tx, mesh, config.data)
+    train_step = steps.make_train_step(graphdef, tx, mesh, config.data,
+                                       accum_steps=config.grad_accum_steps)
     eval_step = steps.make_eval_step(graphdef, mesh, config.data)
     lr_at = optim.schedule(config.optim, config.total_steps)
     progress = metrics.Progress(start, config.total_steps, config.batch_size)
@@ -136,8 +152,12 @@ def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, sto
     warn = pipeline.SkipWarner(splits["train"])
     clock = SaveClock(config.save_every_minutes)
     window, fetched, skipped, final, step = [], [], 0.0, {}, start
+    waited = 0.0  # seconds the loop spent waiting for input since the last log row
     for step in range(start + 1, config.total_steps + 1):
+        tracer.at(step, state)
+        before = time.perf_counter()
         host_batch = next(batches)
+        waited += time.perf_counter() - before
         warn(host_batch)
         state, step_metrics = train_step(state, pipeline.to_global(host_batch, sharding))
         window.append(step_metrics)  # fetched only at log and save steps: no per-step sync
@@ -151,7 +171,9 @@ def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, sto
             window = []
         if log:
             row, skipped = _train_row(fetched, skipped, float(lr_at(step - 1)))
-            row["train/img_per_sec"] = progress.tick(step)
+            row["train/img_per_sec"], seconds = progress.tick(step)
+            row["train/data_wait"] = waited / max(seconds, 1e-9)
+            waited = 0.0
             writer.write(step, row)
             if jax.process_index() == 0:
                 progress.line(step, row)
@@ -169,6 +191,35 @@ def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, sto
         final.update(_log_eval(writer, step, evaluate(eval_step, state["params"],
                                                       splits["val"], config, mesh)))
     return {**final, "step": step}
+
+
+class Tracer:
+    """jax.profiler over a window of steps, given as "START:COUNT" ("" for none)."""
+
+    def __init__(self, spec: str, workdir: str):
+        self.start = self.end = 0
+        self.running = False
+        if spec:
+            try:
+                start, count = map(int, spec.split(":"))
+            except ValueError:
+                raise UserError(f"--profile={spec!r}: write START:COUNT, e.g. 10:5") from None
+            self.start, self.end = start, start + count
+        self.dir = "profile" if storage.is_gcs(workdir) else storage.join(workdir, "profile")
+
+    def at(self, step: int, state) -> None:
+        if step == self.start:
+            jax.profiler.start_trace(self.dir)
+            self.running = True
+        elif step == self.end and self.running:
+            jax.block_until_ready(state)
+            self.close()
+
+    def close(self) -> None:
+        if self.running:
+            jax.profiler.stop_trace()
+            self.running = False
+            logging.info("traced steps %d-%d into %s", self.start, self.end - 1, self.dir)
 
 
 def _fetch_finite(window: list, last_step: int) -> list[dict]:
@@ -217,6 +268,9 @@ def define_flags() -> None:
                         "multi-process runs; not needed on TPU pods).")
     flags.DEFINE_integer("num_processes", 0, "Processes in the job.")
     flags.DEFINE_integer("process_id", -1, "This process's index.")
+    flags.DEFINE_string("profile", "", "START:COUNT: trace COUNT steps from step START with "
+                        "jax.profiler into WORKDIR/profile (./profile for a gs:// workdir); "
+                        "open it with TensorBoard's profile plugin or Perfetto.")
     flags.DEFINE_integer("stop_after", 0, "Stop at this step with a checkpoint, to continue "
                          "the same schedule later; 0: run to the end.")
 
@@ -229,7 +283,7 @@ def main(argv) -> None:
         raise UserError("pass --workdir=DIR (where checkpoints and metrics go)")
     f = flags.FLAGS
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
-    final = run(config, f.workdir, f.stop_after)
+    final = run(config, f.workdir, f.stop_after, f.profile)
     if jax.process_index() != 0:
         return
     if final.get("stopped"):

@@ -1,0 +1,73 @@
+"""Eval throughput: the sharded eval inside training against the host-side evaluate command.
+
+    python benchmarks/eval_throughput.py [--variant=Ti/16 --image_size=224 --devices=8]
+
+Both evaluate the same params on the same ImageFolder of photo-sized JPEGs (made by
+input_pipeline.py's generator) with the same grain eval pipeline: `train.evaluate` runs the
+`shard_map` eval step over all devices and sums on the device; the baseline is
+`vitpod.evaluate` (one device, logits copied to the host, top-5 and per-class sums in numpy).
+Each is timed on its second pass (the first compiles). Prints one JSON line.
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+flags.DEFINE_string("variant", "Ti/16", "Model variant.")
+flags.DEFINE_integer("image_size", 224, "")
+flags.DEFINE_integer("batch_size", 64, "Global eval batch.")
+flags.DEFINE_integer("devices", 8, "Fake CPU devices (set before jax starts).")
+flags.DEFINE_integer("workers", 2, "grain worker processes.")
+flags.DEFINE_string("data_dir", "/tmp/vitpod-bench-photos", "ImageFolder (made if missing).")
+FLAGS = flags.FLAGS
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def timed(fn) -> tuple[float, dict]:
+    fn()  # compile, and fill the OS file cache
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def main(argv) -> None:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={FLAGS.devices}"
+    sys.path.insert(0, ROOT)
+    from benchmarks.input_pipeline import make_photos
+
+    if not os.path.isdir(FLAGS.data_dir):
+        make_photos(FLAGS.data_dir, 600)
+    import jax
+
+    from vitpod import config, distributed, evaluate, inference, model, optim, steps, train
+    from vitpod.data import imagefolder
+
+    cfg = config.defaults()
+    cfg.model.variant, cfg.data.image_size = FLAGS.variant, FLAGS.image_size
+    cfg.data.num_workers, cfg.data.eval_batch_size = FLAGS.workers, FLAGS.batch_size
+    split = imagefolder.scan(FLAGS.data_dir, "val")
+    classes = len(split.classes)
+    mesh = distributed.make_mesh(cfg.mesh)
+    state = steps.state_initializer(cfg.model, cfg.data.image_size, classes,
+                                    optim.make(cfg.optim, 10), 0, mesh)(None)
+    graphdef, _ = model.abstract_model(cfg.model, cfg.data.image_size, classes)
+    eval_step = steps.make_eval_step(graphdef, mesh, cfg.data)
+    sharded, out = timed(lambda: train.evaluate(eval_step, state["params"], split, cfg, mesh))
+    params = jax.device_get(state["params"])
+    classifier = inference.Classifier(cfg.model, cfg.data, split.classes, params, "bench")
+    host, base = timed(lambda: evaluate.evaluate(classifier, FLAGS.data_dir, FLAGS.batch_size))
+    assert out["eval/count"] == base["count"] == len(split.files)
+    n = len(split.files)
+    print(json.dumps({"variant": FLAGS.variant, "image_size": FLAGS.image_size,
+                      "devices": FLAGS.devices, "images": n,
+                      "sharded_img_per_sec": round(n / sharded, 1),
+                      "host_loop_img_per_sec": round(n / host, 1),
+                      "speedup": round(host / sharded, 2),
+                      "same_accuracy": abs(out["eval/accuracy"] - base["accuracy"]) < 1e-6}))
+
+
+if __name__ == "__main__":
+    app.run(main)
