@@ -1,0 +1,43 @@
+"""`plan`: the real train step compiled for TPU topologies on this CPU (needs libtpu)."""
+
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from tests.conftest import ROOT, load_config
+from vitpod import model, plan
+from vitpod.errors import UserError
+
+pytest.importorskip("libtpu", reason="plan needs libtpu: install the tpu extra")
+
+
+def param_bytes(config, classes: int) -> int:
+    _, abstract = model.abstract_model(config.model, config.data.image_size, classes)
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+
+
+@pytest.mark.parametrize("topology,chips", [("v4:2x2x1", 4), ("v5e:2x4", 8)])
+def test_a_small_vit_fits_and_its_step_sends_one_gradient_all_reduce(topology, chips):
+    config = load_config("tiny", batch_size=64)
+    result = plan.plan(config, topology, 5)
+    assert result["fits"] and result["chips"] == chips
+    assert result["mesh"] == {"data": chips, "fsdp": 1}
+    assert result["tflops_per_step_per_chip"] > 0
+    assert result["img_per_sec_per_chip_at_60pct_mfu"] > result[
+        "img_per_sec_per_chip_at_40pct_mfu"] > 0
+    # Pure data parallelism: the only collective is the all-reduce of the f32 gradients
+    # (plus four metric sums), within 5 %.
+    sent = result["collective_bytes_per_step"]
+    assert set(sent) == {"all-reduce"}
+    assert sent["all-reduce"] == pytest.approx(param_bytes(config, 5), rel=0.05)
+
+
+def test_bad_topology_is_one_line():
+    with pytest.raises(UserError, match="--topology='v9:2x2': write GEN:AxB"):
+        plan.plan(load_config("tiny"), "v9:2x2", 5)
+    out = subprocess.run([sys.executable, "-m", "vitpod.plan", "--config=configs/tiny.py"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "error: pass --topology=GEN:AxB[xC], e.g. v4:2x2x4 (a v4-32)")

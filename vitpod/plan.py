@@ -1,0 +1,210 @@
+"""Will a config fit a TPU slice, and how fast should it go? Compiled here, on CPU.
+
+    python -m vitpod.plan --config=configs/vit_b16_ft.py --topology=v4:2x2x4 \
+        [--num_classes=1000] [--config.KEY=VALUE ...]
+
+With the `tpu` extra installed (libtpu), compiles the real train step ahead of time for the
+topology (`gen:AxB[xC]`: `v4:2x2x4` is a v4-32, `v5e:2x4` a v5e-8, `v5:2x2x1` a v5p-8,
+`v6e:2x2` a v6e-4) and prints per-chip HBM (params, optimizer state, temporaries), FLOPs per
+step, the step time and img/s per chip implied at 40 % and 60 % MFU, the collective bytes
+per step, and whether it fits, with the gradient accumulation that would make it fit if not.
+"""
+
+import json
+import math
+import os
+import re
+
+from absl import flags
+
+from vitpod import cli
+from vitpod.errors import UserError
+
+# Per chip: peak bf16 FLOP/s, HBM bytes, and the chip config get_topology_desc needs.
+CHIPS = {
+    "v4": (275e12, 32 * 2**30, "megacore"),
+    "v5e": (197e12, 16 * 2**30, "default"),
+    "v5": (459e12, 95 * 2**30, "megacore"),  # v5p
+    "v6e": (918e12, 32 * 2**30, "default"),
+}
+DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1,
+               "f64": 8, "s64": 8}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def define_flags() -> None:
+    """This entrypoint's flags (defined only when run, so entrypoints import each other)."""
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
+                                    lock_config=True)
+    flags.DEFINE_string("topology", None, "TPU topology, e.g. v4:2x2x4 (a v4-32) or v5e:2x4.")
+    flags.DEFINE_integer("num_classes", 1000, "Classes of the dataset (the head's size).")
+    flags.DEFINE_enum("format", "text", ["text", "json"], "json: one object.")
+
+
+def tpu_devices(topology: str):
+    """The devices of a TPU topology, described by libtpu without any TPU attached."""
+    gen = topology.split(":")[0]
+    if gen not in CHIPS or not re.fullmatch(r"\w+:\d+(x\d+)*", topology):
+        raise UserError(f"--topology={topology!r}: write GEN:AxB[xC] with GEN one of "
+                        f"{', '.join(CHIPS)} (v4:2x2x4 is a v4-32, v5e:2x4 a v5e-8)")
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise UserError("plan compiles for TPUs with libtpu: install the tpu extra "
+                        "(pip install -e '.[tpu]')") from None
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no host probing
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v4-8")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    return topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                        chip_config_name=CHIPS[gen][2]).devices
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes each kind of collective produces per step, from compiled HLO text."""
+    totals = dict.fromkeys(COLLECTIVES, 0)
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%\S+ = (.*?) (" + "|".join(COLLECTIVES) + r")(-start)?\(",
+                     line)
+        if m:
+            shapes = re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", m.group(1))
+            if m.group(3):  # async start: (operands, results); count the results half
+                shapes = shapes[len(shapes) // 2:]
+            totals[m.group(2)] += sum(DTYPE_BYTES.get(t, 4) * math.prod(
+                int(d) for d in dims.split(",") if d) for t, dims in shapes)
+    return {k: v for k, v in totals.items() if v}
+
+
+def compile_train_step(config, devices, num_classes: int):
+    """The train step compiled for `devices`: (compiled, mesh shape, param bytes, opt bytes)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from vitpod import config as config_lib
+    from vitpod import model, optim, steps
+
+    shape = config_lib.mesh_shape(config.mesh, len(devices))
+    config.data.train_dir = config.data.train_dir or "(not read by plan)"
+    config_lib.validate(config, len(devices), 1)
+    mesh = jax.sharding.Mesh(np.array(devices).reshape(shape), ("data", "fsdp"),
+                             axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    tx = optim.make(config.optim, config.total_steps)
+    init = steps.state_initializer(config.model, config.data.image_size, num_classes, tx,
+                                   config.seed, mesh)
+    state = jax.eval_shape(init, None)
+    graphdef, _ = model.abstract_model(config.model, config.data.image_size, num_classes)
+    step = steps.make_train_step(graphdef, tx, mesh, config.data, pack=False,
+                                 accum_steps=config.grad_accum_steps)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    size, batch = config.data.image_size, config.batch_size
+    spec = {"image": ((batch, size, size, 3), jnp.uint8), "label": ((batch,), jnp.int32),
+            "valid": ((batch,), jnp.float32)}
+    batch_abstract = {k: jax.ShapeDtypeStruct(s, d, sharding=rows) for k, (s, d) in spec.items()}
+
+    def nbytes(tree) -> int:
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    compiled = step.lower(state, batch_abstract).compile()
+    return compiled, shape, nbytes(state["params"]), nbytes(state["opt_state"])
+
+
+def _short(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def plan(config, topology: str, num_classes: int) -> dict:
+    """The plan for `config` on `topology`; when it does not fit, also the smallest
+    gradient accumulation (a divisor of each device's rows) that fits, found by compiling."""
+    devices = tpu_devices(topology)
+    result = _plan_once(config, devices, topology, num_classes)
+    if result["fits"]:
+        return result
+    replicas = math.prod(result.get("mesh", {"d": len(devices)}).values())
+    rows = config.batch_size // replicas // config.grad_accum_steps
+    need = max(2, math.ceil(result.pop("_need", 2)))
+    for factor in [a for a in range(need, rows + 1) if rows % a == 0][:3]:
+        trial = config.copy_and_resolve_references()
+        trial.grad_accum_steps = config.grad_accum_steps * factor
+        tried = _plan_once(trial, devices, topology, num_classes)
+        if tried["fits"]:
+            result["fits_with_grad_accum_steps"] = trial.grad_accum_steps
+            result["verdict"] += (f"; fits with --config.grad_accum_steps="
+                                  f"{trial.grad_accum_steps} ({tried['total_gib']} GiB per "
+                                  "chip)")
+            return result
+    result["verdict"] += ("; gradient accumulation alone does not make it fit: lower "
+                          "batch_size or image_size, or use a larger slice")
+    return result
+
+
+def _plan_once(config, devices, topology: str, num_classes: int) -> dict:
+    peak, hbm, _ = CHIPS[topology.split(":")[0]]
+    try:
+        compiled, shape, param_bytes, opt_bytes = compile_train_step(config, devices,
+                                                                     num_classes)
+    except Exception as e:  # noqa: BLE001  XLA refuses programs over HBM at compile time
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" not in text:
+            raise
+        # "... HLO temporaries (780.83G) exceeds available HBM (15.75G)": how far over.
+        sizes = re.findall(r"\(([\d.]+)([KMG])\)", text)
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}
+        need = (float(sizes[0][0]) * scale[sizes[0][1]] / (float(sizes[1][0]) * scale[
+            sizes[1][1]])) if len(sizes) >= 2 else 2
+        return {"topology": topology, "chips": len(devices), "batch_size": config.batch_size,
+                "grad_accum_steps": config.grad_accum_steps, "fits": False, "_need": need,
+                "verdict": f"does not fit: {cli._one_line(text)[:200]}"}
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    per_chip_batch = config.batch_size / len(devices)
+    flops = float(cost["flops"])
+    used = (mem.argument_size_in_bytes + mem.temp_size_in_bytes
+            + mem.generated_code_size_in_bytes + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes)
+    out = {
+        "topology": topology, "chips": len(devices), "mesh": {"data": shape[0],
+                                                               "fsdp": shape[1]},
+        "batch_size": config.batch_size, "grad_accum_steps": config.grad_accum_steps,
+        "hbm_per_chip_gib": _short(hbm / 2**30),
+        "params_gib": _short(param_bytes / shape[1] / 2**30),
+        "optimizer_gib": _short(opt_bytes / shape[1] / 2**30),
+        "temporaries_gib": _short(mem.temp_size_in_bytes / 2**30),
+        "code_gib": _short(mem.generated_code_size_in_bytes / 2**30),
+        "total_gib": _short(used / 2**30),
+        "tflops_per_step_per_chip": _short(flops / 1e12),
+        "collective_bytes_per_step": collective_bytes(compiled.as_text()),
+    }
+    for mfu in (0.4, 0.6):
+        seconds = flops / (peak * mfu)
+        out[f"step_seconds_at_{int(mfu * 100)}pct_mfu"] = _short(seconds)
+        out[f"img_per_sec_per_chip_at_{int(mfu * 100)}pct_mfu"] = round(per_chip_batch / seconds)
+    out["fits"] = used <= hbm
+    out["verdict"] = f"{'fits' if out['fits'] else 'does not fit'}: {used / 2**30:.2f} GiB of " \
+                     f"{hbm / 2**30:.0f} GiB HBM per chip"
+    if not out["fits"]:
+        room = hbm - (used - mem.temp_size_in_bytes)
+        out["_need"] = mem.temp_size_in_bytes / room if room > 0 else 10**9
+    return out
+
+
+def main(argv) -> None:
+    f = flags.FLAGS
+    if not f.topology:
+        raise UserError("pass --topology=GEN:AxB[xC], e.g. v4:2x2x4 (a v4-32)")
+    result = plan(cli.config(f.config), f.topology, f.num_classes)
+    if f.format == "json":
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        print(f"{key:36s} {value}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for TPU, run nothing
+    define_flags()
+    cli.run(main)
