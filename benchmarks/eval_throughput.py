@@ -16,14 +16,15 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_string("variant", "Ti/16", "Model variant.")
-flags.DEFINE_integer("image_size", 224, "")
-flags.DEFINE_integer("batch_size", 64, "Global eval batch.")
-flags.DEFINE_integer("devices", 8, "Fake CPU devices (set before jax starts).")
-flags.DEFINE_integer("workers", 2, "grain worker processes.")
-flags.DEFINE_string("data_dir", "/tmp/vitpod-bench-photos", "ImageFolder (made if missing).")
-FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.input_pipeline import make_photos  # noqa: E402
+
+# --data_dir, --generate, --image_size, --batch_size, --workers: input_pipeline's flags.
+flags.DEFINE_string("variant", "Ti/16", "Model variant.")
+flags.DEFINE_integer("devices", 8, "Fake CPU devices (set before jax starts).")
+FLAGS = flags.FLAGS
 
 
 def timed(fn) -> tuple[float, dict]:
@@ -35,11 +36,8 @@ def timed(fn) -> tuple[float, dict]:
 
 def main(argv) -> None:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={FLAGS.devices}"
-    sys.path.insert(0, ROOT)
-    from benchmarks.input_pipeline import make_photos
-
     if not os.path.isdir(FLAGS.data_dir):
-        make_photos(FLAGS.data_dir, 600)
+        make_photos(FLAGS.data_dir, FLAGS.generate)
     import jax
 
     from vitpod import config, distributed, evaluate, inference, model, optim, steps, train

@@ -7,6 +7,7 @@ a finished run (DONE in the workdir) says so and exits 0.
 """
 
 import json
+import os
 import time
 
 import jax
@@ -50,6 +51,10 @@ def _enable_compile_cache(config: ml_collections.ConfigDict, workdir: str) -> No
     if config.compile_cache and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir",
                           storage.join(storage.absolute(workdir), "compile_cache"))
+        if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+            # Every program, not only those over JAX's 1 s default: a relaunch also compiles
+            # the initialiser, restore and eval programs.
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def evaluate(eval_step, params, split: imagefolder.Split, config, mesh) -> dict:
