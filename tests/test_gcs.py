@@ -5,6 +5,8 @@ fraction of them (503s and dropped connections) or answer 403 for a bucket.
 """
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -135,6 +137,29 @@ def test_train_from_a_bucket_into_a_bucket_resumes_and_matches_local_disk(
     images = predict.image_files([f"{DATA}/val/a"])
     rows = predict.predict(inference.load(workdir), images, 1)
     assert len(rows) == 10 and rows == predict.predict(inference.load(str(local_dir)), images, 1)
+
+
+def test_a_run_killed_mid_save_resumes_from_the_bucket(gcs, bucket_data, local_run):
+    """SIGKILL right after step 4 was logged (the async save of step 3 may be half written
+    in the bucket); the relaunch continues from what is committed and ends equal."""
+    workdir = f"{RUNS}/killed"
+    cmd = [sys.executable, "-m", "vitpod.train", "--config=configs/tiny.py",
+           f"--workdir={workdir}", f"--config.data.train_dir={DATA}/train",
+           f"--config.data.val_dir={DATA}/val"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "step 4/6" in line:
+            proc.kill()
+            break
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not storage.exists(f"{workdir}/DONE")
+    resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_params_equal(read_params(workdir, 6), read_params(local_run[0], 6))
 
 
 def test_transient_failures_on_reads_and_writes_do_not_change_the_result(
