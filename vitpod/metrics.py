@@ -1,4 +1,5 @@
-"""Metrics rows to metrics.jsonl and TensorBoard (process 0 only), and the progress line."""
+"""How a run is observed: metrics rows to metrics.jsonl and TensorBoard (process 0 only),
+the progress line, and jax.profiler traces of chosen steps."""
 
 import json
 import os
@@ -6,9 +7,11 @@ import shutil
 import tempfile
 import time
 
+import jax
 from absl import logging
 
 from vitpod import storage
+from vitpod.errors import UserError
 
 
 class Writer:
@@ -88,3 +91,32 @@ def _duration(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Tracer:
+    """jax.profiler over a window of steps, given as "START:COUNT" ("" for none)."""
+
+    def __init__(self, spec: str, workdir: str):
+        self.start = self.end = 0
+        self.running = False
+        if spec:
+            try:
+                start, count = map(int, spec.split(":"))
+            except ValueError:
+                raise UserError(f"--profile={spec!r}: write START:COUNT, e.g. 10:5") from None
+            self.start, self.end = start, start + count
+        self.dir = "profile" if storage.is_gcs(workdir) else storage.join(workdir, "profile")
+
+    def at(self, step: int, state) -> None:
+        if step == self.start:
+            jax.profiler.start_trace(self.dir)
+            self.running = True
+        elif step == self.end and self.running:
+            jax.block_until_ready(state)
+            self.close()
+
+    def close(self) -> None:
+        if self.running:
+            jax.profiler.stop_trace()
+            self.running = False
+            logging.info("traced steps %d-%d into %s", self.start, self.end - 1, self.dir)

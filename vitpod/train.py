@@ -85,7 +85,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
     """
     model.parse_variant(config.model.variant)
     config_lib.validate(config, jax.device_count(), jax.process_count())
-    tracer = Tracer(profile, workdir)
+    tracer = metrics.Tracer(profile, workdir)
     done_path = storage.join(workdir, "DONE")
     if storage.exists(done_path):
         final = json.loads(storage.read_text(done_path))
@@ -196,35 +196,6 @@ def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, sto
         final.update(_log_eval(writer, step, evaluate(eval_step, state["params"],
                                                       splits["val"], config, mesh)))
     return {**final, "step": step}
-
-
-class Tracer:
-    """jax.profiler over a window of steps, given as "START:COUNT" ("" for none)."""
-
-    def __init__(self, spec: str, workdir: str):
-        self.start = self.end = 0
-        self.running = False
-        if spec:
-            try:
-                start, count = map(int, spec.split(":"))
-            except ValueError:
-                raise UserError(f"--profile={spec!r}: write START:COUNT, e.g. 10:5") from None
-            self.start, self.end = start, start + count
-        self.dir = "profile" if storage.is_gcs(workdir) else storage.join(workdir, "profile")
-
-    def at(self, step: int, state) -> None:
-        if step == self.start:
-            jax.profiler.start_trace(self.dir)
-            self.running = True
-        elif step == self.end and self.running:
-            jax.block_until_ready(state)
-            self.close()
-
-    def close(self) -> None:
-        if self.running:
-            jax.profiler.stop_trace()
-            self.running = False
-            logging.info("traced steps %d-%d into %s", self.start, self.end - 1, self.dir)
 
 
 def _fetch_finite(window: list, last_step: int) -> list[dict]:
