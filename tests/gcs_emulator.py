@@ -152,7 +152,7 @@ class Emulator:
     """fake-gcs-server on one loopback port, the proxy on another; `url` is the proxy's.
 
     `root`: keep objects in files under this folder instead of memory; the memory backend
-    slows down as a bucket grows (each insert costs time linear in the objects there)."""
+    slowed to a crawl here past ~20k objects in a bucket (the server at 100 % CPU)."""
 
     def __init__(self, root: str | None = None):
         self.faults = Faults()
