@@ -196,11 +196,16 @@ def files_below(path: str) -> list[str]:
         for dirpath, _, filenames in os.walk(path, followlinks=True):
             found += [os.path.relpath(os.path.join(dirpath, f), path) for f in filenames]
         return sorted(found)
+    return sorted(rel for rel, _ in _objects_below(path) if not rel.endswith("/"))
+
+
+def _objects_below(path: str) -> list[tuple[str, object]]:
+    """(name relative to gs://path, blob) of every object under it, in one paged listing."""
     bucket, name = split(path)
-    prefix = name.rstrip("/") + "/"
+    prefix = name.rstrip("/") + "/" if name else ""
     with _errors(path):
-        blobs = _client().list_blobs(bucket, prefix=prefix, retry=_retry())
-        return sorted(b.name[len(prefix):] for b in blobs if not b.name.endswith("/"))
+        return [(b.name[len(prefix):], b)
+                for b in _client().list_blobs(bucket, prefix=prefix, retry=_retry())]
 
 
 def parallel_map(fn, items, threads: int = 32) -> list:
@@ -215,11 +220,7 @@ def _md5_b64(data: bytes) -> str:
 
 def _remote_checksums(path: str) -> dict[str, tuple[int, str]]:
     """Relative name -> (size, base64 MD5) of every object under gs://path."""
-    bucket, name = split(path)
-    prefix = name.rstrip("/") + "/" if name else ""
-    with _errors(path):
-        blobs = _client().list_blobs(bucket, prefix=prefix, retry=_retry())
-        return {b.name[len(prefix):]: (b.size, b.md5_hash) for b in blobs}
+    return {rel: (b.size, b.md5_hash) for rel, b in _objects_below(path)}
 
 
 def upload_tree(src: str, dst: str, threads: int = 32, progress=None) -> tuple[int, int]:
