@@ -33,9 +33,9 @@ def main(argv) -> None:
     config = load_config("tiny", model__variant=FLAGS.variant, data__image_size=FLAGS.image_size)
     mesh = jax.make_mesh((1, 1), ("data", "fsdp"))
     tx = optim.make(config.optim, 100)
-    state = steps.state_initializer(config.model, FLAGS.image_size, 1000, tx, 0, mesh)(None)
+    state = steps.state_initializer(config, 1000, tx, mesh)(None)
     graphdef, _ = model.abstract_model(config.model, FLAGS.image_size, 1000)
-    train_step = steps.make_train_step(graphdef, tx, mesh, config.data)
+    train_step = steps.make_train_step(graphdef, tx, mesh, config)
     b, size = FLAGS.global_batch, FLAGS.image_size
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8),

@@ -49,8 +49,7 @@ def main(argv) -> None:
     split = imagefolder.scan(FLAGS.data_dir, "val")
     classes = len(split.classes)
     mesh = distributed.make_mesh(cfg.mesh)
-    state = steps.state_initializer(cfg.model, cfg.data.image_size, classes,
-                                    optim.make(cfg.optim, 10), 0, mesh)(None)
+    state = steps.state_initializer(cfg, classes, optim.make(cfg.optim, 10), mesh)(None)
     graphdef, _ = model.abstract_model(cfg.model, cfg.data.image_size, classes)
     eval_step = steps.make_eval_step(graphdef, mesh, cfg.data)
     sharded, out = timed(lambda: train.evaluate(eval_step, state["params"], split, cfg, mesh))

@@ -61,10 +61,9 @@ def main(argv) -> None:
                          data__image_size=FLAGS.image_size)
     mesh = jax.make_mesh((FLAGS.devices, 1), ("data", "fsdp"))
     tx = optim.make(config.optim, 100)
-    state = steps.state_initializer(config.model, FLAGS.image_size, FLAGS.num_classes, tx, 0,
-                                    mesh)(None)
+    state = steps.state_initializer(config, FLAGS.num_classes, tx, mesh)(None)
     graphdef, _ = model.abstract_model(config.model, FLAGS.image_size, FLAGS.num_classes)
-    train_step = steps.make_train_step(graphdef, tx, mesh, config.data)
+    train_step = steps.make_train_step(graphdef, tx, mesh, config)
     rng = np.random.default_rng(0)
     size, b = FLAGS.image_size, FLAGS.global_batch
     batch = {"image": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8),

@@ -23,10 +23,10 @@ def _batch(mesh, n=16, size=8, seed=0, valid=None):
 def _train(num_devices, config, num_steps=3, valid=None, pack=None, accum=1):
     mesh = _mesh(num_devices)
     tx = optim.make(config.optim, 10)
-    state = steps.state_initializer(config.model, 8, 5, tx, 0, mesh)(None)
+    state = steps.state_initializer(config, 5, tx, mesh)(None)
     graphdef, _ = model.abstract_model(config.model, 8, 5)
-    train_step = steps.make_train_step(graphdef, tx, mesh, config.data, pack=pack,
-                                       accum_steps=accum)
+    config.grad_accum_steps = accum
+    train_step = steps.make_train_step(graphdef, tx, mesh, config, pack=pack)
     losses = []
     for _ in range(num_steps):
         state, metrics = train_step(state, _batch(mesh, valid=valid))
@@ -55,11 +55,26 @@ def test_accumulated_microbatches_match_the_whole_batch(devices, accum):
     assert_params_close(params_1, params_n)
 
 
+def test_random_regularisers_are_the_same_on_every_layout():
+    """Dropout, stochastic depth, mixup, cutmix and label smoothing draw from (seed, step,
+    row): 2 devices with 4 microbatches each train as 1 device with the whole batch does."""
+    config = load_config("tiny", optim__warmup_steps=0, model__dropout=0.1,
+                         model__drop_path=0.2, mix__mixup_alpha=0.8, mix__cutmix_alpha=1.0,
+                         label_smoothing=0.1)
+    losses_1, params_1 = _train(1, config, num_steps=4)
+    losses_n, params_n = _train(2, config, num_steps=4, accum=4)
+    np.testing.assert_allclose(losses_n, losses_1, rtol=1e-5)
+    assert_params_close(params_1, params_n)
+    plain = load_config("tiny", optim__warmup_steps=0)
+    losses_plain, _ = _train(1, plain, num_steps=4)
+    assert not np.allclose(losses_plain, losses_1, rtol=1e-3)  # they did change the step
+
+
 def test_eval_step_sums_only_valid_rows():
     config = load_config("tiny")
     mesh = _mesh(8)
     tx = optim.make(config.optim, 10)
-    params = steps.state_initializer(config.model, 8, 5, tx, 0, mesh)(None)["params"]
+    params = steps.state_initializer(config, 5, tx, mesh)(None)["params"]
     graphdef, _ = model.abstract_model(config.model, 8, 5)
     valid = np.array([1, 1, 0] * 5 + [1], np.float32)
     out = steps.make_eval_step(graphdef, mesh, config.data)(params, _batch(mesh, valid=valid))

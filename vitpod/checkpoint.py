@@ -52,7 +52,8 @@ def load_params(directory: str, step: int | None = None) -> tuple[int, dict]:
     """(step, params as numpy) of a checkpoint (the latest by default), on this host alone.
 
     For tools that read a run's weights (export, predict, evaluate) whatever mesh and
-    process count wrote them.
+    process count wrote them. A run that keeps an EMA of its params is read as that EMA,
+    the params its in-training eval scored.
     """
     with ocp.CheckpointManager(storage.absolute(directory),
                                item_handlers=ocp.StandardCheckpointHandler(),
@@ -64,7 +65,7 @@ def load_params(directory: str, step: int | None = None) -> tuple[int, dict]:
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                               mngr.item_metadata(step).tree)
         state = mngr.restore(step, args=ocp.args.StandardRestore(target))
-    return step, jax.tree.map(np.asarray, _int_keys(state["params"]))
+    return step, jax.tree.map(np.asarray, _int_keys(state.get("ema_params", state["params"])))
 
 
 def _int_keys(tree):

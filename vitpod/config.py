@@ -53,6 +53,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.read_threads = 16  # files (gs:// objects) fetched at once per decode process
     c.data.eval_batch_size = 0  # global; 0 means batch_size
     c.data.max_skipped_fraction = 0.01  # unreadable images tolerated before stopping
+    # RandAugment after crop and flip (0 ops: off); magnitude 0..10, as big_vision and timm.
+    c.data.randaug_num_ops = 0
+    c.data.randaug_magnitude = 10
 
     c.model = ml_collections.ConfigDict()
     c.model.variant = "B/16"
@@ -60,6 +63,18 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.pool = "cls"  # "cls" token or "gap" (global average pooling)
     c.model.layer_norm_eps = 1e-6
     c.model.dtype = "float32"  # matmul/activation dtype; params stay float32
+    c.model.posemb = "learn"  # learned position embeddings, or "sincos2d" (fixed)
+    c.model.dropout = 0.0  # on the embeddings and each attention/MLP output
+    c.model.drop_path = 0.0  # stochastic depth of the last block; 0 at the first, linear between
+
+    # Mixup / CutMix of the device batch inside the step (timm's semantics): each step draws
+    # one ratio from Beta(alpha, alpha) and mixes each pair of neighbouring rows; with both
+    # alphas set, a step uses CutMix with probability cutmix_prob. 0 turns each off.
+    c.mix = ml_collections.ConfigDict()
+    c.mix.mixup_alpha = 0.0
+    c.mix.cutmix_alpha = 0.0
+    c.mix.cutmix_prob = 0.5
+    c.label_smoothing = 0.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3
@@ -69,6 +84,13 @@ def defaults() -> ml_collections.ConfigDict:
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.clip_norm = 1.0  # 0 disables global-norm clipping
+    c.optim.schedule = "cosine"  # after warmup: "cosine", "linear" or "constant"
+    c.optim.cooldown_steps = 0  # "constant": linear decay to min over the last N steps
+    # Layer-wise lr decay for fine-tuning: block i of L gets lr * layer_decay**(L - i), the
+    # embeddings layer_decay**(L + 1), the final norm and head lr. 1.0: off.
+    c.optim.layer_decay = 1.0
+    c.optim.freeze = ""  # regex on param names (e.g. "^blocks\.[0-5]\."): never updated
+    c.optim.ema_decay = 0.0  # keep an EMA of params (e.g. 0.9999), used for eval and export
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes
@@ -100,6 +122,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
              "must be 'float32' or 'bfloat16'")
     _require(config.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _require(config.optim.lr > 0, "optim.lr", "must be positive")
+    o, m = config.optim, config.model
+    _require(o.schedule in ("cosine", "linear", "constant"), "optim.schedule",
+             "must be 'cosine', 'linear' or 'constant'")
+    _require(o.cooldown_steps >= 0 and o.warmup_steps + o.cooldown_steps <= config.total_steps,
+             "optim.cooldown_steps", "must be >= 0 and fit in total_steps with the warmup")
+    _require(0 < o.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1] (1: off)")
+    _require(0 <= o.ema_decay < 1, "optim.ema_decay", "must be in [0, 1) (0: off)")
+    _require(m.posemb in ("learn", "sincos2d"), "model.posemb", "must be 'learn' or 'sincos2d'")
+    _require(0 <= m.dropout < 1, "model.dropout", "must be in [0, 1)")
+    _require(0 <= m.drop_path < 1, "model.drop_path", "must be in [0, 1)")
+    _require(0 <= d.randaug_num_ops <= 10, "data.randaug_num_ops", "must be in 0..10")
+    _require(0 <= d.randaug_magnitude <= 10, "data.randaug_magnitude", "must be in 0..10")
+    x = config.mix
+    _require(x.mixup_alpha >= 0 and x.cutmix_alpha >= 0, "mix.mixup_alpha/cutmix_alpha",
+             "must be >= 0 (0: off)")
+    _require(0 <= x.cutmix_prob <= 1, "mix.cutmix_prob", "must be in [0, 1]")
+    _require(0 <= config.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
 
     data, fsdp = mesh_shape(config.mesh, num_devices)
     for key in ("batch_size", "data.eval_batch_size"):
@@ -115,6 +154,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         raise UserError(f"config grad_accum_steps={config.grad_accum_steps} does not divide the "
                         f"{per_device} rows each of the {data * fsdp} devices gets from "
                         f"batch_size={config.batch_size}; pick a divisor of {per_device}")
+    if (x.mixup_alpha or x.cutmix_alpha) and (per_device // config.grad_accum_steps) % 2:
+        raise UserError(f"config mix.* pairs neighbouring rows, but each device's microbatch "
+                        f"has {per_device // config.grad_accum_steps} (odd) rows; make "
+                        "batch_size / (devices x grad_accum_steps) even")
 
 
 def mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:

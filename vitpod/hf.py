@@ -135,6 +135,8 @@ def _check_config(hf: dict, model_cfg, path: str) -> None:
                         f"model.layer_norm_eps={model_cfg.layer_norm_eps}; set it to match")
     if model_cfg.pool != "cls":
         problems.append("HF ViT pools the class token; set model.pool='cls'")
+    if model_cfg.posemb != "learn":
+        problems.append("HF ViT has learned position embeddings; set model.posemb='learn'")
     if problems:
         raise UserError(f"{path}: " + "; ".join(problems))
 
@@ -190,6 +192,11 @@ def export(params: dict, model_cfg, data_cfg, classes: tuple[str, ...], out: str
               layer_norm_eps=model_cfg.layer_norm_eps, qkv_bias=True, hidden_act="gelu",
               id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)},
               architectures=["ViTForImageClassification"]).save_pretrained(out)
+    if model_cfg.posemb != "learn":  # HF learns them; the fixed values load as a start
+        grid = data_cfg.image_size // shape.patch_size
+        sincos = model.posemb_sincos_2d(grid, shape.hidden_size)
+        params = {**params, "pos_embed": np.concatenate([np.zeros_like(sincos[:, :1]),
+                                                         sincos], axis=1)}
     tensors = {}
     for path_keys, (name, how) in _hf_names(shape.num_layers).items():
         prefix = "" if path_keys[0] == "head" else "vit."

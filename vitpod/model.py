@@ -1,8 +1,12 @@
 """Vision Transformer in Flax NNX, with a variants table and a functional wrapper.
 
 Layout follows "An Image is Worth 16x16 Words" and HF's ViT (pre-norm blocks, conv patch
-embedding, class token or global average pooling, learned position embeddings), so that
-HF checkpoints map onto it name by name.
+embedding, class token or global average pooling, learned or fixed 2D sincos position
+embeddings), so that HF checkpoints map onto it name by name.
+
+Dropout and stochastic depth draw their randomness from one key per example (`row_keys`),
+so a batch split over any number of devices or microbatches drops the same units; without
+`row_keys` (eval, inference) both are the identity.
 """
 
 import dataclasses
@@ -11,6 +15,7 @@ import re
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from vitpod.errors import UserError
@@ -46,6 +51,29 @@ def parse_variant(variant: str) -> ViTShape:
     return ViTShape(*WIDTHS[match.group(1)], patch_size=int(match.group(2)))
 
 
+def posemb_sincos_2d(grid: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+    """Fixed (1, grid*grid, width) embedding of "Better plain ViT baselines" (big_vision):
+    sin/cos of x and of y at width/4 frequencies each."""
+    if width % 4:
+        raise UserError(f"model.posemb='sincos2d' needs a hidden size divisible by 4, not {width}")
+    y, x = np.mgrid[:grid, :grid]
+    omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1))
+    y, x = np.outer(y.ravel(), omega), np.outer(x.ravel(), omega)
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], 1)[None].astype(
+        np.float32)
+
+
+def _dropped(x, rate: float, row_keys, site: int, per_example: bool = False):
+    """Inverted dropout of x (batch, ...) with each row's mask from its own key; with
+    `per_example` one draw per row (stochastic depth: the whole residual branch)."""
+    if row_keys is None or rate == 0.0:
+        return x
+    shape = (1,) * (x.ndim - 1) if per_example else x.shape[1:]
+    keep = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, site), 1 - rate,
+                                                   shape))(row_keys)
+    return jnp.where(keep, x / (1 - rate), 0).astype(x.dtype)
+
+
 class Attention(nnx.Module):
     def __init__(self, dim: int, num_heads: int, dtype, rngs: nnx.Rngs):
         self.num_heads = num_heads
@@ -71,16 +99,21 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, shape: ViTShape, eps: float, dtype, rngs: nnx.Rngs):
-        d = shape.hidden_size
+    def __init__(self, shape: ViTShape, cfg, drop_path: float, index: int, dtype,
+                 rngs: nnx.Rngs):
+        d, eps = shape.hidden_size, cfg.layer_norm_eps
+        self.dropout, self.drop_path, self.index = cfg.dropout, drop_path, index
         self.norm1 = nnx.LayerNorm(d, epsilon=eps, dtype=dtype, rngs=rngs)
         self.attn = Attention(d, shape.num_heads, dtype, rngs)
         self.norm2 = nnx.LayerNorm(d, epsilon=eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(d, shape.mlp_dim, dtype, rngs)
 
-    def __call__(self, x_bld):
-        x_bld = x_bld + self.attn(self.norm1(x_bld))
-        return x_bld + self.mlp(self.norm2(x_bld))
+    def __call__(self, x_bld, row_keys=None):
+        site = 8 * (self.index + 1)  # distinct random streams per layer and per use
+        branch = _dropped(self.attn(self.norm1(x_bld)), self.dropout, row_keys, site)
+        x_bld = x_bld + _dropped(branch, self.drop_path, row_keys, site + 1, per_example=True)
+        branch = _dropped(self.mlp(self.norm2(x_bld)), self.dropout, row_keys, site + 2)
+        return x_bld + _dropped(branch, self.drop_path, row_keys, site + 3, per_example=True)
 
 
 class ViT(nnx.Module):
@@ -95,30 +128,39 @@ class ViT(nnx.Module):
         d, p = shape.hidden_size, shape.patch_size
         dtype = jnp.dtype(cfg.dtype)
         num_patches = (image_size // p) ** 2
-        self.pool = cfg.pool
+        self.pool, self.dropout = cfg.pool, cfg.dropout
         self.patch_embed = nnx.Conv(3, d, (p, p), strides=(p, p), padding="VALID", dtype=dtype,
                                     rngs=rngs)
         init = nnx.initializers.normal(0.02)
         tokens = num_patches + (1 if cfg.pool == "cls" else 0)
         self.cls_token = nnx.Param(jnp.zeros((1, 1, d))) if cfg.pool == "cls" else None
-        self.pos_embed = nnx.Param(init(rngs.params(), (1, tokens, d)))
-        self.blocks = nnx.List([Block(shape, cfg.layer_norm_eps, dtype, rngs)
-                                for _ in range(shape.num_layers)])
+        if cfg.posemb == "learn":
+            self.pos_embed = nnx.Param(init(rngs.params(), (1, tokens, d)))
+        else:  # fixed: a constant of the program, not a param (the class token gets none)
+            self.pos_embed, self.grid = None, image_size // p
+        # Stochastic depth rising linearly to model.drop_path at the last block (DeiT, timm).
+        rates = np.linspace(0.0, cfg.drop_path, shape.num_layers)
+        self.blocks = nnx.List([Block(shape, cfg, float(rates[i]), i, dtype, rngs)
+                                for i in range(shape.num_layers)])
         self.norm = nnx.LayerNorm(d, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
         # Zero head: every class starts equally likely (big_vision; stable fine-tuning).
         self.head = nnx.Linear(d, num_classes, kernel_init=nnx.initializers.zeros_init(),
                                dtype=dtype, rngs=rngs)
 
-    def __call__(self, images_bhwc):
+    def __call__(self, images_bhwc, row_keys=None):
         x_bhwd = self.patch_embed(images_bhwc)
         b, h, w, d = x_bhwd.shape
         x_bld = x_bhwd.reshape(b, h * w, d)
+        if self.pos_embed is None:
+            x_bld = x_bld + jnp.asarray(posemb_sincos_2d(self.grid, d), x_bld.dtype)
         if self.cls_token is not None:
             cls = jnp.broadcast_to(self.cls_token[...].astype(x_bld.dtype), (b, 1, d))
             x_bld = jnp.concatenate([cls, x_bld], axis=1)
-        x_bld = x_bld + self.pos_embed[...].astype(x_bld.dtype)
+        if self.pos_embed is not None:
+            x_bld = x_bld + self.pos_embed[...].astype(x_bld.dtype)
+        x_bld = _dropped(x_bld, self.dropout, row_keys, 0)
         for block in self.blocks:
-            x_bld = block(x_bld)
+            x_bld = block(x_bld, row_keys)
         x_bld = self.norm(x_bld)
         x_bd = x_bld[:, 0] if self.pool == "cls" else x_bld.mean(axis=1)
         return self.head(x_bd).astype(jnp.float32)
@@ -137,6 +179,7 @@ def init_params(cfg, image_size: int, num_classes: int, rng: jax.Array) -> dict:
     return nnx.to_pure_dict(nnx.split(model)[1])
 
 
-def apply(graphdef, params: dict, images_bhwc: jax.Array) -> jax.Array:
-    """Pure forward pass: params dict + images -> logits."""
-    return nnx.merge(graphdef, params)(images_bhwc)
+def apply(graphdef, params: dict, images_bhwc: jax.Array, row_keys=None) -> jax.Array:
+    """Pure forward pass: params dict + images -> logits. `row_keys` (one PRNG key per
+    image) turn on dropout and stochastic depth for training."""
+    return nnx.merge(graphdef, params)(images_bhwc, row_keys)

@@ -93,12 +93,10 @@ def compile_train_step(config, devices, num_classes: int):
     mesh = jax.sharding.Mesh(np.array(devices).reshape(shape), ("data", "fsdp"),
                              axis_types=(jax.sharding.AxisType.Explicit,) * 2)
     tx = optim.make(config.optim, config.total_steps)
-    init = steps.state_initializer(config.model, config.data.image_size, num_classes, tx,
-                                   config.seed, mesh)
+    init = steps.state_initializer(config, num_classes, tx, mesh)
     state = jax.eval_shape(init, None)
     graphdef, _ = model.abstract_model(config.model, config.data.image_size, num_classes)
-    step = steps.make_train_step(graphdef, tx, mesh, config.data, pack=False,
-                                 accum_steps=config.grad_accum_steps)
+    step = steps.make_train_step(graphdef, tx, mesh, config, pack=False)
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     size, batch = config.data.image_size, config.batch_size
     spec = {"image": ((batch, size, size, 3), jnp.uint8), "label": ((batch,), jnp.int32),

@@ -16,7 +16,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vitpod import model
+from vitpod import mixing, model
 from vitpod.distributed import BATCH_AXES
 
 
@@ -28,20 +28,35 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def state_initializer(model_cfg, image_size: int, num_classes: int,
-                      tx: optax.GradientTransformation, seed: int, mesh: jax.sharding.Mesh):
-    """A jitted (params or None) -> {step, params, opt_state}, created already sharded.
+def state_initializer(config: ml_collections.ConfigDict, num_classes: int,
+                      tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
+    """A jitted (params or None) -> {step, params, opt_state[, ema_params]}, already sharded.
 
     None initialises fresh params from the seed; given params (e.g. imported weights) are
     placed as they are. `jax.eval_shape(init, None)` is the abstract state that checkpoints
-    restore into, so a resumed run never initialises params it would throw away.
+    restore into, so a resumed run never initialises params it would throw away. With
+    `optim.ema_decay` the state also holds an EMA of the params, starting at the params.
     """
     def init(params):
         if params is None:
-            params = model.init_params(model_cfg, image_size, num_classes, jax.random.key(seed))
-        return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": tx.init(params)}
+            params = model.init_params(config.model, config.data.image_size, num_classes,
+                                       jax.random.key(config.seed))
+        state = {"step": jnp.zeros((), jnp.int32), "params": params,
+                 "opt_state": tx.init(params)}
+        if config.optim.ema_decay:
+            state["ema_params"] = jax.tree.map(jnp.copy, params)
+        return state
     return jax.jit(init, out_shardings=replicated(mesh))
+
+
+def eval_params(state: dict) -> dict:
+    """The params to evaluate and export: the EMA when the run keeps one."""
+    return state.get("ema_params", state["params"])
+
+
+def ema_update(ema: dict, params: dict, decay: float) -> dict:
+    """ema <- decay * ema + (1 - decay) * params."""
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
 def _normalize(images_u8, mean, std):
@@ -68,23 +83,38 @@ def psum_tree(tree, pack: bool):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                    data_cfg: ml_collections.ConfigDict, pack: bool | None = None,
-                    accum_steps: int = 1):
+                    config: ml_collections.ConfigDict, pack: bool | None = None):
     """jit(state, batch) -> (state, metrics) over the global batch, with one all-reduce.
 
-    With `accum_steps` > 1 each device runs its rows as that many microbatches in a scan,
-    summing gradients and counts; losses are sums over rows, so the step equals the
+    With `grad_accum_steps` > 1 each device runs its rows as that many microbatches in a
+    scan, summing gradients and counts; losses are sums over rows, so the step equals the
     unaccumulated one (up to float summation order) with a fraction of the activations.
+    Randomness (mixing, dropout, stochastic depth) comes from (seed, step, global row), so
+    it too is the same for every layout and accumulation.
     """
     if pack is None:
         pack = jax.default_backend() == "cpu"
+    accum_steps, data_cfg = config.grad_accum_steps, config.data
+    mix, smoothing = mixing.enabled(config.mix), config.label_smoothing
+    dropping = config.model.dropout > 0 or config.model.drop_path > 0
 
-    def grads_and_sums(params_varying, images, labels, valid):
+    def grads_and_sums(params_varying, images, labels, valid, rows, step_key):
         x = _normalize(images, data_cfg.mean, data_cfg.std)
+        targets = None
+        if mix or smoothing:
+            targets = mixing.smoothed(labels, params_varying["head"]["bias"].shape[0], smoothing)
+        if mix:
+            x, targets = mixing.mix(jax.random.fold_in(step_key, 0), x, targets, config.mix)
+        row_keys = None
+        if dropping:
+            dropout_key = jax.random.fold_in(step_key, 1)
+            row_keys = jax.vmap(lambda r: jax.random.fold_in(dropout_key, r))(rows)
 
         def loss_sum_fn(params):
-            logits = model.apply(graphdef, params, x)
-            return (_cross_entropy(logits, labels) * valid).sum(), logits
+            logits = model.apply(graphdef, params, x, row_keys)
+            losses = (_cross_entropy(logits, labels) if targets is None else
+                      optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
+            return (losses * valid).sum(), logits
 
         (loss_sum, logits), grad_sums = jax.value_and_grad(loss_sum_fn, has_aux=True)(
             params_varying)
@@ -95,12 +125,16 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: jax.shardi
     def local_step(state, images, labels, valid):
         # Differentiate w.r.t. a device-varying copy: no implicit psum, ours is explicit.
         params_varying = jax.lax.pcast(state["params"], BATCH_AXES, to="varying")
+        step_key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+        n = images.shape[0]
+        rows = jax.lax.axis_index(BATCH_AXES) * n + jnp.arange(n)  # global row numbers
         micro = jax.tree.map(lambda a: a.reshape(accum_steps, -1, *a.shape[1:]),
-                             (images, labels, valid))
-        total = grads_and_sums(params_varying, *jax.tree.map(lambda a: a[0], micro))
+                             (images, labels, valid, rows))
+        total = grads_and_sums(params_varying, *jax.tree.map(lambda a: a[0], micro), step_key)
         if accum_steps > 1:
             def add_one(carry, batch):
-                return jax.tree.map(jnp.add, carry, grads_and_sums(params_varying, *batch)), None
+                return jax.tree.map(jnp.add, carry,
+                                    grads_and_sums(params_varying, *batch, step_key)), None
             total, _ = jax.lax.scan(add_one, total, jax.tree.map(lambda a: a[1:], micro))
         grad_sums, sums = psum_tree(total, pack)
         count = jnp.maximum(sums["count"], 1)
@@ -109,6 +143,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: jax.shardi
         new_state = {"step": state["step"] + 1,
                      "params": optax.apply_updates(state["params"], updates),
                      "opt_state": opt_state}
+        if "ema_params" in state:
+            new_state["ema_params"] = ema_update(state["ema_params"], new_state["params"],
+                                                 config.optim.ema_decay)
         metrics = {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count,
                    "grad_norm": optax.tree.norm(grads), "skipped": sums["skipped"]}
         return new_state, metrics

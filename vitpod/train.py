@@ -105,8 +105,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
     mesh = distributed.make_mesh(config.mesh)
     tx = optim.make(config.optim, config.total_steps)
     num_classes = len(splits["train"].classes)
-    init = steps.state_initializer(config.model, config.data.image_size, num_classes, tx,
-                                   config.seed, mesh)
+    init = steps.state_initializer(config, num_classes, tx, mesh)
     ckpt = checkpoint.manager(storage.join(storage.absolute(workdir), "checkpoints"),
                               config.keep_checkpoints)
     start, state = checkpoint.restore_latest(ckpt, jax.eval_shape(init, None))
@@ -145,8 +144,7 @@ def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, sto
     """The loop from step start+1: train, log, save, evaluate; returns the last metrics."""
     num_classes = len(splits["train"].classes)
     graphdef, _ = model.abstract_model(config.model, config.data.image_size, num_classes)
-    train_step = steps.make_train_step(graphdef, tx, mesh, config.data,
-                                       accum_steps=config.grad_accum_steps)
+    train_step = steps.make_train_step(graphdef, tx, mesh, config)
     eval_step = steps.make_eval_step(graphdef, mesh, config.data)
     lr_at = optim.schedule(config.optim, config.total_steps)
     progress = metrics.Progress(start, config.total_steps, config.batch_size)
@@ -188,12 +186,12 @@ def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, sto
             checkpoint.save(ckpt, step, state)
             clock.saved()
         if "val" in splits and ((config.eval_every and step % config.eval_every == 0) or last):
-            final.update(_log_eval(writer, step, evaluate(eval_step, state["params"],
+            final.update(_log_eval(writer, step, evaluate(eval_step, steps.eval_params(state),
                                                           splits["val"], config, mesh)))
         if stop:
             return {**final, "step": step, "stopped": stop}
     if start == config.total_steps and "val" in splits:  # stopped between last save and DONE
-        final.update(_log_eval(writer, step, evaluate(eval_step, state["params"],
+        final.update(_log_eval(writer, step, evaluate(eval_step, steps.eval_params(state),
                                                       splits["val"], config, mesh)))
     return {**final, "step": step}
 

@@ -47,6 +47,7 @@ class TrainExample:
     scale: tuple[float, float]
     ratio: tuple[float, float]
     hflip: bool
+    randaug: tuple[int, float] = (0, 0)  # (num_ops, magnitude); 0 ops: off
 
     def __call__(self, index: int, rng: np.random.Generator) -> dict:
         index = int(index)
@@ -54,7 +55,7 @@ class TrainExample:
         try:
             img = transforms.decode_rgb(data)
             image = transforms.train_transform(img, self.size, self.scale, self.ratio,
-                                               self.hflip, rng)
+                                               self.hflip, rng, self.randaug)
         except Exception:  # noqa: BLE001  corrupt/truncated/empty: reported by the host
             image = None
         return _example(image, self.split.labels[index], index, self.size)
@@ -103,7 +104,9 @@ def train_batches(split: Split, data_cfg, seed: int, global_batch: int, start_st
     epochs = math.ceil(total_steps * global_batch / n) + 1
     ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(epochs)
     ds = ds.random_map(TrainExample(split, data_cfg.image_size, tuple(data_cfg.crop_scale),
-                                    tuple(data_cfg.crop_ratio), data_cfg.hflip), seed=seed)
+                                    tuple(data_cfg.crop_ratio), data_cfg.hflip,
+                                    (data_cfg.randaug_num_ops, data_cfg.randaug_magnitude)),
+                      seed=seed)
     ds = _host_rows(ds, global_batch, process_index, process_count)[start_step:total_steps]
     return _iterate(ds, data_cfg.num_workers, data_cfg.read_threads)
 

@@ -9,6 +9,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from vitpod.data import randaugment
+
 # PIL decodes lazily; a truncated file must fail here, not produce a half-grey image.
 Image.MAX_IMAGE_PIXELS = None
 
@@ -54,11 +56,14 @@ def random_resized_crop_box(width: int, height: int, scale, ratio,
 
 
 def train_transform(img: Image.Image, size: int, scale, ratio, hflip: bool,
-                    rng: np.random.Generator) -> np.ndarray:
+                    rng: np.random.Generator, randaug: tuple[int, float] = (0, 0)) -> np.ndarray:
+    """Random resized crop, flip, then RandAugment (num_ops, magnitude) on the small image."""
     box = random_resized_crop_box(img.width, img.height, scale, ratio, rng)
     out = img.resize((size, size), Image.BILINEAR, box=box)
     if hflip and rng.random() < 0.5:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    if randaug[0]:
+        out = randaugment.randaugment(out, randaug[0], randaug[1], rng)
     return np.asarray(out, dtype=np.uint8)
 
 
