@@ -16,7 +16,7 @@ from vitpod.errors import UserError
 # Anything else differing from a workdir's config.json refuses to resume.
 RESULT_NEUTRAL_KEYS = frozenset({
     "log_every", "eval_every", "save_every", "save_every_minutes", "keep_checkpoints",
-    "compile_cache", "grad_accum_steps",
+    "compile_cache", "grad_accum_steps", "model.scan_layers", "model.remat",
     "data.val_dir", "data.num_workers", "data.read_threads", "data.eval_batch_size",
 })
 
@@ -66,6 +66,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.posemb = "learn"  # learned position embeddings, or "sincos2d" (fixed)
     c.model.dropout = 0.0  # on the embeddings and each attention/MLP output
     c.model.drop_path = 0.0  # stochastic depth of the last block; 0 at the first, linear between
+    # The blocks as one lax.scan (compile time independent of depth; with mesh.fsdp > 1 only
+    # one layer's weights are gathered at a time), and what its backward pass recomputes:
+    # "none" (keep activations), "dots" (keep matmul outputs), "full" (keep only the input).
+    c.model.scan_layers = True
+    c.model.remat = "none"
 
     # Mixup / CutMix of the device batch inside the step (timm's semantics): each step draws
     # one ratio from Beta(alpha, alpha) and mixes each pair of neighbouring rows; with both
@@ -130,6 +135,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     _require(0 < o.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1] (1: off)")
     _require(0 <= o.ema_decay < 1, "optim.ema_decay", "must be in [0, 1) (0: off)")
     _require(m.posemb in ("learn", "sincos2d"), "model.posemb", "must be 'learn' or 'sincos2d'")
+    _require(m.remat in ("none", "dots", "full"), "model.remat", "must be 'none', 'dots' or 'full'")
     _require(0 <= m.dropout < 1, "model.dropout", "must be in [0, 1)")
     _require(0 <= m.drop_path < 1, "model.drop_path", "must be in [0, 1)")
     _require(0 <= d.randaug_num_ops <= 10, "data.randaug_num_ops", "must be in 0..10")

@@ -63,10 +63,11 @@ def posemb_sincos_2d(grid: int, width: int, temperature: float = 10_000.0) -> np
         np.float32)
 
 
-def _dropped(x, rate: float, row_keys, site: int, per_example: bool = False):
+def _dropped(x, rate, row_keys, site, per_example: bool = False, on: bool = True):
     """Inverted dropout of x (batch, ...) with each row's mask from its own key; with
-    `per_example` one draw per row (stochastic depth: the whole residual branch)."""
-    if row_keys is None or rate == 0.0:
+    `per_example` one draw per row (stochastic depth: the whole residual branch). `rate`
+    and `site` may be traced (inside the scan over layers); `on` is the static switch."""
+    if row_keys is None or not on:
         return x
     shape = (1,) * (x.ndim - 1) if per_example else x.shape[1:]
     keep = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, site), 1 - rate,
@@ -103,17 +104,22 @@ class Block(nnx.Module):
                  rngs: nnx.Rngs):
         d, eps = shape.hidden_size, cfg.layer_norm_eps
         self.dropout, self.drop_path, self.index = cfg.dropout, drop_path, index
+        self.drop_path_on = cfg.drop_path > 0
         self.norm1 = nnx.LayerNorm(d, epsilon=eps, dtype=dtype, rngs=rngs)
         self.attn = Attention(d, shape.num_heads, dtype, rngs)
         self.norm2 = nnx.LayerNorm(d, epsilon=eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(d, shape.mlp_dim, dtype, rngs)
 
-    def __call__(self, x_bld, row_keys=None):
-        site = 8 * (self.index + 1)  # distinct random streams per layer and per use
-        branch = _dropped(self.attn(self.norm1(x_bld)), self.dropout, row_keys, site)
-        x_bld = x_bld + _dropped(branch, self.drop_path, row_keys, site + 1, per_example=True)
-        branch = _dropped(self.mlp(self.norm2(x_bld)), self.dropout, row_keys, site + 2)
-        return x_bld + _dropped(branch, self.drop_path, row_keys, site + 3, per_example=True)
+    def __call__(self, x_bld, row_keys=None, index=None, drop_path=None):
+        """`index` and `drop_path` override this block's own (the scan passes them)."""
+        index = self.index if index is None else index
+        drop_path = self.drop_path if drop_path is None else drop_path
+        site = 8 * (index + 1)  # distinct random streams per layer and per use
+        on = self.dropout > 0
+        branch = _dropped(self.attn(self.norm1(x_bld)), self.dropout, row_keys, site, on=on)
+        x_bld = x_bld + _dropped(branch, drop_path, row_keys, site + 1, True, self.drop_path_on)
+        branch = _dropped(self.mlp(self.norm2(x_bld)), self.dropout, row_keys, site + 2, on=on)
+        return x_bld + _dropped(branch, drop_path, row_keys, site + 3, True, self.drop_path_on)
 
 
 class ViT(nnx.Module):
@@ -129,6 +135,7 @@ class ViT(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         num_patches = (image_size // p) ** 2
         self.pool, self.dropout = cfg.pool, cfg.dropout
+        self.scan_layers, self.remat = cfg.scan_layers, cfg.remat
         self.patch_embed = nnx.Conv(3, d, (p, p), strides=(p, p), padding="VALID", dtype=dtype,
                                     rngs=rngs)
         init = nnx.initializers.normal(0.02)
@@ -139,8 +146,8 @@ class ViT(nnx.Module):
         else:  # fixed: a constant of the program, not a param (the class token gets none)
             self.pos_embed, self.grid = None, image_size // p
         # Stochastic depth rising linearly to model.drop_path at the last block (DeiT, timm).
-        rates = np.linspace(0.0, cfg.drop_path, shape.num_layers)
-        self.blocks = nnx.List([Block(shape, cfg, float(rates[i]), i, dtype, rngs)
+        self.drop_path_rates = tuple(np.linspace(0.0, cfg.drop_path, shape.num_layers).tolist())
+        self.blocks = nnx.List([Block(shape, cfg, self.drop_path_rates[i], i, dtype, rngs)
                                 for i in range(shape.num_layers)])
         self.norm = nnx.LayerNorm(d, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
         # Zero head: every class starts equally likely (big_vision; stable fine-tuning).
@@ -148,6 +155,12 @@ class ViT(nnx.Module):
                                dtype=dtype, rngs=rngs)
 
     def __call__(self, images_bhwc, row_keys=None):
+        x_bld = self.embed(images_bhwc, row_keys)
+        for block in self.blocks:
+            x_bld = block(x_bld, row_keys)
+        return self.logits(x_bld)
+
+    def embed(self, images_bhwc, row_keys=None):
         x_bhwd = self.patch_embed(images_bhwc)
         b, h, w, d = x_bhwd.shape
         x_bld = x_bhwd.reshape(b, h * w, d)
@@ -158,9 +171,9 @@ class ViT(nnx.Module):
             x_bld = jnp.concatenate([cls, x_bld], axis=1)
         if self.pos_embed is not None:
             x_bld = x_bld + self.pos_embed[...].astype(x_bld.dtype)
-        x_bld = _dropped(x_bld, self.dropout, row_keys, 0)
-        for block in self.blocks:
-            x_bld = block(x_bld, row_keys)
+        return _dropped(x_bld, self.dropout, row_keys, 0, on=self.dropout > 0)
+
+    def logits(self, x_bld):
         x_bld = self.norm(x_bld)
         x_bd = x_bld[:, 0] if self.pool == "cls" else x_bld.mean(axis=1)
         return self.head(x_bd).astype(jnp.float32)
@@ -179,7 +192,43 @@ def init_params(cfg, image_size: int, num_classes: int, rng: jax.Array) -> dict:
     return nnx.to_pure_dict(nnx.split(model)[1])
 
 
-def apply(graphdef, params: dict, images_bhwc: jax.Array, row_keys=None) -> jax.Array:
-    """Pure forward pass: params dict + images -> logits. `row_keys` (one PRNG key per
-    image) turn on dropout and stochastic depth for training."""
-    return nnx.merge(graphdef, params)(images_bhwc, row_keys)
+# What the backward pass of each block may keep from its forward pass ("none": no remat,
+# everything, FSDP's gathered weights included). "dots" and "full" gather again instead.
+REMAT_POLICIES = {
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only the block's input
+}
+
+
+def apply(graphdef, params: dict, images_bhwc: jax.Array, row_keys=None,
+          gather=None) -> jax.Array:
+    """Pure forward pass: params dict + images -> logits.
+
+    `row_keys` (one PRNG key per image) turn on dropout and stochastic depth for training.
+    `gather(tree, block: bool)` turns this device's param shards into whole params (FSDP):
+    the non-block params once, each block's inside the loop over layers. With
+    `model.scan_layers` the blocks run as one `lax.scan` over their params stacked here
+    (the stored layout stays one dict per block), each step under `model.remat`'s policy.
+    """
+    gather = gather or (lambda tree, block: tree)
+    outer = gather({k: v for k, v in params.items() if k != "blocks"}, False)
+    blocks = params["blocks"]
+    model = nnx.merge(graphdef, {**outer, "blocks": blocks})
+    if not model.scan_layers:
+        whole = {i: gather(b, True) for i, b in blocks.items()}
+        return nnx.merge(graphdef, {**outer, "blocks": whole})(images_bhwc, row_keys)
+    block_def = nnx.split(model.blocks[0])[0]
+    stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *[blocks[i] for i in
+                                                                 range(len(blocks))])
+
+    def layer(x_bld, inputs):
+        block_params, index, drop_path = inputs
+        block = nnx.merge(block_def, gather(block_params, True))
+        return block(x_bld, row_keys, index, drop_path), None
+
+    if model.remat != "none":
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[model.remat], prevent_cse=False)
+    rates = jnp.asarray(model.drop_path_rates, jnp.float32)
+    x_bld, _ = jax.lax.scan(layer, model.embed(images_bhwc, row_keys),
+                            (stacked, jnp.arange(len(blocks)), rates))
+    return model.logits(x_bld)

@@ -1,5 +1,6 @@
 """The optax optimizer: warmup then cosine, linear or constant-with-cooldown; AdamW with
-decay on kernels only; clipping; layer-wise lr decay; frozen params.
+decay on kernels only; layer-wise lr decay; frozen params. Every transform is elementwise,
+so it runs on FSDP shards as on whole params.
 
 Weight decay is optax's: `p -= lr_t * weight_decay * p`, so it follows the lr schedule and
 scales with the peak lr. big_vision's decoupled `wd` is `p -= sched_t * wd * p` (the
@@ -64,8 +65,9 @@ def frozen_labels(pattern: str, params) -> dict:
     """'frozen' for params whose name matches `pattern` (re.search), else 'train'."""
     names = param_names(params)
     labels = jax.tree.map(lambda n: "frozen" if re.search(pattern, n) else "train", names)
-    count = sum(label == "frozen" for label in jax.tree.leaves(labels))
-    if count in (0, len(jax.tree.leaves(labels))):
+    count, total = sum(label == "frozen" for label in jax.tree.leaves(labels)), len(
+        jax.tree.leaves(labels))
+    if total and count in (0, total):  # (optax.tree_map_params calls this with no leaves)
         raise UserError(f"config optim.freeze={pattern!r} matches {'no' if not count else 'every'}"
                         f" parameter; names look like {', '.join(jax.tree.leaves(names)[:3])}")
     return labels
@@ -77,10 +79,10 @@ def make(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTran
     except re.error as e:
         raise UserError(f"config optim.freeze={cfg.freeze!r} is not a regular expression: {e}"
                         ) from None
-    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-    parts.append(optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
-                             weight_decay=cfg.weight_decay, mask=decay_mask))
-    tx = optax.chain(*parts) if len(parts) > 1 else parts[0]
+    # Clipping (optim.clip_norm) is done by the train step: the global norm of FSDP
+    # gradients needs a sum over the shards, which an elementwise optax chain cannot see.
+    tx = optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
+                     weight_decay=cfg.weight_decay, mask=decay_mask)
     if cfg.freeze:  # frozen params get no optimizer state and no update
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
                                    lambda params: frozen_labels(cfg.freeze, params))

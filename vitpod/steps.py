@@ -1,9 +1,11 @@
 """Train state, loss, and the pure train/eval steps under jax.shard_map.
 
 Every collective is written out: each device differentiates the sum of its rows' losses
-with respect to a device-varying copy of the params; one explicit psum over the batch axes
-then sums gradients and metric counts together, and dividing by the global count of valid
-rows gives the gradient of the global mean loss.
+with respect to a device-varying copy of the params; explicit psums then sum gradients and
+metric counts (replicated params over ('data', 'fsdp'), FSDP shards over 'data' after the
+reduce-scatter that autodiff makes of their all-gather), and dividing by the global count
+of valid rows gives the gradient of the global mean loss. Clipping by the global norm and
+the optimizer run on each device's shards, the norm's squares summed explicitly.
 """
 
 import functools
@@ -12,11 +14,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vitpod import mixing, model
+from vitpod import mixing, model, parallel
 from vitpod.distributed import BATCH_AXES
 
 
@@ -30,7 +31,8 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def state_initializer(config: ml_collections.ConfigDict, num_classes: int,
                       tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
-    """A jitted (params or None) -> {step, params, opt_state[, ema_params]}, already sharded.
+    """A jitted (params or None) -> {step, params, opt_state[, ema_params]}, already sharded
+    (FSDP shards over 'fsdp', the rest replicated).
 
     None initialises fresh params from the seed; given params (e.g. imported weights) are
     placed as they are. `jax.eval_shape(init, None)` is the abstract state that checkpoints
@@ -46,7 +48,8 @@ def state_initializer(config: ml_collections.ConfigDict, num_classes: int,
         if config.optim.ema_decay:
             state["ema_params"] = jax.tree.map(jnp.copy, params)
         return state
-    return jax.jit(init, out_shardings=replicated(mesh))
+    specs = parallel.state_specs(jax.eval_shape(init, None), tx, mesh.shape["fsdp"])
+    return jax.jit(init, out_shardings=jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
 
 
 def eval_params(state: dict) -> dict:
@@ -68,23 +71,16 @@ def _cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
-def psum_tree(tree, pack: bool):
-    """Sum a pytree over the batch axes in one collective.
-
-    With `pack`, leaves travel as one flat buffer: cross-process CPU collectives (gloo) cost
-    about 7 ms per buffer, so a ViT's 70 gradient leaves took 0.5 s a step unpacked and
-    13 ms packed (2 processes x 4 devices). TPUs combine all-reduces themselves and are
-    spared the copy.
-    """
-    if not pack:
-        return jax.lax.psum(tree, BATCH_AXES)
-    flat, unravel = ravel_pytree(tree)
-    return unravel(jax.lax.psum(flat, BATCH_AXES))
+def _gatherer(param_specs):
+    """model.apply's `gather` for these specs: all-gathers of the sharded leaves."""
+    outer = {k: v for k, v in param_specs.items() if k != "blocks"}
+    block = param_specs["blocks"][0]  # every block has the same shapes and specs
+    return lambda tree, is_block: parallel.gather(tree, block if is_block else outer)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
                     config: ml_collections.ConfigDict, pack: bool | None = None):
-    """jit(state, batch) -> (state, metrics) over the global batch, with one all-reduce.
+    """jit(state, batch) -> (state, metrics) over the global batch.
 
     With `grad_accum_steps` > 1 each device runs its rows as that many microbatches in a
     scan, summing gradients and counts; losses are sums over rows, so the step equals the
@@ -97,34 +93,39 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: jax.shardi
     accum_steps, data_cfg = config.grad_accum_steps, config.data
     mix, smoothing = mixing.enabled(config.mix), config.label_smoothing
     dropping = config.model.dropout > 0 or config.model.drop_path > 0
+    clip, fsdp = config.optim.clip_norm, mesh.shape["fsdp"]
 
-    def grads_and_sums(params_varying, images, labels, valid, rows, step_key):
-        x = _normalize(images, data_cfg.mean, data_cfg.std)
-        targets = None
-        if mix or smoothing:
-            targets = mixing.smoothed(labels, params_varying["head"]["bias"].shape[0], smoothing)
-        if mix:
-            x, targets = mixing.mix(jax.random.fold_in(step_key, 0), x, targets, config.mix)
-        row_keys = None
-        if dropping:
-            dropout_key = jax.random.fold_in(step_key, 1)
-            row_keys = jax.vmap(lambda r: jax.random.fold_in(dropout_key, r))(rows)
+    def local_step(specs, state, images, labels, valid):
+        gather = _gatherer(specs["params"]) if fsdp > 1 else None
 
-        def loss_sum_fn(params):
-            logits = model.apply(graphdef, params, x, row_keys)
-            losses = (_cross_entropy(logits, labels) if targets is None else
-                      optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
-            return (losses * valid).sum(), logits
+        def grads_and_sums(params_varying, images, labels, valid, rows, step_key):
+            x = _normalize(images, data_cfg.mean, data_cfg.std)
+            targets = None
+            if mix or smoothing:
+                num_classes = params_varying["head"]["bias"].shape[0] * (
+                    fsdp if parallel.is_sharded(specs["params"]["head"]["bias"]) else 1)
+                targets = mixing.smoothed(labels, num_classes, smoothing)
+            if mix:
+                x, targets = mixing.mix(jax.random.fold_in(step_key, 0), x, targets, config.mix)
+            row_keys = None
+            if dropping:
+                dropout_key = jax.random.fold_in(step_key, 1)
+                row_keys = jax.vmap(lambda r: jax.random.fold_in(dropout_key, r))(rows)
 
-        (loss_sum, logits), grad_sums = jax.value_and_grad(loss_sum_fn, has_aux=True)(
-            params_varying)
-        return grad_sums, {"loss": loss_sum,
-                           "correct": ((logits.argmax(-1) == labels) * valid).sum(),
-                           "count": valid.sum(), "skipped": (1 - valid).sum()}
+            def loss_sum_fn(params):
+                logits = model.apply(graphdef, params, x, row_keys, gather)
+                losses = (_cross_entropy(logits, labels) if targets is None else
+                          optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
+                return (losses * valid).sum(), logits
 
-    def local_step(state, images, labels, valid):
-        # Differentiate w.r.t. a device-varying copy: no implicit psum, ours is explicit.
-        params_varying = jax.lax.pcast(state["params"], BATCH_AXES, to="varying")
+            (loss_sum, logits), grad_sums = jax.value_and_grad(loss_sum_fn, has_aux=True)(
+                params_varying)
+            return grad_sums, {"loss": loss_sum,
+                               "correct": ((logits.argmax(-1) == labels) * valid).sum(),
+                               "count": valid.sum(), "skipped": (1 - valid).sum()}
+
+        # Differentiate w.r.t. a device-varying copy: no implicit psum, ours are explicit.
+        params_varying = parallel.varying(state["params"], specs["params"])
         step_key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
         n = images.shape[0]
         rows = jax.lax.axis_index(BATCH_AXES) * n + jnp.arange(n)  # global row numbers
@@ -136,9 +137,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: jax.shardi
                 return jax.tree.map(jnp.add, carry,
                                     grads_and_sums(params_varying, *batch, step_key)), None
             total, _ = jax.lax.scan(add_one, total, jax.tree.map(lambda a: a[1:], micro))
-        grad_sums, sums = psum_tree(total, pack)
+        grad_sums, sums = parallel.sum_over_batch(*total, specs["params"], pack)
         count = jnp.maximum(sums["count"], 1)
         grads = jax.tree.map(lambda g: g / count, grad_sums)  # gradient of the global mean
+        grad_norm = parallel.global_norm(grads, specs["params"])
+        if clip > 0:  # optax's clip_by_global_norm, with the norm over all shards
+            grads = jax.tree.map(lambda g: jnp.where(grad_norm < clip, g, g / grad_norm * clip),
+                                 grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {"step": state["step"] + 1,
                      "params": optax.apply_updates(state["params"], updates),
@@ -147,15 +152,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: jax.shardi
             new_state["ema_params"] = ema_update(state["ema_params"], new_state["params"],
                                                  config.optim.ema_decay)
         metrics = {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count,
-                   "grad_norm": optax.tree.norm(grads), "skipped": sums["skipped"]}
+                   "grad_norm": grad_norm, "skipped": sums["skipped"]}
         return new_state, metrics
-
-    sharded = jax.shard_map(local_step, mesh=mesh,
-                            in_specs=(P(), P(BATCH_AXES), P(BATCH_AXES), P(BATCH_AXES)),
-                            out_specs=(P(), P()))
 
     @functools.partial(jax.jit, donate_argnums=0)
     def train_step(state, batch):
+        specs = parallel.state_specs(state, tx, fsdp)
+        sharded = jax.shard_map(functools.partial(local_step, specs), mesh=mesh,
+                                in_specs=(specs, P(BATCH_AXES), P(BATCH_AXES), P(BATCH_AXES)),
+                                out_specs=(specs, P()))
         return sharded(state, batch["image"], batch["label"], batch["valid"])
 
     return train_step
@@ -163,16 +168,23 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: jax.shardi
 
 def make_eval_step(graphdef, mesh: jax.sharding.Mesh, data_cfg: ml_collections.ConfigDict):
     """jit(params, batch) -> sums of loss, correct and count over valid rows of the batch."""
+    fsdp = mesh.shape["fsdp"]
 
-    def local_eval(params, images, labels, valid):
-        logits = model.apply(graphdef, params, _normalize(images, data_cfg.mean, data_cfg.std))
+    def local_eval(param_specs, params, images, labels, valid):
+        gather = _gatherer(param_specs) if fsdp > 1 else None
+        logits = model.apply(graphdef, params, _normalize(images, data_cfg.mean, data_cfg.std),
+                             gather=gather)
         sums = {"loss": (_cross_entropy(logits, labels) * valid).sum(),
                 "correct": ((logits.argmax(-1) == labels) * valid).sum(),
                 "count": valid.sum()}
         return jax.lax.psum(sums, BATCH_AXES)
 
-    sharded = jax.shard_map(local_eval, mesh=mesh,
-                            in_specs=(P(), P(BATCH_AXES), P(BATCH_AXES), P(BATCH_AXES)),
-                            out_specs=P())
-    return jax.jit(lambda params, batch: sharded(params, batch["image"], batch["label"],
-                                                 batch["valid"]))
+    @jax.jit
+    def eval_step(params, batch):
+        specs = parallel.param_specs(params, fsdp)
+        sharded = jax.shard_map(functools.partial(local_eval, specs), mesh=mesh,
+                                in_specs=(specs, P(BATCH_AXES), P(BATCH_AXES), P(BATCH_AXES)),
+                                out_specs=P())
+        return sharded(params, batch["image"], batch["label"], batch["valid"])
+
+    return eval_step
