@@ -1,5 +1,9 @@
 """Mesh layouts: data parallel, FSDP (ZeRO-3), both, with accumulation and bfloat16,
-against one device; the collectives and per-device state bytes against the theory."""
+against one device; the collectives and per-device state bytes against the theory.
+
+The layouts train with every random regulariser on (dropout, stochastic depth, mixup,
+CutMix, label smoothing): their randomness is keyed by (seed, step, global row), so it too
+must not depend on the layout."""
 
 import jax
 import numpy as np
@@ -13,7 +17,7 @@ def _mesh(data, fsdp):
     return jax.make_mesh((data, fsdp), ("data", "fsdp"), devices=jax.devices()[:data * fsdp])
 
 
-def _batches(num_steps, n=16, size=8):
+def _batches(num_steps, n=32, size=8):
     rng = np.random.default_rng(0)
     return [{"image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
              "label": rng.integers(0, 5, n).astype(np.int32),
@@ -38,19 +42,29 @@ def _train(config, data, fsdp, num_steps=3):
     return losses, state, grad_norms
 
 
+REGULARISED = {"model__dropout": 0.1, "model__drop_path": 0.2, "mix__mixup_alpha": 0.8,
+               "mix__cutmix_alpha": 1.0, "label_smoothing": 0.1}
+
+
 def _config(**overrides):
-    return load_config("tiny", optim__warmup_steps=0, **overrides)
+    return load_config("tiny", optim__warmup_steps=0, batch_size=32, **overrides)
 
 
 @pytest.fixture(scope="module")
 def reference():
-    losses, state, grad_norms = _train(_config(), 1, 1)
+    losses, state, grad_norms = _train(_config(**REGULARISED), 1, 1)
     return losses, jax.device_get(state["params"]), grad_norms
+
+
+def test_the_regularisers_change_the_step(reference):
+    losses, _, _ = _train(_config(), 1, 1)
+    assert not np.allclose(losses, reference[0], rtol=1e-3)
 
 
 @pytest.mark.parametrize("data,fsdp,accum", [(8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 4, 2)])
 def test_every_layout_trains_as_one_device(reference, data, fsdp, accum):
-    losses, state, grad_norms = _train(_config(grad_accum_steps=accum), data, fsdp)
+    losses, state, grad_norms = _train(_config(grad_accum_steps=accum, **REGULARISED), data,
+                                       fsdp)
     np.testing.assert_allclose(losses, reference[0], rtol=1e-5)
     np.testing.assert_allclose(grad_norms, reference[2], rtol=1e-5)
     assert_params_close(reference[1], jax.device_get(state["params"]))
@@ -66,7 +80,7 @@ def test_bfloat16_matmuls_stay_close_to_float32(reference):
     """bf16 activations and matmuls (f32 params, loss and softmax), on data=2 x fsdp=4:
     losses and gradient norms within 2 % of the f32 run's over 3 steps. Params are not
     compared elementwise: Adam turns bf16 noise on near-zero gradients into lr-sized steps."""
-    losses, state, grad_norms = _train(_config(model__dtype="bfloat16"), 2, 4)
+    losses, state, grad_norms = _train(_config(model__dtype="bfloat16", **REGULARISED), 2, 4)
     np.testing.assert_allclose(losses, reference[0], rtol=2e-2)
     np.testing.assert_allclose(grad_norms, reference[2], rtol=2e-2)
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(state["params"]))
@@ -109,7 +123,7 @@ def test_state_bytes_per_device_fall_as_one_over_fsdp():
     state_bytes = {}
     for fsdp in (1, 2, 4, 8):
         compiled, state = _compiled(config, 8 // fsdp, fsdp)
-        batch_bytes = 16 // 8 * (8 * 8 * 3 + 4 + 4)
+        batch_bytes = 32 // 8 * (8 * 8 * 3 + 4 + 4)
         state_bytes[fsdp] = compiled.memory_analysis().argument_size_in_bytes - batch_bytes
     params = jax.device_get(state["params"])
     whole = state_bytes[1]

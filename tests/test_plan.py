@@ -41,3 +41,16 @@ def test_bad_topology_is_one_line():
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 2 and out.stderr.strip() == (
         "error: pass --topology=GEN:AxB[xC], e.g. v4:2x2x4 (a v4-32)")
+
+
+def test_fsdp_on_a_tpu_topology_gathers_the_layers_inside_the_loop():
+    """v4:2x2x1 with fsdp=4 and full remat: the compiled step all-gathers weights, inside
+    the scan's loops as well. (Bytes are checked against the theory on CPU, test_parallel:
+    XLA's TPU passes gather some weights in bf16, the precision its matmuls run at, and turn
+    small reduce-scatters into all-reduces.)"""
+    config = load_config("tiny", batch_size=64, mesh__data=1, mesh__fsdp=-1,
+                         model__remat="full")
+    result = plan.plan(config, "v4:2x2x1", 5)
+    assert result["fits"] and result["mesh"] == {"data": 1, "fsdp": 4}
+    assert result["params_gib"] < param_bytes(config, 5) / 2**30 / 3  # mostly sharded
+    assert result["collective_bytes_per_step"]["all-gather"] > param_bytes(config, 5) / 2

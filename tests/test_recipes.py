@@ -201,7 +201,9 @@ def test_sincos_position_embeddings_are_fixed_and_export_to_transformers(tmp_pat
 @pytest.mark.slow
 def test_augmented_demo_recipe_does_no_worse_than_the_plain_demo(digits, tmp_path):
     """The demo's 1000 steps with and without RandAugment(2, 5) + mixup 0.2 + label
-    smoothing 0.1 (at 400 steps the regularised run is still behind: it needs the schedule)."""
+    smoothing 0.1. On the digits the two end within a few of the 360 validation images of
+    each other (at 400 steps the regularised run is still 1-2 points behind: it needs the
+    whole schedule)."""
     data = {"data__train_dir": str(digits / "train"), "data__val_dir": str(digits / "val"),
             "eval_every": 0, "save_every": 1000}
     plain = train.run(load_config("demo", **data), str(tmp_path / "plain"))
@@ -213,5 +215,6 @@ def test_augmented_demo_recipe_does_no_worse_than_the_plain_demo(digits, tmp_pat
     losses = read_losses(tmp_path / "plain")
     assert losses[1000] < 0.1 * losses[50] and plain["eval/count"] == 360
     assert plain["eval/accuracy"] > 0.95
-    # "No worse" within 2 of the 360 images: equal runs on other layouts spread that much.
-    assert augmented["eval/accuracy"] >= plain["eval/accuracy"] - 2 / 360
+    # "No worse" within 4 of the 360 images: the spread of equal recipes run differently
+    # (0.9806-0.9917 for the plain demo over mesh layouts and loop vs scan of the blocks).
+    assert augmented["eval/accuracy"] >= plain["eval/accuracy"] - 4 / 360

@@ -7,7 +7,8 @@ With the `tpu` extra installed (libtpu), compiles the real train step ahead of t
 topology (`gen:AxB[xC]`: `v4:2x2x4` is a v4-32, `v5e:2x4` a v5e-8, `v5:2x2x1` a v5p-8,
 `v6e:2x2` a v6e-4) and prints per-chip HBM (params, optimizer state, temporaries), FLOPs per
 step, the step time and img/s per chip implied at 40 % and 60 % MFU, the collective bytes
-per step, and whether it fits, with the gradient accumulation that would make it fit if not.
+per step, and whether it fits; if not, the first of FSDP over all chips, full remat and
+gradient accumulation (in that order, compiled to check) that makes it fit.
 """
 
 import json
@@ -104,13 +105,14 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
 
 
 def compile_train_step(config, devices, num_classes: int):
-    """The train step compiled for `devices`: (compiled, mesh shape, param bytes, opt bytes)."""
+    """The train step compiled for `devices`: (compiled, mesh shape, param bytes and
+    optimizer-state bytes per device)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from vitpod import config as config_lib
-    from vitpod import model, optim, steps
+    from vitpod import model, optim, parallel, steps
 
     shape = config_lib.mesh_shape(config.mesh, len(devices))
     config.data.train_dir = config.data.train_dir or "(not read by plan)"
@@ -128,11 +130,16 @@ def compile_train_step(config, devices, num_classes: int):
             "valid": ((batch,), jnp.float32)}
     batch_abstract = {k: jax.ShapeDtypeStruct(s, d, sharding=rows) for k, (s, d) in spec.items()}
 
-    def nbytes(tree) -> int:
-        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    specs = parallel.state_specs(state, tx, shape[1])
+
+    def nbytes(tree, tree_specs) -> int:  # per device: FSDP shards count 1/fsdp
+        return sum(x.size * x.dtype.itemsize // (shape[1] if parallel.is_sharded(s) else 1)
+                   for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(tree_specs),
+                                   strict=True))
 
     compiled = step.lower(state, batch_abstract).compile()
-    return compiled, shape, nbytes(state["params"]), nbytes(state["opt_state"])
+    return (compiled, shape, nbytes(state["params"], specs["params"]),
+            nbytes(state["opt_state"], specs["opt_state"]))
 
 
 def _short(x: float) -> float:
@@ -140,32 +147,58 @@ def _short(x: float) -> float:
 
 
 def plan(config, topology: str, num_classes: int) -> dict:
-    """The plan for `config` on `topology`; when it does not fit, also the smallest
-    gradient accumulation (a divisor of each device's rows) that fits, found by compiling."""
+    """The plan for `config` on `topology`. When it does not fit, also the first remedy
+    that does, found by compiling: FSDP over every chip, then that with `model.remat=full`,
+    then gradient accumulation on top (a divisor of each device's rows, sized from how far
+    over HBM the last try was)."""
     devices = tpu_devices(topology)
+    chips = len(devices)
     result = _plan_once(config, devices, topology, num_classes)
     if result["fits"]:
         return result
-    replicas = math.prod(result.get("mesh", {"d": len(devices)}).values())
-    rows = config.batch_size // replicas // config.grad_accum_steps
-    need = max(2, math.ceil(result.pop("_need", 2)))
-    for factor in [a for a in range(need, rows + 1) if rows % a == 0][:3]:
-        trial = config.copy_and_resolve_references()
-        trial.grad_accum_steps = config.grad_accum_steps * factor
-        tried = _plan_once(trial, devices, topology, num_classes)
+    need, overrides, remedies = result.pop("_need", 2), {}, []
+    if result.get("mesh", {}).get("fsdp", config.mesh.fsdp) != chips:
+        overrides = {"mesh.data": 1, "mesh.fsdp": chips}
+        remedies.append(overrides)
+    if config.model.remat != "full":
+        overrides = {**overrides, "model.remat": "full"}
+        remedies.append(overrides)
+    for trial in remedies:
+        tried = _plan_once(_override(config, trial), devices, topology, num_classes)
         if tried["fits"]:
-            result["fits_with_grad_accum_steps"] = trial.grad_accum_steps
-            result["verdict"] += (f"; fits with --config.grad_accum_steps="
-                                  f"{trial.grad_accum_steps} ({tried['total_gib']} GiB per "
-                                  "chip)")
-            return result
-    result["verdict"] += ("; gradient accumulation alone does not make it fit: lower "
-                          "batch_size or image_size, or use a larger slice")
+            return _fits_with(result, trial, tried)
+        need = tried.pop("_need", need)
+    rows = config.batch_size // chips // config.grad_accum_steps
+    for factor in [a for a in range(max(2, math.ceil(need)), rows + 1) if rows % a == 0][:3]:
+        trial = {**overrides, "grad_accum_steps": config.grad_accum_steps * factor}
+        tried = _plan_once(_override(config, trial), devices, topology, num_classes)
+        if tried["fits"]:
+            return _fits_with(result, trial, tried)
+    result["verdict"] += ("; FSDP over all chips, remat and gradient accumulation do not make "
+                          "it fit: lower batch_size or image_size, or use a larger slice")
+    return result
+
+
+def _override(config, overrides: dict):
+    trial = config.copy_and_resolve_references()
+    trial.update_from_flattened_dict(overrides)
+    return trial
+
+
+def _fits_with(result: dict, overrides: dict, tried: dict) -> dict:
+    result["fits_with"] = " ".join(f"--config.{k}={v}" for k, v in overrides.items())
+    result["with_remedy"] = {k: tried[k] for k in (
+        "mesh", "total_gib", "tflops_per_step_per_chip", "img_per_sec_per_chip_at_40pct_mfu",
+        "img_per_sec_per_chip_at_60pct_mfu")}
+    result["verdict"] += f"; fits with {result['fits_with']} ({tried['total_gib']} GiB per chip)"
     return result
 
 
 def _plan_once(config, devices, topology: str, num_classes: int) -> dict:
+    from vitpod import config as config_lib
+
     peak, hbm, _ = CHIPS[topology.split(":")[0]]
+    data, fsdp = config_lib.mesh_shape(config.mesh, len(devices))
     try:
         compiled, shape, param_bytes, opt_bytes = compile_train_step(config, devices,
                                                                      num_classes)
@@ -178,8 +211,9 @@ def _plan_once(config, devices, topology: str, num_classes: int) -> dict:
         scale = {"K": 2**10, "M": 2**20, "G": 2**30}
         need = (float(sizes[0][0]) * scale[sizes[0][1]] / (float(sizes[1][0]) * scale[
             sizes[1][1]])) if len(sizes) >= 2 else 2
-        return {"topology": topology, "chips": len(devices), "batch_size": config.batch_size,
-                "grad_accum_steps": config.grad_accum_steps, "fits": False, "_need": need,
+        return {"topology": topology, "chips": len(devices), "mesh": {"data": data, "fsdp": fsdp},
+                "batch_size": config.batch_size, "grad_accum_steps": config.grad_accum_steps,
+                "fits": False, "_need": need,
                 "verdict": f"does not fit: {cli._one_line(text)[:200]}"}
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -194,8 +228,8 @@ def _plan_once(config, devices, topology: str, num_classes: int) -> dict:
                                                                "fsdp": shape[1]},
         "batch_size": config.batch_size, "grad_accum_steps": config.grad_accum_steps,
         "hbm_per_chip_gib": _short(hbm / 2**30),
-        "params_gib": _short(param_bytes / shape[1] / 2**30),
-        "optimizer_gib": _short(opt_bytes / shape[1] / 2**30),
+        "params_gib": _short(param_bytes / 2**30),
+        "optimizer_gib": _short(opt_bytes / 2**30),
         "temporaries_gib": _short(mem.temp_size_in_bytes / 2**30),
         "code_gib": _short(mem.generated_code_size_in_bytes / 2**30),
         "total_gib": _short(used / 2**30),
