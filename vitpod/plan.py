@@ -106,7 +106,7 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
 
 def compile_train_step(config, devices, num_classes: int):
     """The train step compiled for `devices`: (compiled, mesh shape, param bytes and
-    optimizer-state bytes per device)."""
+    optimizer-state bytes per device, model FLOPs per device per step)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -138,8 +138,27 @@ def compile_train_step(config, devices, num_classes: int):
                                    strict=True))
 
     compiled = step.lower(state, batch_abstract).compile()
+    # XLA's cost analysis counts a loop's body once, so FLOPs come from the same step with
+    # 1 and 2 unrolled layers and no accumulation (small compiles), extrapolated to the
+    # model's depth. Model FLOPs: remat's recomputation is not counted, as MFU defines it.
+    depth = model.parse_variant(config.model.variant)
+    per_depth = []
+    for layers in (1, 2):
+        name = f"_plan{layers}"
+        model.WIDTHS[name] = (depth.hidden_size, layers, depth.num_heads, depth.mlp_dim)
+        small = config.copy_and_resolve_references()
+        small.update_from_flattened_dict({
+            "model.variant": f"{name}/{depth.patch_size}", "model.scan_layers": False,
+            "model.remat": "none", "grad_accum_steps": 1})
+        small_state = jax.eval_shape(steps.state_initializer(small, num_classes, tx, mesh), None)
+        small_graph, _ = model.abstract_model(small.model, size, num_classes)
+        cost = steps.make_train_step(small_graph, tx, mesh, small, pack=False).lower(
+            small_state, batch_abstract).compile().cost_analysis()
+        per_depth.append(float((cost[0] if isinstance(cost, list) else cost)["flops"]))
+        del model.WIDTHS[name]
+    flops = per_depth[0] + (depth.num_layers - 1) * (per_depth[1] - per_depth[0])
     return (compiled, shape, nbytes(state["params"], specs["params"]),
-            nbytes(state["opt_state"], specs["opt_state"]))
+            nbytes(state["opt_state"], specs["opt_state"]), flops)
 
 
 def _short(x: float) -> float:
@@ -200,8 +219,8 @@ def _plan_once(config, devices, topology: str, num_classes: int) -> dict:
     peak, hbm, _ = CHIPS[topology.split(":")[0]]
     data, fsdp = config_lib.mesh_shape(config.mesh, len(devices))
     try:
-        compiled, shape, param_bytes, opt_bytes = compile_train_step(config, devices,
-                                                                     num_classes)
+        compiled, shape, param_bytes, opt_bytes, flops = compile_train_step(config, devices,
+                                                                            num_classes)
     except Exception as e:  # noqa: BLE001  XLA refuses programs over HBM at compile time
         text = str(e)
         if "RESOURCE_EXHAUSTED" not in text:
@@ -216,10 +235,7 @@ def _plan_once(config, devices, topology: str, num_classes: int) -> dict:
                 "fits": False, "_need": need,
                 "verdict": f"does not fit: {cli._one_line(text)[:200]}"}
     mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
     per_chip_batch = config.batch_size / len(devices)
-    flops = float(cost["flops"])
     used = (mem.argument_size_in_bytes + mem.temp_size_in_bytes
             + mem.generated_code_size_in_bytes + mem.output_size_in_bytes
             - mem.alias_size_in_bytes)
