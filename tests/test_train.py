@@ -115,3 +115,20 @@ def test_batch_size_the_devices_do_not_divide_is_refused(tiny, tmp_path):
         train.run(tiny(batch_size=12), str(tmp_path))
     with pytest.raises(UserError, match="grad_accum_steps=3 does not divide the 2 rows each"):
         train.run(tiny(grad_accum_steps=3), str(tmp_path))
+
+
+def test_an_fsdp_run_resumes_from_its_sharded_checkpoint(tiny, tmp_path, uninterrupted):
+    """fsdp=8 with an EMA: stop at 4, resume from the sharded checkpoint, end as the
+    uninterrupted fsdp run does; its params match the data-parallel run's."""
+    config = lambda: tiny(mesh__data=1, mesh__fsdp=8, optim__ema_decay=0.5)  # noqa: E731
+    whole = tmp_path / "whole"
+    train.run(config(), str(whole))
+    paused = tmp_path / "paused"
+    train.run(config(), str(paused), stop_after=4)
+    train.run(config(), str(paused))
+    assert read_losses(paused) == read_losses(whole)
+    for a, b in zip(jax.tree.leaves(read_params(paused, 6)),
+                    jax.tree.leaves(read_params(whole, 6)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(list(read_losses(whole).values()),
+                               list(read_losses(uninterrupted[0]).values()), rtol=1e-5)
