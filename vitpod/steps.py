@@ -25,10 +25,6 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
 def state_initializer(config: ml_collections.ConfigDict, num_classes: int,
                       tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
     """A jitted (params or None) -> {step, params, opt_state[, ema_params]}, already sharded
