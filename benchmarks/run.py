@@ -15,8 +15,9 @@ S16 = ["--hidden_size=384", "--num_layers=12", "--num_heads=6", "--mlp_dim=1536"
 TI16 = ["--hidden_size=192", "--num_layers=12", "--num_heads=3", "--mlp_dim=768"]
 
 
-def bench(script: str, *args: str) -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.path.dirname(HERE)}
+def bench(script: str, *args: str, env: dict | None = None) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.path.dirname(HERE),
+           **(env or {})}
     out = subprocess.run([sys.executable, os.path.join(HERE, script), *args], env=env,
                          capture_output=True, text=True, timeout=900)
     if out.returncode:
@@ -50,6 +51,17 @@ def main() -> None:
                          f"{r['img_per_sec']} img/s, {r['flops_per_sec'] / 1e9:.1f} GFLOP/s",
                          f"MFU {r['mfu']:.2f}", target,
                          f"matmul peak {r['matmul_peak_flops_per_sec'] / 1e9:.0f} GFLOP/s"))
+    # Where S/16's step loses time on CPU: the layer scan (vs unrolled blocks) and 4 KiB
+    # pages (vs glibc's transparent huge pages, which `make` turns on).
+    one = steps[("S/16", 1)]
+    for label, args, env in (("blocks unrolled", ["--no-scan_layers"], {}),
+                             ("4 KiB pages", [], {"GLIBC_TUNABLES": ""})):
+        r = bench("train_step.py", *S16, "--devices=1", "--global_batch=16", "--steps=3",
+                  *args, env=env)
+        rows.append((f"train step S/16 224px, 1 device(s), batch 16, {label}",
+                     f"{r['img_per_sec']} img/s, {r['page_faults_per_step']} page faults/step",
+                     f"{r['img_per_sec'] / one['img_per_sec']:.2f}x", "",
+                     f"MFU {r['mfu']:.2f}; default: {one['page_faults_per_step']} faults/step"))
     stall = bench("checkpoint_stall.py", "--variant=S/16", "--global_batch=8")
     rows.append(("checkpoint stall S/16 (async save)", f"{stall['save_blocking_seconds']} s",
                  f"{stall['stall_in_steps']} steps", "< 1 step",

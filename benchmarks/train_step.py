@@ -4,13 +4,17 @@
         --num_layers=12 --num_heads=6 --mlp_dim=1536 --num_classes=1000 --global_batch=16 \
         --devices=8
 
-Prints one JSON line: img_per_sec, flops_per_sec (XLA's count for the compiled step),
-matmul_peak_flops_per_sec (a large f32 matmul measured in the same run) and mfu, their ratio.
+Prints one JSON line: img_per_sec, flops_per_sec (model FLOPs: XLA's count for the step
+with its layers unrolled, as `plan` counts them), matmul_peak_flops_per_sec (the best of a
+large f32 matmul measured in the same run, before and after the steps) and mfu, their ratio;
+also the minor page faults per step (fresh memory the step touches) and whether the blocks
+ran as one scan (`--scan_layers`, vitpod's default) or unrolled.
 --devices sets the fake CPU device count (all of them share this machine's cores).
 """
 
 import json
 import os
+import resource
 import sys
 import time
 
@@ -26,6 +30,7 @@ flags.DEFINE_integer("num_classes", 1000, "")
 flags.DEFINE_integer("global_batch", 16, "")
 flags.DEFINE_integer("devices", 1, "Fake CPU devices (set before jax starts).")
 flags.DEFINE_integer("steps", 5, "Timed steps after the compile and one warm-up step.")
+flags.DEFINE_bool("scan_layers", True, "Blocks as one lax.scan (vitpod's default) or unrolled.")
 FLAGS = flags.FLAGS
 
 
@@ -53,12 +58,13 @@ def main(argv) -> None:
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tests.conftest import load_config
-    from vitpod import model, optim, steps
+    from vitpod import model, optim, plan, steps
 
     model.WIDTHS["bench"] = (FLAGS.hidden_size, FLAGS.num_layers, FLAGS.num_heads,
                              FLAGS.mlp_dim)
     config = load_config("tiny", model__variant=f"bench/{FLAGS.patch_size}",
-                         data__image_size=FLAGS.image_size)
+                         data__image_size=FLAGS.image_size,
+                         model__scan_layers=FLAGS.scan_layers)
     mesh = jax.make_mesh((FLAGS.devices, 1), ("data", "fsdp"))
     tx = optim.make(config.optim, 100)
     state = steps.state_initializer(config, FLAGS.num_classes, tx, mesh)(None)
@@ -70,20 +76,25 @@ def main(argv) -> None:
              "label": rng.integers(0, FLAGS.num_classes, b).astype(np.int32),
              "valid": np.ones(b, np.float32)}
     batch = {k: jax.device_put(v, steps.batch_sharding(mesh)) for k, v in batch.items()}
-    compiled = train_step.lower(state, batch).compile()
-    flops = compiled.cost_analysis()["flops"] * FLAGS.devices  # per-device program
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=x.sharding), batch)
+    flops = plan.step_flops(config, tx, mesh, FLAGS.num_classes, abstract) * FLAGS.devices
+    peak = matmul_peak()
     state, metrics = train_step(state, batch)
     jax.block_until_ready(metrics)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     for _ in range(FLAGS.steps):
         state, metrics = train_step(state, batch)
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / FLAGS.steps
-    peak = matmul_peak()
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / FLAGS.steps
+    peak = max(peak, matmul_peak())
     print(json.dumps({
         "impl": "vitpod shard_map step", "devices": FLAGS.devices, "global_batch": b,
         "image_size": size, "patch_size": FLAGS.patch_size, "hidden_size": FLAGS.hidden_size,
-        "num_layers": FLAGS.num_layers, "step_seconds": round(seconds, 4),
+        "num_layers": FLAGS.num_layers, "scan_layers": FLAGS.scan_layers,
+        "page_faults_per_step": round(faults), "step_seconds": round(seconds, 4),
         "img_per_sec": round(b / seconds, 2), "flops_per_step": flops,
         "flops_per_sec": round(flops / seconds), "matmul_peak_flops_per_sec": round(peak),
         "mfu": round(flops / seconds / peak, 3)}))

@@ -104,6 +104,35 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     return {k: v for k, v in totals.items() if v}
 
 
+def step_flops(config, tx, mesh, num_classes: int, batch_abstract) -> float:
+    """Model FLOPs per device of one train step. XLA's cost analysis counts a loop's body
+    once, so they come from the same step with 1 and 2 unrolled layers and no accumulation
+    (small compiles), extrapolated to the model's depth; remat's recomputation is not
+    counted, as MFU defines it."""
+    import jax
+
+    from vitpod import model, steps
+
+    depth = model.parse_variant(config.model.variant)
+    per_depth = []
+    for layers in (1, 2):
+        name = f"_plan{layers}"
+        model.WIDTHS[name] = (depth.hidden_size, layers, depth.num_heads, depth.mlp_dim)
+        try:
+            small = config.copy_and_resolve_references()
+            small.update_from_flattened_dict({
+                "model.variant": f"{name}/{depth.patch_size}", "model.scan_layers": False,
+                "model.remat": "none", "grad_accum_steps": 1})
+            state = jax.eval_shape(steps.state_initializer(small, num_classes, tx, mesh), None)
+            graphdef, _ = model.abstract_model(small.model, small.data.image_size, num_classes)
+            cost = steps.make_train_step(graphdef, tx, mesh, small, pack=False).lower(
+                state, batch_abstract).compile().cost_analysis()
+        finally:
+            del model.WIDTHS[name]
+        per_depth.append(float((cost[0] if isinstance(cost, list) else cost)["flops"]))
+    return per_depth[0] + (depth.num_layers - 1) * (per_depth[1] - per_depth[0])
+
+
 def compile_train_step(config, devices, num_classes: int):
     """The train step compiled for `devices`: (compiled, mesh shape, param bytes and
     optimizer-state bytes per device, model FLOPs per device per step)."""
@@ -138,25 +167,7 @@ def compile_train_step(config, devices, num_classes: int):
                                    strict=True))
 
     compiled = step.lower(state, batch_abstract).compile()
-    # XLA's cost analysis counts a loop's body once, so FLOPs come from the same step with
-    # 1 and 2 unrolled layers and no accumulation (small compiles), extrapolated to the
-    # model's depth. Model FLOPs: remat's recomputation is not counted, as MFU defines it.
-    depth = model.parse_variant(config.model.variant)
-    per_depth = []
-    for layers in (1, 2):
-        name = f"_plan{layers}"
-        model.WIDTHS[name] = (depth.hidden_size, layers, depth.num_heads, depth.mlp_dim)
-        small = config.copy_and_resolve_references()
-        small.update_from_flattened_dict({
-            "model.variant": f"{name}/{depth.patch_size}", "model.scan_layers": False,
-            "model.remat": "none", "grad_accum_steps": 1})
-        small_state = jax.eval_shape(steps.state_initializer(small, num_classes, tx, mesh), None)
-        small_graph, _ = model.abstract_model(small.model, size, num_classes)
-        cost = steps.make_train_step(small_graph, tx, mesh, small, pack=False).lower(
-            small_state, batch_abstract).compile().cost_analysis()
-        per_depth.append(float((cost[0] if isinstance(cost, list) else cost)["flops"]))
-        del model.WIDTHS[name]
-    flops = per_depth[0] + (depth.num_layers - 1) * (per_depth[1] - per_depth[0])
+    flops = step_flops(config, tx, mesh, num_classes, batch_abstract)
     return (compiled, shape, nbytes(state["params"], specs["params"]),
             nbytes(state["opt_state"], specs["opt_state"]), flops)
 
