@@ -30,11 +30,11 @@ def bench(script: str, *args: str, env: dict | None = None) -> dict:
 def main() -> None:
     start = time.time()
     rows = []
-    base = bench("input_pipeline.py", "--baseline")
+    base = bench("input_pipeline.py", "--baseline", "--batches=60")
     rows.append(("input pipeline: plain PIL loop (baseline)", f"{base['img_per_sec']} img/s",
                  "1.00x", "", json.dumps(base["time_share"])))
     for workers in (0, 1, 2):
-        r = bench("input_pipeline.py", f"--workers={workers}")
+        r = bench("input_pipeline.py", f"--workers={workers}", "--batches=60")
         ratio = r["img_per_sec"] / base["img_per_sec"]
         target = ">= 1.8x" if workers == 2 else ""
         rows.append((f"input pipeline: vitpod grain, {workers} worker process(es)",
@@ -43,25 +43,28 @@ def main() -> None:
     steps = {}
     for name, shape in (("Ti/16", TI16), ("S/16", S16)):
         for devices in (1, 8):
+            known = [f"--flops_per_step={steps[name, 1]['flops_per_step']}"] * (devices > 1)
             r = bench("train_step.py", *shape, f"--devices={devices}", "--global_batch=16",
-                      "--steps=3")
+                      "--steps=3", *known)
             steps[(name, devices)] = r
             target = ">= 0.65 MFU" if name == "S/16" else ""
+            verdict = "" if not target else "met; " if r["mfu"] >= 0.65 else (
+                "not met: XLA:CPU's matmuls inside the step run well below the 2048^3 peak "
+                "(small per-head dots, Eigen weight gradients) and the layer scan costs "
+                "copies; ")
             rows.append((f"train step {name} 224px, {devices} device(s), batch 16",
                          f"{r['img_per_sec']} img/s, {r['flops_per_sec'] / 1e9:.1f} GFLOP/s",
-                         f"MFU {r['mfu']:.2f}", target,
+                         f"MFU {r['mfu']:.2f}", target, verdict +
                          f"matmul peak {r['matmul_peak_flops_per_sec'] / 1e9:.0f} GFLOP/s"))
-    # Where S/16's step loses time on CPU: the layer scan (vs unrolled blocks) and 4 KiB
-    # pages (vs glibc's transparent huge pages, which `make` turns on).
+    # What 4 KiB pages cost S/16's step (`make` turns on glibc's transparent huge pages).
+    # The layer scan's cost: `train_step.py --scan_layers=false` (README).
     one = steps[("S/16", 1)]
-    for label, args, env in (("blocks unrolled", ["--no-scan_layers"], {}),
-                             ("4 KiB pages", [], {"GLIBC_TUNABLES": ""})):
-        r = bench("train_step.py", *S16, "--devices=1", "--global_batch=16", "--steps=3",
-                  *args, env=env)
-        rows.append((f"train step S/16 224px, 1 device(s), batch 16, {label}",
-                     f"{r['img_per_sec']} img/s, {r['page_faults_per_step']} page faults/step",
-                     f"{r['img_per_sec'] / one['img_per_sec']:.2f}x", "",
-                     f"MFU {r['mfu']:.2f}; default: {one['page_faults_per_step']} faults/step"))
+    r = bench("train_step.py", *S16, "--devices=1", "--global_batch=16", "--steps=3",
+              f"--flops_per_step={one['flops_per_step']}", env={"GLIBC_TUNABLES": ""})
+    rows.append(("train step S/16 224px, 1 device(s), batch 16, 4 KiB pages",
+                 f"{r['img_per_sec']} img/s, {r['page_faults_per_step']} page faults/step",
+                 f"{r['img_per_sec'] / one['img_per_sec']:.2f}x", "",
+                 f"MFU {r['mfu']:.2f}; huge pages: {one['page_faults_per_step']} faults/step"))
     stall = bench("checkpoint_stall.py", "--variant=S/16", "--global_batch=8")
     rows.append(("checkpoint stall S/16 (async save)", f"{stall['save_blocking_seconds']} s",
                  f"{stall['stall_in_steps']} steps", "< 1 step",

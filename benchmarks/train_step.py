@@ -30,6 +30,8 @@ flags.DEFINE_integer("num_classes", 1000, "")
 flags.DEFINE_integer("global_batch", 16, "")
 flags.DEFINE_integer("devices", 1, "Fake CPU devices (set before jax starts).")
 flags.DEFINE_integer("steps", 5, "Timed steps after the compile and one warm-up step.")
+flags.DEFINE_float("flops_per_step", 0, "Model FLOPs of one global step when known (from an "
+                   "earlier run at this shape): skips counting them.")
 flags.DEFINE_bool("scan_layers", True, "Blocks as one lax.scan (vitpod's default) or unrolled.")
 FLAGS = flags.FLAGS
 
@@ -78,7 +80,8 @@ def main(argv) -> None:
     batch = {k: jax.device_put(v, steps.batch_sharding(mesh)) for k, v in batch.items()}
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                            sharding=x.sharding), batch)
-    flops = plan.step_flops(config, tx, mesh, FLAGS.num_classes, abstract) * FLAGS.devices
+    flops = FLAGS.flops_per_step or plan.step_flops(config, tx, mesh, FLAGS.num_classes,
+                                                    abstract) * FLAGS.devices
     peak = matmul_peak()
     state, metrics = train_step(state, batch)
     jax.block_until_ready(metrics)
