@@ -77,7 +77,9 @@ def main() -> None:
                  f"{first['seconds_with_cache']} s with the workdir's compile cache",
                  f"{first['speedup']}x", ">= 2x",
                  f"met; without cache: {first['seconds_without_cache']} s" if first["speedup"] >= 2
-                 else f"not met; without cache: {first['seconds_without_cache']} s"))
+                 else f"not met: the cache removes only compilation; Python start-up, restore "
+                 f"and tracing (~6 s for the demo model) remain; without cache: "
+                 f"{first['seconds_without_cache']} s"))
     ev = bench("eval_throughput.py")
     rows.append((f"eval {ev['variant']} 224px, sharded over {ev['devices']} devices",
                  f"{ev['sharded_img_per_sec']} img/s", f"{ev['speedup']}x", "",
