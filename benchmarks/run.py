@@ -45,7 +45,8 @@ def main() -> None:
     steps = {}
     for name, shape in (("Ti/16", TI16), ("S/16", S16)):
         for devices in (1, 8):
-            known = [f"--flops_per_step={steps[name, 1]['flops_per_step']}"] * (devices > 1)
+            known = [] if devices == 1 else [
+                f"--flops_per_step={steps[name, 1]['flops_per_step']}"]
             r = bench("train_step.py", *shape, f"--devices={devices}", "--global_batch=16",
                       "--steps=3", *known)
             steps[(name, devices)] = r
