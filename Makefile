@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # 8 fake CPU devices: the laptop stand-in for a TPU host.
 FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 # glibc backs large allocations with transparent huge pages: XLA:CPU takes fresh memory for
-# every step's buffers, and with 4 KiB pages the faults cost ~20 % of a ViT-S/16 step
+# every step's buffers, and with 4 KiB pages the faults cost 10-25 % of a ViT-S/16 step
 # (benchmarks/results.md). Ignored where glibc is older than 2.35 or THP is off.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 DIGITS := data/digits
