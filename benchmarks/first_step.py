@@ -2,16 +2,17 @@
 
     python benchmarks/first_step.py [--variant=S/16 --image_size=224]
 
-What a relaunch after preemption costs before it trains again. In two workdirs, runs
-`python -m vitpod.train` on the digits for 1 of 2 steps (`--stop_after=1`), then relaunches it
-and times the relaunch until its first step is logged (start-up, restore, compile, one
-step; not the final save and exit): once with
-`--config.compile_cache=False` (baseline), once with vitpod's default, JAX's persistent cache
+What a relaunch after preemption costs before it trains again. Runs `python -m vitpod.train`
+on the digits for 1 of 2 steps (`--stop_after=1`), copies the workdir, then relaunches each
+copy and times it until its first step is logged (start-up, restore, compile, one step; not
+the final save and exit): one copy without its compile cache and with
+`--config.compile_cache=False` (baseline), one with vitpod's default, JAX's persistent cache
 in WORKDIR/compile_cache, which the first launch filled. Prints one JSON line.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,17 +26,15 @@ FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def relaunch(data: str, workdir: str, cache: bool) -> float:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    cmd = [sys.executable, "-m", "vitpod.train", "--config=configs/demo.py",
-           f"--workdir={workdir}", f"--config.data.train_dir={data}/train",
-           "--config.data.val_dir=", "--config.total_steps=2", "--config.optim.warmup_steps=0",
-           f"--config.model.variant={FLAGS.variant}", f"--config.compile_cache={cache}",
-           f"--config.data.image_size={FLAGS.image_size}", "--config.batch_size=8"]
-    subprocess.run(cmd + ["--stop_after=1"], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+def train_command(data: str, workdir: str, cache: bool) -> list[str]:
+    return [sys.executable, "-m", "vitpod.train", "--config=configs/demo.py",
+            f"--workdir={workdir}", f"--config.data.train_dir={data}/train",
+            "--config.data.val_dir=", "--config.total_steps=2", "--config.optim.warmup_steps=0",
+            f"--config.model.variant={FLAGS.variant}", f"--config.compile_cache={cache}",
+            f"--config.data.image_size={FLAGS.image_size}", "--config.batch_size=8"]
+
+
+def relaunch(cmd: list[str], env: dict) -> float:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -52,11 +51,17 @@ def main(argv) -> None:
     sys.path.insert(0, ROOT)
     from vitpod import prepare
 
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     with tempfile.TemporaryDirectory() as tmp:
-        prepare.digits(os.path.join(tmp, "digits"))
-        data = os.path.join(tmp, "digits")
-        cold = relaunch(data, os.path.join(tmp, "cold"), cache=False)
-        warm = relaunch(data, os.path.join(tmp, "warm"), cache=True)
+        data, warm, cold = (os.path.join(tmp, d) for d in ("digits", "warm", "cold"))
+        prepare.digits(data)
+        subprocess.run(train_command(data, warm, True) + ["--stop_after=1"], cwd=ROOT, env=env,
+                       check=True, capture_output=True)
+        shutil.copytree(warm, cold, ignore=shutil.ignore_patterns("compile_cache"))
+        cold = relaunch(train_command(data, cold, False), env)
+        warm = relaunch(train_command(data, warm, True), env)
     print(json.dumps({"impl": "vitpod train, relaunch to first step", "variant": FLAGS.variant,
                       "image_size": FLAGS.image_size, "seconds_without_cache": round(cold, 2),
                       "seconds_with_cache": round(warm, 2), "speedup": round(cold / warm, 2)}))

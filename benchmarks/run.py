@@ -61,15 +61,8 @@ def main() -> None:
                          f"{r['img_per_sec']} img/s, {r['flops_per_sec'] / 1e9:.1f} GFLOP/s",
                          f"MFU {r['mfu']:.2f}", target, verdict +
                          f"matmul peak {r['matmul_peak_flops_per_sec'] / 1e9:.0f} GFLOP/s"))
-    # What 4 KiB pages cost S/16's step (`make` turns on glibc's transparent huge pages).
-    # The layer scan's cost: `train_step.py --scan_layers=false` (README).
-    one = steps[("S/16", 1)]
-    r = bench("train_step.py", *S16, "--devices=1", "--global_batch=16", "--steps=3",
-              f"--flops_per_step={one['flops_per_step']}", env={"GLIBC_TUNABLES": ""})
-    rows.append(("train step S/16 224px, 1 device(s), batch 16, 4 KiB pages",
-                 f"{r['img_per_sec']} img/s, {r['page_faults_per_step']} page faults/step",
-                 f"{r['img_per_sec'] / one['img_per_sec']:.2f}x", "",
-                 f"MFU {r['mfu']:.2f}; huge pages: {one['page_faults_per_step']} faults/step"))
+    # What 4 KiB pages cost (`make` turns on glibc's transparent huge pages) and what the
+    # layer scan costs: `train_step.py` run with GLIBC_TUNABLES= or --scan_layers=true (README).
     stall = bench("checkpoint_stall.py", "--variant=S/16", "--global_batch=8")
     rows.append(("checkpoint stall S/16 (async save)", f"{stall['save_blocking_seconds']} s",
                  f"{stall['stall_in_steps']} steps", "< 1 step",
@@ -83,7 +76,7 @@ def main() -> None:
                  else f"not met: the cache removes only compilation; Python start-up, restore "
                  f"and tracing (~6 s for the demo model) remain; without cache: "
                  f"{first['seconds_without_cache']} s"))
-    ev = bench("eval_throughput.py")
+    ev = bench("eval_throughput.py", "--data_dir=/tmp/vitpod-bench-photos-eval", "--generate=240")
     rows.append((f"eval {ev['variant']} 224px, sharded over {ev['devices']} devices",
                  f"{ev['sharded_img_per_sec']} img/s", f"{ev['speedup']}x", "",
                  f"host-side evaluate command: {ev['host_loop_img_per_sec']} img/s"))

@@ -8,7 +8,7 @@ Prints one JSON line: img_per_sec, flops_per_sec (model FLOPs: XLA's count for t
 with its layers unrolled, as `plan` counts them), matmul_peak_flops_per_sec (the best of a
 large f32 matmul measured in the same run, before and after the steps) and mfu, their ratio;
 also the minor page faults per step (fresh memory the step touches) and whether the blocks
-ran as one scan (`--scan_layers`, vitpod's default) or unrolled.
+ran as one scan or unrolled (`--scan_layers`).
 --devices sets the fake CPU device count (all of them share this machine's cores).
 """
 
@@ -32,7 +32,9 @@ flags.DEFINE_integer("devices", 1, "Fake CPU devices (set before jax starts).")
 flags.DEFINE_integer("steps", 5, "Timed steps after the compile and one warm-up step.")
 flags.DEFINE_float("flops_per_step", 0, "Model FLOPs of one global step when known (from an "
                    "earlier run at this shape): skips counting them.")
-flags.DEFINE_bool("scan_layers", True, "Blocks as one lax.scan (vitpod's default) or unrolled.")
+flags.DEFINE_enum("scan_layers", "auto", ["auto", "true", "false"],
+                  "Blocks as one lax.scan or unrolled; auto: vitpod's default (scan only with "
+                  "FSDP or remat, so unrolled here).")
 FLAGS = flags.FLAGS
 
 
@@ -66,7 +68,7 @@ def main(argv) -> None:
                              FLAGS.mlp_dim)
     config = load_config("tiny", model__variant=f"bench/{FLAGS.patch_size}",
                          data__image_size=FLAGS.image_size,
-                         model__scan_layers=FLAGS.scan_layers)
+                         model__scan_layers={"true": True, "false": False}.get(FLAGS.scan_layers))
     mesh = jax.make_mesh((FLAGS.devices, 1), ("data", "fsdp"))
     tx = optim.make(config.optim, 100)
     state = steps.state_initializer(config, FLAGS.num_classes, tx, mesh)(None)

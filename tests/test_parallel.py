@@ -61,10 +61,14 @@ def test_the_regularisers_change_the_step(reference):
     assert not np.allclose(losses, reference[0], rtol=1e-3)
 
 
-@pytest.mark.parametrize("data,fsdp,accum", [(8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 4, 2)])
-def test_every_layout_trains_as_one_device(reference, data, fsdp, accum):
-    losses, state, grad_norms = _train(_config(grad_accum_steps=accum, **REGULARISED), data,
-                                       fsdp)
+@pytest.mark.parametrize("data,fsdp,accum,blocks", [
+    (8, 1, 1, {}), (1, 8, 1, {}), (2, 4, 1, {}), (2, 4, 2, {}),
+    (1, 8, 1, {"model__scan_layers": False, "model__remat": "full"})])
+def test_every_layout_trains_as_one_device(reference, data, fsdp, accum, blocks):
+    """The one-device reference runs its blocks unrolled (the default without FSDP or
+    remat), FSDP layouts as one scan; the last case unrolled, FSDP and remat together."""
+    losses, state, grad_norms = _train(_config(grad_accum_steps=accum, **REGULARISED,
+                                               **blocks), data, fsdp)
     np.testing.assert_allclose(losses, reference[0], rtol=1e-5)
     np.testing.assert_allclose(grad_norms, reference[2], rtol=1e-5)
     assert_params_close(reference[1], jax.device_get(state["params"]))
@@ -74,6 +78,14 @@ def test_every_layout_trains_as_one_device(reference, data, fsdp, accum):
         moments = [x for x in jax.tree.leaves(state["opt_state"]) if x.shape == kernel.shape]
         assert len(moments) == 4  # Adam's mu and nu of both blocks' fc1
         assert all(m.sharding.spec == kernel.sharding.spec for m in moments)
+
+
+def test_blocks_scan_by_default_only_with_fsdp_or_remat():
+    loops = {}
+    for fsdp, remat in ((1, "none"), (8, "none"), (1, "dots")):
+        compiled, _ = _compiled(_config(model__remat=remat), 8 // fsdp, fsdp)
+        loops[fsdp, remat] = " while(" in compiled.as_text()
+    assert loops == {(1, "none"): False, (8, "none"): True, (1, "dots"): True}
 
 
 def test_bfloat16_matmuls_stay_close_to_float32(reference):

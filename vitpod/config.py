@@ -67,9 +67,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.dropout = 0.0  # on the embeddings and each attention/MLP output
     c.model.drop_path = 0.0  # stochastic depth of the last block; 0 at the first, linear between
     # The blocks as one lax.scan (compile time independent of depth; with mesh.fsdp > 1 only
-    # one layer's weights are gathered at a time), and what its backward pass recomputes:
-    # "none" (keep activations), "dots" (keep matmul outputs), "full" (keep only the input).
-    c.model.scan_layers = True
+    # one layer's weights are gathered at a time). Unset: scan with FSDP or remat, else
+    # unrolled (faster: no per-layer residual stacks). And what each block's backward pass
+    # recomputes: "none" (keep activations), "dots" (keep matmul outputs), "full" (keep only
+    # the input).
+    c.model.scan_layers = ml_collections.config_dict.placeholder(bool)
     c.model.remat = "none"
 
     # Mixup / CutMix of the device batch inside the step (timm's semantics): each step draws
