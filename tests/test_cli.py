@@ -57,3 +57,16 @@ def test_prepare_digits_writes_a_stratified_split(digits):
     assert sorted(counts["val"]) == [str(d) for d in range(10)]
     for digit, n in counts["val"].items():  # stratified: each class ~20 % in val
         assert abs(n / (n + counts["train"][digit]) - 0.2) < 0.01
+
+
+def test_training_does_not_import_torch(tmp_path):
+    """tensorboardX imports torch when it is installed (~2 s of every launch's start-up);
+    the metrics writer keeps it out and leaves torch importable for whoever needs it."""
+    code = ("import sys; from vitpod import metrics, train; "
+            f"w = metrics.Writer({str(tmp_path)!r}, True); w.write(1, {{'loss': 1.0}}); "
+            "w.close(); assert 'torch' not in sys.modules, 'torch was imported'; "
+            "import torch; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
+    assert any((tmp_path / "tensorboard").iterdir())

@@ -14,6 +14,22 @@ from vitpod import storage
 from vitpod.errors import UserError
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch
+    whenever it is installed (only to accept its tensors), ~2 s of every launch's start-up."""
+    import sys
+
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which it expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class Writer:
     """Appends one JSON object per call to metrics.jsonl and the same scalars to TensorBoard.
 
@@ -26,8 +42,7 @@ class Writer:
         self.enabled = enabled
         self.log = self.tb = None
         if enabled:
-            from tensorboardX import SummaryWriter
-
+            SummaryWriter = _summary_writer_class()
             self.log = storage.Appender(storage.join(workdir, "metrics.jsonl"))
             self.tb_dir = storage.join(workdir, "tensorboard")
             self.local_tb = (tempfile.mkdtemp(prefix="vitpod-tb-") if storage.is_gcs(workdir)
