@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 # glibc backs large allocations with transparent huge pages: XLA:CPU takes fresh memory for
 # every step's buffers, and with 4 KiB pages the faults cost 10-25 % of a ViT-S/16 step
-# (benchmarks/results.md). Ignored where glibc is older than 2.35 or THP is off.
+# (DESIGN.md, issue 10). Ignored where glibc is older than 2.35 or THP is off.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 DIGITS := data/digits
 DEMO_WORKDIR ?= runs/demo
@@ -31,11 +31,15 @@ demo: install $(DIGITS)/.done
 	rm -rf $(DEMO_WORKDIR)
 	$(FAKE_DEVICES) $(BIN)/python -m vitpod.train --config=configs/demo.py --workdir=$(DEMO_WORKDIR)
 
+# Two test modules at a time (module fixtures stay in one process): much of the suite is
+# single-threaded compiles and process start-ups, so on 2 cores it takes ~14.5 min, not ~21.
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: install
 	$(BIN)/ruff check vitpod tests configs deploy benchmarks
