@@ -86,10 +86,13 @@ class Attention(nnx.Module):
         # attention core (fwd + bwd) ~1.4x faster than jax.nn.dot_product_attention's
         # (batch, length, heads, dim) layout (DESIGN.md, issue 10). Logits and softmax in f32.
         b, length, d = x_bld.shape
-        k = d // self.num_heads
-        heads = lambda t: t.reshape(b, length, self.num_heads, k).transpose(0, 2, 1, 3)  # noqa: E731
+        head_dim = d // self.num_heads
+
+        def heads(t_bld):  # (batch, heads, length, head_dim)
+            return t_bld.reshape(b, length, self.num_heads, head_dim).transpose(0, 2, 1, 3)
+
         logits = jnp.einsum("bhqk,bhsk->bhqs", heads(self.query(x_bld)), heads(self.key(x_bld)),
-                            preferred_element_type=jnp.float32) * k**-0.5
+                            preferred_element_type=jnp.float32) * head_dim**-0.5
         weights = jax.nn.softmax(logits, axis=-1).astype(x_bld.dtype)
         o_bhlk = jnp.einsum("bhqs,bhsk->bhqk", weights, heads(self.value(x_bld)))
         return self.out(o_bhlk.transpose(0, 2, 1, 3).reshape(b, length, d))
