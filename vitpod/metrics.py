@@ -4,6 +4,7 @@ the progress line, and jax.profiler traces of chosen steps."""
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -17,8 +18,6 @@ from vitpod.errors import UserError
 def _summary_writer_class():
     """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch
     whenever it is installed (only to accept its tensors), ~2 s of every launch's start-up."""
-    import sys
-
     hide = "torch" not in sys.modules
     if hide:
         sys.modules["torch"] = None  # makes `import torch` raise ImportError, which it expects
