@@ -12,15 +12,28 @@ DIGITS := data/digits
 DEMO_WORKDIR ?= runs/demo
 
 .PHONY: install demo test test-fast lint format debug debug-multihost clean \
-	bench pod-create pod-setup pod-launch pod-status pod-logs pod-ssh pod-delete pod-run
+	bench constraints test-pod-sim pod-sim pod-create pod-setup pod-check pod-launch pod-watch \
+	pod-status pod-logs pod-ssh pod-delete pod-run
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# deploy/constraints.txt holds the exact versions tested: the TPU workers get the same ones.
+$(VENV)/.installed: pyproject.toml deploy/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c deploy/constraints.txt -e '.[test,demo,tpu]'
+	touch $@
+
+# After changing a pin in pyproject.toml: install without the old constraints, then freeze.
+constraints:
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,demo,tpu]'
-	touch $@
+	{ sed -n '1,/^# after/p' deploy/constraints.txt; \
+	  $(BIN)/pip freeze --exclude-editable | grep -vi '^vitpod'; } > deploy/constraints.tmp
+	mv deploy/constraints.tmp deploy/constraints.txt
+	touch $(VENV)/.installed
 
 $(DIGITS)/.done: | install
 	$(BIN)/python -m vitpod.prepare digits --out=$(DIGITS)
@@ -33,13 +46,18 @@ demo: install $(DIGITS)/.done
 
 # Two test modules at a time (module fixtures stay in one process): much of the suite is
 # single-threaded compiles and process start-ups, so on 2 cores it takes ~14.5 min, not ~21.
+# The pod rehearsal (tests/test_pod_sim.py) is its own serial step: `make test-pod-sim`.
 PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test: install
-	$(PYTEST)
+	$(PYTEST) -m "not podsim"
 
 test-fast: install
-	$(PYTEST) -m "not slow"
+	$(PYTEST) -m "not slow and not podsim"
+
+# `make pod-sim` on a v4-16 with a preemption, checked against an uninterrupted 2-process run.
+test-pod-sim: install $(DIGITS)/.done
+	$(BIN)/python -m pytest -q -m podsim tests/test_pod_sim.py
 
 lint: install
 	$(BIN)/ruff check vitpod tests configs deploy benchmarks
@@ -65,6 +83,11 @@ debug-multihost: install $(DIGITS)/.done
 bench: install
 	$(BIN)/python benchmarks/run.py
 
+# Rehearse pod-run on localhost first: a simulated v4-16 (2 workers x 4 fake devices),
+# preempted at step PREEMPT_AT_STEP, to DONE. Takes TPU_TYPE, CONFIG, TRAIN_FLAGS as pod-run.
+pod-sim: install $(DIGITS)/.done
+	$(BIN)/python deploy/sim/podsim.py
+
 # Cloud TPU slices: settings in deploy/pod.env, overridable here (make pod-run TPU_TYPE=v4-32).
 # DRY_RUN=1 prints the gcloud commands instead of running them.
 POD := $(PYTHON) deploy/pod.py
@@ -72,8 +95,12 @@ pod-create:
 	$(POD) create
 pod-setup:
 	$(POD) setup
+pod-check:
+	$(POD) check
 pod-launch:
 	$(POD) launch
+pod-watch:
+	$(POD) watch
 pod-status:
 	$(POD) status
 pod-logs:

@@ -1,40 +1,51 @@
 #!/usr/bin/env python3
-"""Cloud TPU slices for vitpod: create (queued resources), set up, launch, watch, delete.
+"""Cloud TPU slices for vitpod: create (queued resources), set up, check, launch, watch, delete.
 
-    python deploy/pod.py {create|setup|launch|status|logs|ssh|delete|run}
+    python deploy/pod.py {create|setup|check|launch|watch|status|logs|ssh|delete|run}
 
 Settings come from deploy/pod.env (or $POD_ENV), overridden by environment variables of the
 same names (make passes `make pod-run TPU_TYPE=v4-32` through). DRY_RUN=1 prints every
-command instead of running it. Commands run without a local shell; the one string a worker's
-shell runs (`ssh --command`) is built from shlex-quoted parts, so no value can inject code.
-Standard library only: this runs on any machine with Python 3.11 and gcloud.
+command instead of running it. Commands run without a local shell; the strings a worker's
+shell runs (`ssh --command`) are built from shlex-quoted parts, so no value can inject code.
+Every per-worker call runs for each worker in parallel, with retries, and names the workers
+that failed. Standard library only: this runs on any machine with Python 3.11 and gcloud.
 """
 
-import datetime
 import glob
+import json
 import os
 import shlex
 import subprocess
 import sys
 import time
 
+from tpu_slice import (
+    NODE_GONE,
+    WAITING,
+    Gcloud,
+    PodError,
+    for_each_worker,
+    last_line,
+    log,
+    slice_devices,
+)
+
+DEFAULTS = {"WORKER": "0", "PLATFORM": "tpu", "PYTHON_VERSION": "3.11.7", "UV_VERSION": "0.13.9",
+            "WAIT_TIMEOUT": "7200", "POLL_SECONDS": "60", "MAX_RETRIES": "20",
+            "READY_TIMEOUT": "900", "SSH_TIMEOUT": "900", "SSH_RETRIES": "4",
+            "DESCRIBE_RETRIES": "8", "LOG_SYNC_SECONDS": "30", "CRASH_GRACE": "120",
+            "CAPACITY": "spot"}
 KEYS = ("PROJECT", "ZONE", "NAME", "TPU_TYPE", "RUNTIME_VERSION", "CAPACITY", "WORKDIR",
-        "CONFIG", "TRAIN_FLAGS", "WAIT_TIMEOUT", "POLL_SECONDS", "MAX_RETRIES", "WORKER",
-        "WHEEL")
+        "CONFIG", "TRAIN_FLAGS", "WHEEL", "PYPI_MIRROR", "PYTHON_MIRROR", *DEFAULTS)
 RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite",
             "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
 CAPACITY_FLAGS = {"spot": ["--spot"], "reserved": ["--reserved"], "on-demand": []}
-WAITING = ("ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "CREATING")
-LOST = ("FAILED", "SUSPENDING", "SUSPENDED")
 VENV, LOG, CONFIGS = "vitpod-venv", "vitpod.log", "vitpod-configs"
-
-
-class PodError(Exception):
-    """A problem to report in one line."""
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def load_settings(path: str, env: dict) -> dict:
-    settings = {"WORKER": "0"}
+    settings = dict(DEFAULTS)
     if os.path.exists(path):
         for line in open(path):
             line = line.strip()
@@ -42,7 +53,7 @@ def load_settings(path: str, env: dict) -> dict:
                 key, value = line.split("=", 1)
                 settings[key.strip()] = value.strip()
     settings.update({k: env[k] for k in KEYS if k in env})
-    if settings.get("CAPACITY", "spot") not in CAPACITY_FLAGS:
+    if settings["CAPACITY"] not in CAPACITY_FLAGS:
         raise PodError(f"CAPACITY={settings['CAPACITY']!r}: use one of {', '.join(CAPACITY_FLAGS)}")
     if not settings.get("RUNTIME_VERSION"):
         generation = settings.get("TPU_TYPE", "").rsplit("-", 1)[0]
@@ -56,29 +67,19 @@ def load_settings(path: str, env: dict) -> dict:
 class Pod:
     def __init__(self, settings: dict, dry_run: bool = False, sleep=time.sleep):
         self.s, self.dry_run, self.sleep = settings, dry_run, sleep
+        self.g = Gcloud(dry_run, sleep, float(settings["SSH_TIMEOUT"]))
+        self.launch_id = ""
 
     def need(self, *keys: str) -> None:
         missing = [k for k in keys if not self.s.get(k)]
         if missing:
             raise PodError(f"set {', '.join(missing)} in deploy/pod.env or on the command line")
+        if "WORKDIR" in keys and not self.s["WORKDIR"].startswith("gs://"):
+            raise PodError(f"WORKDIR={self.s['WORKDIR']!r}: use a gs:// path; a worker's disk "
+                           "dies with the slice")
 
-    def log(self, message: str) -> None:
-        print(f"[pod {datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
-
-    def gcloud(self, *args: str, retries: int = 1, quiet: bool = False):
-        """Run gcloud; returns (exit code, stdout). Retries transient failures."""
-        cmd = ["gcloud", *args]
-        if self.dry_run:
-            print(shlex.join(cmd), flush=True)
-            return 0, ""
-        for attempt in range(1, retries + 1):
-            result = subprocess.run(cmd, capture_output=quiet, text=True)
-            if result.returncode == 0 or attempt == retries:
-                return result.returncode, result.stdout or ""
-            self.log(f"gcloud {args[2] if len(args) > 2 else args[0]} failed "
-                     f"(attempt {attempt}/{retries}); retrying")
-            self.sleep(min(30, 2 ** attempt))
-        raise AssertionError("unreachable")
+    def num(self, key: str) -> float:
+        return float(self.s[key])
 
     def _where(self) -> list[str]:
         return [f"--project={self.s['PROJECT']}", f"--zone={self.s['ZONE']}"]
@@ -89,163 +90,365 @@ class Pod:
     def _vm(self, verb: str, *args: str) -> list[str]:
         return ["compute", "tpus", "tpu-vm", verb, *args, *self._where()]
 
-    def state(self) -> str | None:
-        """The queued resource's state, or None when there is none."""
-        code, out = self.gcloud(*self._qr("describe", "--format=value(state.state)"), quiet=True)
-        return out.strip() or None if code == 0 else None
+    # --- the slice's state -------------------------------------------------------------
+    def qr_state(self) -> tuple[str, str]:
+        """(state, failure message); ('NOT_FOUND', '') when there is no queued resource."""
+        found = self.g.describe(*self._qr("describe"), retries=int(self.num("DESCRIBE_RETRIES")))
+        if found is None:
+            return "NOT_FOUND", ""
+        state = found.get("state", {})
+        message = state.get("failedData", {}).get("error", {}).get("message", "")
+        return state.get("state", "UNKNOWN"), message
+
+    def node(self) -> dict | None:
+        return self.g.describe(*self._vm("describe", self.s["NAME"]),
+                               retries=int(self.num("DESCRIBE_RETRIES")))
+
+    def workers(self) -> int:
+        """Workers of the slice, counted from its network endpoints (never from a table)."""
+        node = self.node()
+        if node is None:
+            raise PodError(f"no TPU VM named {self.s['NAME']}: make pod-create first")
+        return max(1, len(node.get("networkEndpoints", [])))
 
     def create(self) -> None:
+        """Make the queued resource ACTIVE: create it, wait through its states, and replace
+        one that FAILED or was suspended (spot VMs cannot be restarted)."""
         self.need("PROJECT", "ZONE", "NAME", "TPU_TYPE")
-        state = self.state()
-        while state == "DELETING":  # the previous slice is still going away
-            self.sleep(float(self.s.get("POLL_SECONDS", 60)))
-            state = self.state()
-        if state == "ACTIVE":
-            self.log(f"{self.s['NAME']} is already ACTIVE: reusing it")
-            return
-        if state in LOST:
-            raise PodError(f"{self.s['NAME']} exists in state {state}; make pod-delete first")
-        if state is None:
-            self.log(f"creating {self.s['NAME']}: {self.s['TPU_TYPE']}, {self.s['CAPACITY']}")
-            code, _ = self.gcloud(*self._qr(
-                "create", f"--node-id={self.s['NAME']}",
-                f"--accelerator-type={self.s['TPU_TYPE']}",
-                f"--runtime-version={self.s['RUNTIME_VERSION']}",
-                *CAPACITY_FLAGS[self.s["CAPACITY"]]))
-            if code:
-                raise PodError(f"creating {self.s['NAME']} failed (gcloud exit {code}); see above")
-        self.wait_active()
-
-    def wait_active(self) -> None:
-        if self.dry_run:
-            return
-        deadline = time.monotonic() + float(self.s.get("WAIT_TIMEOUT", 7200))
-        last = None
+        deadline = time.monotonic() + self.num("WAIT_TIMEOUT")
+        failures, last = 0, None
         while True:
-            state = self.state()
+            state, message = ("ACTIVE", "") if self.dry_run else self.qr_state()
             if state != last:
-                self.log(f"{self.s['NAME']}: {state}")
+                log(f"{self.s['NAME']}: {state}" + (f" ({message})" if message else ""))
                 last = state
             if state == "ACTIVE":
+                if not self.dry_run:
+                    log(f"{self.s['NAME']}: {self.workers()} worker(s) of {self.s['TPU_TYPE']}")
                 return
-            if state in LOST or state is None:
-                raise PodError(f"{self.s['NAME']} became {state} while waiting for capacity; "
-                               "make pod-delete, then retry (or another zone / capacity)")
+            if state == "NOT_FOUND":
+                self._create_request()
+            elif state == "FAILED":
+                failures += 1
+                if failures > int(self.num("MAX_RETRIES")):
+                    raise PodError(f"{self.s['NAME']} FAILED {failures} times, last: {message}")
+                log(f"{self.s['NAME']} FAILED: {message or 'no reason given'}; deleting it and "
+                    f"asking again ({failures}/{self.s['MAX_RETRIES']})")
+                self.delete()
+            elif state == "SUSPENDED":
+                log(f"{self.s['NAME']} was suspended (spot capacity taken back): replacing it")
+                self.delete()
+            elif state not in WAITING + ("DELETING", "SUSPENDING"):
+                raise PodError(f"{self.s['NAME']} is in state {state}; make pod-status")
             if time.monotonic() > deadline:
-                raise PodError(f"{self.s['NAME']} still {state} after {self.s['WAIT_TIMEOUT']} s "
-                               "(no capacity yet); raise WAIT_TIMEOUT or try another zone")
-            self.sleep(float(self.s.get("POLL_SECONDS", 60)))
+                raise PodError(f"{self.s['NAME']} still {state} after {self.s['WAIT_TIMEOUT']} s"
+                               " (no capacity yet); raise WAIT_TIMEOUT or try another zone")
+            if state != "NOT_FOUND":
+                self.sleep(self.num("POLL_SECONDS"))
 
-    def ssh_all(self, command: str, retries: int = 3) -> None:
-        code, _ = self.gcloud(*self._vm("ssh", self.s["NAME"], "--worker=all",
-                                        f"--command={command}"), retries=retries)
+    def _create_request(self) -> None:
+        log(f"asking for {self.s['NAME']}: {self.s['TPU_TYPE']}, {self.s['CAPACITY']}, "
+            f"{self.s['RUNTIME_VERSION']}")
+        code, _, err = self.g.call(*self._qr(
+            "create", f"--node-id={self.s['NAME']}", f"--accelerator-type={self.s['TPU_TYPE']}",
+            f"--runtime-version={self.s['RUNTIME_VERSION']}",
+            *CAPACITY_FLAGS[self.s["CAPACITY"]]), retries=3)
         if code:
-            raise PodError(f"a command on the workers failed (gcloud exit {code}); see above")
-
-    def scp_all(self, source: str, target: str, *flags: str) -> None:
-        code, _ = self.gcloud(*self._vm("scp", *flags, source, f"{self.s['NAME']}:{target}",
-                                        "--worker=all"), retries=3)
-        if code:
-            raise PodError(f"copying {source} to the workers failed after 3 attempts")
-
-    def setup(self) -> None:
-        self.need("PROJECT", "ZONE", "NAME")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        dist = os.path.join(root, "dist")
-        build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", dist, root]
-        if self.s.get("WHEEL"):  # a wheel built before: install it as it is
-            wheel = self.s["WHEEL"]
-        elif self.dry_run:
-            print(shlex.join(build))
-            wheel = os.path.join(dist, "vitpod-VERSION-py3-none-any.whl")
-        else:
-            subprocess.run(build, check=True)
-            wheel = max(glob.glob(os.path.join(dist, "vitpod-*.whl")), key=os.path.getmtime)
-        self.scp_all(wheel, "~/")
-        name = os.path.basename(wheel)
-        self.ssh_all(f"python3 -m venv {VENV} && {VENV}/bin/pip install --quiet --upgrade pip "
-                     f"&& {VENV}/bin/pip install --quiet --force-reinstall "
-                     f"{shlex.quote(name + '[tpu]')}")
-
-    def launch(self) -> None:
-        self.need("PROJECT", "ZONE", "NAME", "WORKDIR", "CONFIG")
-        config_file, _, arg = self.s["CONFIG"].partition(":")
-        self.ssh_all(f"mkdir -p {CONFIGS}")
-        self.scp_all(config_file, f"~/{CONFIGS}/")
-        remote_config = f"{CONFIGS}/{os.path.basename(config_file)}" + (f":{arg}" if arg else "")
-        train = [f"{VENV}/bin/python", "-m", "vitpod.train", f"--config={remote_config}",
-                 f"--workdir={self.s['WORKDIR']}", *shlex.split(self.s.get("TRAIN_FLAGS", ""))]
-        stop_stale = ("(pkill -f 'vitpod[.]train' || true); sleep 3; "
-                      "(sudo fuser -k /dev/accel* /dev/vfio/[0-9]* 2>/dev/null || true); "
-                      "sudo rm -f /tmp/libtpu_lockfile")
-        self.ssh_all(f"cd ~ && {stop_stale}; nohup {shlex.join(train)} > {LOG} 2>&1 "
-                     "< /dev/null &")
-        self.log(f"launched on every worker; follow with: make pod-logs (WORKER=n), "
-                 f"or gcloud compute tpus tpu-vm ssh {shlex.quote(self.s['NAME'])} --worker=0 "
-                 f"{shlex.join(self._where())} --command='tail -f ~/{LOG}'")
-
-    def status(self) -> None:
-        self.gcloud(*self._qr("describe"))
-
-    def logs(self) -> None:
-        self.gcloud(*self._vm("ssh", self.s["NAME"], f"--worker={self.s['WORKER']}",
-                              f"--command=tail -n 200 -f ~/{LOG}"))
-
-    def ssh(self) -> None:
-        self.gcloud(*self._vm("ssh", self.s["NAME"], f"--worker={self.s['WORKER']}"))
+            raise PodError(f"creating {self.s['NAME']} failed: {last_line(err) or code}")
 
     def delete(self) -> None:
-        self.log(f"deleting {self.s['NAME']} (queued resource and its node)")
-        self.gcloud(*self._qr("delete", "--force", "--quiet"))
+        """Delete the queued resource and its node; wait until the name is free again."""
+        log(f"deleting {self.s['NAME']} (queued resource and its node)")
+        code, _, err = self.g.call(*self._qr("delete", "--force", "--quiet", "--async"),
+                                   retries=3)
+        if code and "NOT_FOUND" not in err:
+            raise PodError(f"deleting {self.s['NAME']} failed: {last_line(err) or code}")
+        if self.dry_run:
+            return
+        last = None
+        while (state := self.qr_state()[0]) != "NOT_FOUND":
+            if state != last:
+                log(f"{self.s['NAME']}: {state}")
+                last = state
+            self.sleep(min(self.num("POLL_SECONDS"), 10))
+        log(f"{self.s['NAME']}: deleted")
 
+    # --- per-worker work -----------------------------------------------------------------
+    def on_workers(self, what: str, call, workers: int | None = None) -> dict[int, object]:
+        """call(i) -> (code, out, err) on every worker; PodError naming each that failed."""
+        n = workers or (1 if self.dry_run else self.workers())
+        results = for_each_worker(n, call)
+        failed = {i: r for i, r in results.items() if isinstance(r, Exception) or r[0]}
+        for i, r in sorted(failed.items()):
+            why = str(r) if isinstance(r, Exception) else last_line(r[2] or r[1]) or f"exit {r[0]}"
+            log(f"worker {i}: {what} failed: {why}")
+        if failed:
+            raise PodError(f"{what} failed on worker(s) {', '.join(map(str, sorted(failed)))} "
+                           "(reasons above)")
+        return results
+
+    def ssh(self, i: int, command: str, stream: bool = True, retries: int | None = None):
+        return self.g.call(*self._vm("ssh", self.s["NAME"], f"--worker={i}",
+                                     f"--command={command}"),
+                           retries=retries or int(self.num("SSH_RETRIES")),
+                           prefix=f"[w{i}] ", stream=stream)
+
+    def scp(self, i: int, target: str, *sources: str):
+        return self.g.call(*self._vm("scp", *sources, f"{self.s['NAME']}:{target}",
+                                     f"--worker={i}"), retries=int(self.num("SSH_RETRIES")),
+                           prefix=f"[w{i}] ")
+
+    def _env(self, **extra: str) -> str:
+        pairs = {k: self.s.get(k, "") for k in ("PYTHON_VERSION", "UV_VERSION", "PLATFORM",
+                                                 "PYPI_MIRROR", "PYTHON_MIRROR")}
+        return " ".join(f"{k}={shlex.quote(str(v))}" for k, v in {**pairs, **extra}.items())
+
+    def setup(self) -> None:
+        """uv, a uv-managed Python and the wheel with pinned deps on every worker; then check."""
+        self.need("PROJECT", "ZONE", "NAME")
+        wheel = self._wheel()
+        files = {wheel: os.path.basename(wheel),
+                 os.path.join(HERE, "constraints.txt"): "vitpod-constraints.txt",
+                 os.path.join(HERE, "worker.sh"): "vitpod-worker.sh",
+                 os.path.join(HERE, "worker_check.py"): "vitpod-check.py"}
+        staged = os.path.join(os.path.dirname(wheel), "worker-files")
+        os.makedirs(staged, exist_ok=True)
+        for src, name in files.items():  # scp keeps names: stage the files as workers see them
+            if not self.dry_run:
+                with open(src, "rb") as f, open(os.path.join(staged, name), "wb") as g:
+                    g.write(f.read())
+        sources = [os.path.join(staged, name) for name in files.values()]
+        log(f"setting up every worker: uv {self.s['UV_VERSION']}, Python "
+            f"{self.s['PYTHON_VERSION']}, {os.path.basename(wheel)}[tpu] with "
+            "deploy/constraints.txt")
+        n = 1 if self.dry_run else self.workers()
+        self.on_workers("copying the wheel", lambda i: self.scp(i, "~/", *sources), n)
+        command = (f"{self._env()} bash vitpod-worker.sh setup "
+                   f"{shlex.quote(os.path.basename(wheel))}")
+        self.on_workers("setup", lambda i: self.ssh(i, command), n)
+        self.check(n)
+
+    def _wheel(self) -> str:
+        if self.s.get("WHEEL"):  # a wheel built before: install it as it is
+            return self.s["WHEEL"]
+        root, dist = os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "dist")
+        build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", dist, root]
+        if self.dry_run:
+            print(shlex.join(build))
+            return os.path.join(dist, "vitpod-VERSION-py3-none-any.whl")
+        subprocess.run(build, check=True)
+        return max(glob.glob(os.path.join(dist, "vitpod-*.whl")), key=os.path.getmtime)
+
+    def check(self, workers: int | None = None) -> None:
+        """Every worker: its Python, `import vitpod`, the devices JAX sees against the slice."""
+        self.need("PROJECT", "ZONE", "NAME", "TPU_TYPE")
+        n = workers or (1 if self.dry_run else self.workers())
+        devices = slice_devices(self.s["TPU_TYPE"])
+        local = devices // n if devices and devices % n == 0 else 0
+        command = (f"cd ~ && if [ ! -f vitpod-worker.sh ]; then echo 'FAILED: vitpod was never "
+                   "set up here: run make pod-setup'; exit 1; fi; "
+                   f"{self._env(LOCAL_DEVICES=str(local))} bash vitpod-worker.sh check")
+        self.on_workers("pod-check", lambda i: self.ssh(i, command, retries=2), n)
+        log(f"pod-check: all {n} worker(s) ok" + (f", {local} {self.s['PLATFORM']} devices "
+                                                  "each" if local else ""))
+
+    def launch(self) -> None:
+        """Start the trainer on every worker, then wait until all report ready."""
+        self.need("PROJECT", "ZONE", "NAME", "WORKDIR", "CONFIG", "TPU_TYPE")
+        n = 1 if self.dry_run else self.workers()
+        config_file, _, arg = self.s["CONFIG"].partition(":")
+        self.on_workers("copying the config",
+                        lambda i: self.scp(i, f"~/{CONFIGS}/", config_file), n)
+        remote_config = f"{CONFIGS}/{os.path.basename(config_file)}" + (f":{arg}" if arg else "")
+        devices = slice_devices(self.s["TPU_TYPE"])
+        train = [f"{VENV}/bin/python", "-m", "vitpod.train", f"--config={remote_config}",
+                 f"--workdir={self.s['WORKDIR']}", f"--expect_platform={self.s['PLATFORM']}",
+                 *([f"--expect_devices={devices}"] if devices else []),
+                 *shlex.split(self.s.get("TRAIN_FLAGS", ""))]
+        self.launch_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        log(f"launch {self.launch_id} on {n} worker(s): {shlex.join(train)}")
+
+        def start(i: int):
+            # JAX_PLATFORMS makes JAX fail instead of falling back to the CPU.
+            env = (f"JAX_PLATFORMS={shlex.quote(self.s['PLATFORM'])} "
+                   f"VITPOD_LAUNCH_ID={self.launch_id} VITPOD_WORKER={i}")
+            return self.ssh(i, f"cd ~ && {env} {VENV}/bin/python -m vitpod.podworker start "
+                            f"--workdir={shlex.quote(self.s['WORKDIR'])} "
+                            f"--sync_seconds={self.s['LOG_SYNC_SECONDS']} -- {shlex.join(train)}")
+
+        try:
+            self.on_workers("starting the trainer", start, n)
+            if not self.dry_run:
+                self.wait_ready(n)
+        except PodError:
+            self.stop_workers(n)
+            raise
+        log(f"follow with: make pod-logs WORKER=all; logs also go to "
+            f"{self.s['WORKDIR']}/logs/{self.launch_id}/")
+
+    def markers(self) -> dict[str, set[int]]:
+        """Which workers of this launch wrote which marker: {'started': {0, 1}, ...}."""
+        where = f"{self.s['WORKDIR'].rstrip('/')}/launches/{self.launch_id}/"
+        code, out, _ = self.g.call("storage", "ls", where, retries=2, timeout=120)
+        found = {"started": set(), "joining": set(), "ready": set(), "exited": set()}
+        for line in out.splitlines() if code == 0 else []:
+            name = line.rstrip("/").rsplit("/", 1)[-1]
+            stem, _, what = name.partition(".")
+            if what in found and stem.startswith("worker-") and stem[7:].isdigit():
+                found[what].add(int(stem[7:]))
+        return found
+
+    def wait_ready(self, n: int) -> None:
+        deadline, everyone = time.monotonic() + self.num("READY_TIMEOUT"), set(range(n))
+        while True:
+            m = self.markers()
+            if m["ready"] >= everyone:
+                log(f"all {n} worker(s) ready: jax.distributed is up, devices checked")
+                return
+            early = sorted(m["exited"] - m["ready"])
+            if early:
+                self.show_tail(early)
+                raise PodError(f"worker(s) {', '.join(map(str, early))} exited before the job "
+                               "was ready (log tail above); stopped the others")
+            if time.monotonic() > deadline:
+                # The first stage a worker missed: it never started, its trainer never got as
+                # far as joining the job, or (all joined) JAX is stuck waiting for a host.
+                silent = sorted(everyone - m["started"])
+                late = sorted(everyone - m["joining"])
+                stuck = silent or late or sorted(everyone - m["ready"])
+                self.show_tail(stuck)
+                what = ("never started" if silent else
+                        "started, but the trainer never got to joining the job" if late else
+                        "joined, but JAX did not come up (it waits for every host)")
+                raise PodError(f"worker(s) {', '.join(map(str, stuck))} {what} within "
+                               f"READY_TIMEOUT={self.s['READY_TIMEOUT']} s; stopped the others")
+            self.sleep(min(self.num("POLL_SECONDS"), 5))
+
+    def show_tail(self, workers, lines: int = 20) -> None:
+        for i in workers:
+            self.ssh(i, f"tail -n {lines} ~/{LOG}", retries=1)
+
+    def stop_workers(self, n: int) -> None:
+        log("stopping the trainer on every worker (by pid file)")
+        for_each_worker(n, lambda i: self.ssh(
+            i, f"cd ~ && test ! -x {VENV}/bin/python || VITPOD_WORKER={i} {VENV}/bin/python -m "
+               "vitpod.podworker stop", retries=2))
+
+    # --- watching a run --------------------------------------------------------------------
     def done(self) -> bool:
-        code, _ = self.gcloud("storage", "ls", f"{self.s['WORKDIR'].rstrip('/')}/DONE",
-                              quiet=True)
+        code, _, _ = self.g.call("storage", "ls", f"{self.s['WORKDIR'].rstrip('/')}/DONE",
+                                 retries=2, timeout=120)
         return code == 0
 
-    def preempted(self) -> str:
-        """Why the slice is gone ('' while it runs)."""
-        state = self.state()
-        if state != "ACTIVE":
-            return f"queued resource {state}"
-        code, out = self.gcloud(*self._vm("describe", self.s["NAME"], "--format=value(state)"),
-                                quiet=True)
-        return f"node {out.strip()}" if code == 0 and out.strip() == "PREEMPTED" else ""
+    def watch(self) -> str:
+        """Poll until the run is DONE ('done'), the slice is lost (why), or the trainers
+        stopped on a slice that is still up ('stopped'); a crash raises with its log tail."""
+        exited_since = None
+        while True:
+            if self.done():
+                return "done"
+            state, message = self.qr_state()
+            if state == "SUSPENDING":  # the trainers get their grace period to save
+                log(f"{self.s['NAME']}: SUSPENDING (preemption notice); waiting")
+            elif state != "ACTIVE":
+                return f"queued resource {state}" + (f": {message}" if message else "")
+            else:
+                node = self.node()
+                node_state = "NOT_FOUND" if node is None else node.get("state", "")
+                if node_state in NODE_GONE:
+                    return f"node {node_state}"
+            if self.launch_id:
+                exited = self.markers()["exited"]
+                if exited and exited_since is None:
+                    exited_since = time.monotonic()
+                if exited_since and time.monotonic() - exited_since > self.num("CRASH_GRACE"):
+                    return self._stopped_on_live_slice(sorted(exited), self.workers())
+            self.sleep(self.num("POLL_SECONDS"))
+
+    def wait_exited(self, seconds: float = 120) -> None:
+        """Give the workers time to exit and copy the end of their logs to the workdir."""
+        deadline, n = time.monotonic() + seconds, self.workers()
+        while len(self.markers()["exited"]) < n and time.monotonic() < deadline:
+            self.sleep(min(self.num("POLL_SECONDS"), 5))
+
+    def _stopped_on_live_slice(self, exited: list[int], n: int) -> str:
+        where = f"{self.s['WORKDIR'].rstrip('/')}/launches/{self.launch_id}"
+        codes = {}
+        for i in exited:
+            _, out, _ = self.g.call("storage", "cat", f"{where}/worker-{i}.exited", retries=2)
+            codes[i] = json.loads(out or "{}").get("code")
+        if len(exited) == n and all(c == 0 for c in codes.values()):
+            log("every trainer stopped with a checkpoint while the slice stays ACTIVE")
+            return "stopped"
+        bad = [i for i, c in codes.items() if c != 0] or exited
+        self.show_tail(bad, 30)
+        self.stop_workers(n)
+        raise PodError(f"the trainer crashed on worker(s) {', '.join(map(str, bad))} (exit "
+                       f"{', '.join(str(codes[i]) for i in bad)}; log tail above, full logs in "
+                       f"{self.s['WORKDIR']}/logs/{self.launch_id}/)")
 
     def run(self) -> None:
-        """Create, set up, launch, watch; recreate on preemption; delete when DONE."""
+        """Create, set up, launch, watch; replace a lost slice and resume; delete when DONE."""
         self.need("PROJECT", "ZONE", "NAME", "TPU_TYPE", "WORKDIR", "CONFIG")
-        retries = int(self.s.get("MAX_RETRIES", 20))
-        for attempt in range(retries + 1):
+        retries, lost, fresh = int(self.num("MAX_RETRIES")), 0, True
+        while True:
             self.create()
-            self.setup()
+            if fresh:
+                self.setup()
             self.launch()
             if self.dry_run:
                 return
-            while True:
-                if self.done():
-                    self.log(f"{self.s['WORKDIR']}/DONE exists: training finished")
-                    self.delete()
-                    return
-                lost = self.preempted()
-                if lost:
-                    self.log(f"preempted ({lost}); recreating, attempt {attempt + 1}/{retries}")
-                    self.delete()
-                    break
-                self.sleep(float(self.s.get("POLL_SECONDS", 60)))
-        raise PodError(f"gave up after {retries} recreations (MAX_RETRIES); the workdir keeps "
-                       "the progress: make pod-run again to continue")
+            try:
+                outcome = self.watch()
+            except PodError:
+                log("deleting the slice after the crash (logs stay in the workdir)")
+                self.delete()
+                raise
+            if outcome == "done":
+                log(f"{self.s['WORKDIR']}/DONE exists: training finished "
+                    f"({lost} preemption(s) survived)")
+                self.wait_exited()
+                self.delete()
+                return
+            fresh = outcome != "stopped"
+            if fresh:
+                lost += 1
+                if lost > retries:
+                    raise PodError(f"gave up after {retries} recreations (MAX_RETRIES); the "
+                                   "workdir keeps the progress: make pod-run again to continue")
+                log(f"slice lost ({outcome}); replacing it ({lost}/{retries})")
+                self.delete()
+
+    # --- for people -----------------------------------------------------------------------
+    def status(self) -> None:
+        state, message = self.qr_state()
+        print(f"{self.s['NAME']}: {state}" + (f" ({message})" if message else ""))
+
+    def logs(self) -> None:
+        if self.s["WORKER"] == "all":
+            for_each_worker(self.workers(), lambda i: self.ssh(i, f"tail -n 50 ~/{LOG}",
+                                                                retries=2))
+        else:
+            self.ssh(int(self.s["WORKER"]), f"tail -n 200 -f ~/{LOG}", retries=1)
+
+    def shell(self) -> None:
+        subprocess.run(["gcloud", *self._vm("ssh", self.s["NAME"],
+                                            f"--worker={self.s['WORKER']}")])
 
 
 def main(argv: list[str]) -> int:
-    verbs = ("create", "setup", "launch", "status", "logs", "ssh", "delete", "run")
+    verbs = {"create": "create", "setup": "setup", "check": "check", "launch": "launch",
+             "watch": "watch", "status": "status", "logs": "logs", "ssh": "shell",
+             "delete": "delete", "run": "run"}
     if len(argv) != 2 or argv[1] not in verbs:
         print(f"usage: {argv[0]} {{{'|'.join(verbs)}}}", file=sys.stderr)
         return 2
     try:
-        path = os.environ.get("POD_ENV", os.path.join(os.path.dirname(__file__), "pod.env"))
+        path = os.environ.get("POD_ENV", os.path.join(HERE, "pod.env"))
         pod = Pod(load_settings(path, dict(os.environ)), os.environ.get("DRY_RUN") == "1")
-        getattr(pod, argv[1])()
+        outcome = getattr(pod, verbs[argv[1]])()
+        if argv[1] == "watch":
+            log(f"watch: {outcome}")
     except PodError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

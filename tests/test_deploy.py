@@ -1,158 +1,307 @@
-"""deploy/pod.py against a fake gcloud that records calls and plays scripted TPU states."""
+"""deploy/pod.py against the simulated gcloud (deploy/sim/gcloud.py), which plays the cloud's
+control plane and executes what real gcloud would: copies into worker homes, runs commands
+there with bash, reads the bucket. The whole pod-run is rehearsed in tests/test_pod_sim.py."""
 
 import json
 import os
+import platform
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 
 from tests.conftest import ROOT
 
-BASE = {"PROJECT": "proj", "ZONE": "us-central2-b", "NAME": "vp", "TPU_TYPE": "v4-32",
-        "CAPACITY": "spot", "WORKDIR": "gs://bkt/run", "CONFIG": "configs/demo.py",
-        "POLL_SECONDS": "0", "WAIT_TIMEOUT": "30", "MAX_RETRIES": "3"}
+sys.path.insert(0, str(ROOT / "deploy" / "sim"))
+import image  # noqa: E402
+
+BASE = {"PROJECT": "proj", "ZONE": "us-central2-b", "NAME": "vp", "TPU_TYPE": "v4-16",
+        "CAPACITY": "spot", "WORKDIR": "gs://bkt/run", "CONFIG": "configs/tiny.py",
+        "POLL_SECONDS": "0.05", "WAIT_TIMEOUT": "60", "MAX_RETRIES": "3",
+        "DESCRIBE_RETRIES": "3", "PLATFORM": "cpu"}
+
+
+class Cloud:
+    """A simulated cloud in a temporary folder: run pod.py verbs or gcloud against it."""
+
+    def __init__(self, root):
+        self.dir = root / "sim"
+        self.bin = root / "bin"
+        self.bin.mkdir(parents=True)
+        image_bin, downloads = image.make(str(self.dir), platform.python_version())
+        self.scenario = {"image_bin": image_bin, "downloads_bin": downloads,
+                         "cache_dir": str(root / "cache")}
+        (self.bin / "gcloud").write_text(
+            f"#!/bin/sh\nexec {shlex.quote(sys.executable)} "
+            f"{shlex.quote(str(ROOT / 'deploy' / 'sim' / 'gcloud.py'))} \"$@\"\n")
+        (self.bin / "gcloud").chmod(0o755)
+        self.set()
+
+    def set(self, **scenario):
+        self.scenario.update(scenario)
+        (self.dir / "scenario.json").write_text(json.dumps(self.scenario))
+
+    def env(self, **settings):
+        return {**os.environ, "PATH": f"{self.bin}:{os.environ['PATH']}", "SIM_DIR": str(self.dir),
+                "POD_ENV": os.devnull, **BASE, **settings}
+
+    def pod(self, verb, timeout=300, **settings):
+        return subprocess.run([sys.executable, "deploy/pod.py", verb], cwd=ROOT, timeout=timeout,
+                              env=self.env(**settings), capture_output=True, text=True)
+
+    def gcloud(self, *args):
+        return subprocess.run(["gcloud", *args], env=self.env(), capture_output=True, text=True,
+                              timeout=120)
+
+    def state(self):
+        path = self.dir / "state.json"
+        return json.loads(path.read_text()) if path.exists() else {"calls": [], "resources": {}}
+
+    def edit(self, name, **fields):
+        state = self.state()
+        state["resources"][name].update(fields)
+        (self.dir / "state.json").write_text(json.dumps(state))
+
+    def home(self, name, i):
+        return self.dir / "nodes" / name / f"w{i}"
+
+    def processes(self):
+        tag = f"VITPOD_SIM_NODE={self.dir}:".encode()
+        found = []
+        for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+            try:
+                if tag in open(f"/proc/{pid}/environ", "rb").read():
+                    found.append(int(pid))
+            except OSError:
+                pass
+        return found
 
 
 @pytest.fixture
-def gcloud(tmp_path):
-    """Call pod.py VERB with a fake gcloud first on PATH; returns (result, calls, state)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "gcloud").write_text(
-        f"#!/bin/sh\nexec {shlex.quote(sys.executable)} "
-        f"{shlex.quote(str(ROOT / 'tests' / 'fake_gcloud.py'))} \"$@\"\n")
-    (bin_dir / "gcloud").chmod(0o755)
-    wheel = tmp_path / "vitpod-0.1.0-py3-none-any.whl"
-    wheel.write_bytes(b"")
-
-    def run(verb, state=None, build=False, **settings):
-        state_file = tmp_path / "state.json"
-        state_file.write_text(json.dumps({"calls": [], "exists": False,
-                                          "qr_states": ["ACTIVE"], **(state or {})}))
-        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
-               "FAKE_GCLOUD": str(state_file), "POD_ENV": str(tmp_path / "none.env"),
-               **BASE, **({} if build else {"WHEEL": str(wheel)}), **settings}
-        result = subprocess.run([sys.executable, "deploy/pod.py", verb], cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=300)
-        final = json.loads(state_file.read_text())
-        return result, final["calls"], final
-    return run
+def cloud(tmp_path):
+    sim = Cloud(tmp_path)
+    yield sim
+    for pid in sim.processes():
+        os.kill(pid, 9)
 
 
 def _verbs(calls):
     return [" ".join(c[2:4]) if c[0] == "compute" else " ".join(c[:2]) for c in calls]
 
 
+def _venv(home, python: str, pre: str = ""):
+    """A worker's ~/vitpod-venv/bin/python that runs `python` (skipping the real setup)."""
+    bin_dir = home / "vitpod-venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").write_text(f"#!/bin/bash\n{pre}\nexec {shlex.quote(python)} \"$@\"\n")
+    (bin_dir / "python").chmod(0o755)
+    (home / "vitpod-check.py").write_bytes((ROOT / "deploy" / "worker_check.py").read_bytes())
+    (home / "vitpod-worker.sh").write_bytes((ROOT / "deploy" / "worker.sh").read_bytes())
+
+
 @pytest.mark.parametrize("capacity,flags", [("spot", ["--spot"]), ("reserved", ["--reserved"]),
                                             ("on-demand", [])])
-def test_create_asks_for_a_queued_resource_and_waits_until_active(gcloud, capacity, flags):
-    result, calls, _ = gcloud("create", CAPACITY=capacity, state={
-        "qr_states": ["ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"]})
+def test_create_asks_for_a_queued_resource_and_waits_until_active(cloud, capacity, flags):
+    cloud.set(wait_polls=2, provision_polls=1)
+    result = cloud.pod("create", CAPACITY=capacity)
     assert result.returncode == 0, result.stderr
-    create = [c for c in calls if c[3] == "create"]
-    assert create == [["compute", "tpus", "queued-resources", "create", "vp", "--node-id=vp",
-                       "--accelerator-type=v4-32", "--runtime-version=tpu-ubuntu2204-base",
-                       *flags, "--project=proj", "--zone=us-central2-b"]]
-    assert _verbs(calls).count("queued-resources describe") == 5  # absent, then 4 states
-    assert "WAITING_FOR_RESOURCES" in result.stdout and "ACTIVE" in result.stdout
+    creates = [c for c in cloud.state()["calls"] if c[3:4] == ["create"]]
+    assert creates == [["compute", "tpus", "queued-resources", "create", "vp", "--node-id=vp",
+                        "--accelerator-type=v4-16", "--runtime-version=tpu-ubuntu2204-base",
+                        *flags, "--project=proj", "--zone=us-central2-b"]]
+    states = [line.split("] ")[1] for line in result.stdout.splitlines() if "] vp: " in line]
+    assert states == ["vp: NOT_FOUND", "vp: WAITING_FOR_RESOURCES", "vp: PROVISIONING",
+                      "vp: ACTIVE", "vp: 2 worker(s) of v4-16"]
+    assert all(line.startswith("[pod 20") for line in result.stdout.splitlines())
 
 
-def test_create_reuses_an_active_slice(gcloud):
-    result, calls, _ = gcloud("create", state={"exists": True, "qr_states": ["ACTIVE"]})
-    assert result.returncode == 0 and "reusing" in result.stdout
-    assert _verbs(calls) == ["queued-resources describe"]
+def test_an_active_slice_is_reused(cloud):
+    assert cloud.pod("create").returncode == 0
+    result = cloud.pod("create")
+    assert result.returncode == 0 and "vp: ACTIVE" in result.stdout
+    assert _verbs(cloud.state()["calls"]).count("queued-resources create") == 1
 
 
-def test_failed_creation_stops_with_a_clear_message(gcloud):
-    result, _, _ = gcloud("create", state={"qr_states": ["WAITING_FOR_RESOURCES", "FAILED"]})
+def test_failed_creation_is_reported_deleted_and_asked_for_again(cloud):
+    reason = "Insufficient capacity for spot v4-16 in us-central2-b"
+    cloud.set(fail_creations=[reason])
+    result = cloud.pod("create")
+    assert result.returncode == 0, result.stderr
+    assert f"vp FAILED: {reason}; deleting it and asking again (1/3)" in result.stdout
+    verbs = [v for v in _verbs(cloud.state()["calls"]) if "describe" not in v]
+    assert verbs == ["queued-resources create", "queued-resources delete",
+                     "queued-resources create"]
+    delete = [c for c in cloud.state()["calls"] if c[3:4] == ["delete"]][0]
+    assert "--force" in delete and "vp: DELETING" in result.stdout
+
+
+def test_creation_that_keeps_failing_stops_with_its_reason(cloud):
+    cloud.set(fail_creations=["quota exceeded"] * 5)
+    result = cloud.pod("create", MAX_RETRIES="1")
     assert result.returncode == 1
-    assert result.stderr.strip() == ("error: vp became FAILED while waiting for capacity; "
-                                     "make pod-delete, then retry (or another zone / capacity)")
+    assert result.stderr.strip() == "error: vp FAILED 2 times, last: quota exceeded"
 
 
-def test_waiting_for_capacity_times_out(gcloud):
-    result, _, _ = gcloud("create", WAIT_TIMEOUT="0.5", POLL_SECONDS="0.05",
-                          state={"qr_states": ["WAITING_FOR_RESOURCES"]})
-    assert result.returncode == 1 and "still WAITING_FOR_RESOURCES after 0.5 s" in result.stderr
+def test_waiting_for_capacity_times_out(cloud):
+    cloud.set(wait_polls=10**6)
+    result = cloud.pod("create", WAIT_TIMEOUT="0.5")
+    assert result.returncode == 1
+    assert "still WAITING_FOR_RESOURCES after 0.5 s (no capacity yet)" in result.stderr
 
 
-def test_setup_builds_the_wheel_and_retries_the_copy(gcloud, tmp_path):
-    result, calls, _ = gcloud("setup", build=True, state={"fail_scp": 2})
+def test_a_failed_describe_is_retried_and_never_read_as_a_preemption(cloud):
+    assert cloud.pod("create").returncode == 0
+    cloud.set(describe_errors=2)
+    result = cloud.pod("status")
+    assert result.returncode == 0 and result.stdout.strip().endswith("vp: ACTIVE")
+    assert "auth tokens" in result.stdout  # each retry says why
+    cloud.set(describe_errors=2 + 10)
+    result = cloud.pod("watch")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: cannot read the state of vp after 3 tries (ERROR:")
+    assert "left as it is (not treated as preempted)" in result.stderr
+    assert "queued-resources delete" not in _verbs(cloud.state()["calls"])
+
+
+@pytest.mark.parametrize("change,seen", [
+    ({"state": "SUSPENDED"}, "queued resource SUSPENDED"),
+    ({"node_gone": True}, "node NOT_FOUND"),
+])
+def test_watch_notices_a_lost_slice(cloud, change, seen):
+    assert cloud.pod("create").returncode == 0
+    cloud.edit("vp", **change)
+    result = cloud.pod("watch")
     assert result.returncode == 0, result.stderr
-    scps = [c for c in calls if c[3] == "scp"]
-    assert len(scps) == 3 and scps[0][4].endswith(".whl") and os.path.exists(scps[0][4])
-    assert scps[0][5:] == ["vp:~/", "--worker=all", "--project=proj", "--zone=us-central2-b"]
-    install = [c for c in calls if c[3] == "ssh"][0]
-    assert "--worker=all" in install
-    command = install[-3].removeprefix("--command=")
-    assert "vitpod-venv/bin/pip install" in command and "[tpu]" in command
+    assert result.stdout.strip().splitlines()[-1].endswith(f"watch: {seen}")
 
 
-def test_launch_starts_train_detached_on_every_worker(gcloud):
-    result, calls, _ = gcloud("launch", TRAIN_FLAGS="--config.batch_size=1024")
-    assert result.returncode == 0, result.stderr
-    command = [c for c in calls if c[3] == "ssh"][-1][6].removeprefix("--command=")
-    assert "pkill -f 'vitpod[.]train'" in command and "nohup" in command
-    assert command.endswith("> vitpod.log 2>&1 < /dev/null &")
-    train = shlex.split(command.split("nohup ")[1].split(" >")[0])
-    assert train == ["vitpod-venv/bin/python", "-m", "vitpod.train",
-                     "--config=vitpod-configs/demo.py", "--workdir=gs://bkt/run",
-                     "--config.batch_size=1024"]
-    assert "tail -f ~/vitpod.log" in result.stdout
+def test_the_image_python_refuses_venv_like_googles_images(cloud):
+    assert cloud.pod("create").returncode == 0
+    result = cloud.gcloud("compute", "tpus", "tpu-vm", "ssh", "vp", "--worker=all",
+                          "--command=python3 --version && python3 -m venv v", "--zone=z")
+    assert result.returncode == 1
+    assert result.stdout.count("Python 3.10.") == 2
+    assert "ensurepip is not\navailable" in result.stderr
+    assert "apt install python3.10-venv" in result.stderr
+    assert not (cloud.home("vp", 0) / "v" / "bin" / "python").exists()
 
 
-def test_hostile_values_stay_single_arguments(gcloud, tmp_path):
+def test_pod_check_names_each_failing_worker_and_why(cloud):
+    cloud.set(chips_per_host=4)
+    assert cloud.pod("create", TPU_TYPE="v4-24").returncode == 0  # 12 chips: 3 workers
+    project = str(ROOT / ".venv" / "bin" / "python")
+    _venv(cloud.home("vp", 0), image.python310())
+    _venv(cloud.home("vp", 1), os.path.realpath(os.path.join(sys.base_prefix, "bin", "python3")))
+    _venv(cloud.home("vp", 2), project, "export XLA_FLAGS=--xla_force_host_platform_device_count=2")
+    result = cloud.pod("check", TPU_TYPE="v4-24", PYTHON_VERSION=platform.python_version())
+    assert result.returncode == 1
+    lines = {line.split("] ", 1)[0]: line for line in result.stdout.splitlines()}
+    assert "Python 3.10" in lines["[w0"] and "not the 3.11" in lines["[w0"]
+    assert "cannot import vitpod (ModuleNotFoundError" in lines["[w1"]
+    assert "JAX sees 2 local devices, the slice implies 4 per worker" in lines["[w2"]
+    assert result.stderr.strip() == ("error: pod-check failed on worker(s) 0, 1, 2 "
+                                     "(reasons above)")
+    for i in range(3):
+        _venv_replace(cloud.home("vp", i), project)
+    result = cloud.pod("check", TPU_TYPE="v4-24", PYTHON_VERSION=platform.python_version())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("ok: Python") == 3
+    assert "pod-check: all 3 worker(s) ok, 4 cpu devices each" in result.stdout
+
+
+def _venv_replace(home, python):
+    import shutil
+
+    shutil.rmtree(home / "vitpod-venv")
+    _venv(home, python)
+
+
+def test_pod_check_without_setup_says_to_run_it(cloud):
+    assert cloud.pod("create").returncode == 0
+    result = cloud.pod("check")
+    assert result.returncode == 1
+    assert "[w1] FAILED: vitpod was never set up here: run make pod-setup" in result.stdout
+
+
+@pytest.mark.parametrize("broken,expected", [
+    (None, "starting the trainer failed on worker(s) 1 (reasons above)"),
+    ('[[ "$1 $2" == "-m vitpod.train" ]] && exec sleep 600',
+     "worker(s) 1 started, but the trainer never got to joining the job within "
+     "READY_TIMEOUT=8 s; stopped the others"),
+])
+def test_a_worker_that_does_not_start_stops_the_others(cloud, gcs, tmp_path, colors, broken,
+                                                       expected):
+    assert cloud.pod("create").returncode == 0
+    project = str(ROOT / ".venv" / "bin" / "python")
+    _venv(cloud.home("vp", 0), project)
+    if broken:
+        _venv(cloud.home("vp", 1), project, broken)
+    (cloud.home("vp", 0) / "vitpod-configs").mkdir()
+    (cloud.home("vp", 1) / "vitpod-configs").mkdir()
+    cloud.set(worker_env=gcs.env())
+    flags = f"--config.data.train_dir={colors / 'train'}"
+    bucket = f"launch-{int(time.time() * 1000)}"
+    gcs.create_bucket(bucket)
+    result = cloud.pod("launch", WORKDIR=f"gs://{bucket}/run",
+                       READY_TIMEOUT="8", TRAIN_FLAGS=flags, **gcs.env())
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.strip() == f"error: {expected}"
+    assert "stopping the trainer on every worker (by pid file)" in result.stdout
+    assert "[w0] worker 0: stopped the earlier trainer" in result.stdout
+    assert cloud.processes() == []
+
+
+def test_hostile_values_stay_single_arguments(cloud):
     evil = "x; touch /tmp/pwned-$(id -u) `reboot` 'q\" $HOME"
-    result, calls, _ = gcloud("launch", WORKDIR=f"gs://b/{evil}",
-                              TRAIN_FLAGS=f"--config.note={shlex.quote(evil)}")
+    result = cloud.pod("launch", DRY_RUN="1", WORKDIR=f"gs://b/{evil}",
+                       TRAIN_FLAGS=f"--config.note={shlex.quote(evil)}")
     assert result.returncode == 0, result.stderr
-    command = [c for c in calls if c[3] == "ssh"][-1][6].removeprefix("--command=")
-    train = shlex.split(command.split("nohup ")[1].split(" > vitpod.log")[0])
-    assert train[-2:] == [f"--workdir=gs://b/{evil}", f"--config.note={evil}"]
-    result, calls, _ = gcloud("delete", NAME=evil)
-    assert calls[0][4] == evil  # an argv element, never seen by a local shell
+    ssh = [shlex.split(line) for line in result.stdout.splitlines() if "podworker start" in line]
+    command = ssh[0][-3].removeprefix("--command=")
+    train = shlex.split(command)
+    assert train[train.index("--") + 1:] == [
+        "vitpod-venv/bin/python", "-m", "vitpod.train", "--config=vitpod-configs/tiny.py",
+        f"--workdir=gs://b/{evil}", "--expect_platform=cpu", "--expect_devices=8",
+        f"--config.note={evil}"]
+    assert "JAX_PLATFORMS=cpu" in train and "VITPOD_WORKER=0" in train
+    assert cloud.state()["calls"] == []  # dry run: nothing was called
 
 
-def test_run_recreates_after_preemption_and_deletes_when_done(gcloud):
-    result, calls, state = gcloud("run", state={
-        "qr_states": ["PROVISIONING", "ACTIVE", "ACTIVE", "ACTIVE", "SUSPENDED"],
-        "qr_next_after_delete": 1, "done_after": 4})
-    assert result.returncode == 0, result.stderr
-    verbs = [v for v in _verbs(calls) if v not in ("queued-resources describe",
-                                                    "tpu-vm describe", "storage ls")]
-    one_round = ["queued-resources create", "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh",
-                 "tpu-vm scp", "tpu-vm ssh"]
-    assert verbs == one_round + ["queued-resources delete"] + one_round + [
-        "queued-resources delete"]
-    assert "preempted (queued resource SUSPENDED)" in result.stdout
-    assert "DONE exists: training finished" in result.stdout and not state["exists"]
-
-
-def test_run_gives_up_after_max_retries(gcloud):
-    result, calls, _ = gcloud("run", MAX_RETRIES="2", state={
-        "qr_states": ["ACTIVE", "SUSPENDED"], "qr_next_after_delete": 0})
-    assert result.returncode == 1 and "gave up after 2 recreations" in result.stderr
-    assert _verbs(calls).count("queued-resources create") == 3
-
-
-def test_node_preempted_is_noticed(gcloud):
-    result, calls, _ = gcloud("run", MAX_RETRIES="0", state={"node_state": "PREEMPTED"})
-    assert result.returncode == 1 and "preempted (node PREEMPTED)" in result.stdout
-
-
-def test_dry_run_prints_commands_and_calls_nothing(gcloud):
-    result, calls, _ = gcloud("run", DRY_RUN="1")
-    assert result.returncode == 0 and calls == []
-    printed = [shlex.split(line) for line in result.stdout.splitlines()
-               if line.startswith("gcloud")]
-    assert ["gcloud", "compute", "tpus", "queued-resources", "create"] == printed[1][:5]
-    assert any("vitpod.train" in " ".join(p) for p in printed)
-
-
-def test_bad_settings_fail_in_one_line(gcloud):
-    result, _, _ = gcloud("create", CAPACITY="cheap")
+def test_bad_settings_fail_in_one_line(cloud):
+    result = cloud.pod("create", CAPACITY="cheap")
     assert result.stderr.strip().startswith("error: CAPACITY='cheap': use one of spot")
-    result, _, _ = gcloud("create", TPU_TYPE="v9-8")
+    result = cloud.pod("create", TPU_TYPE="v9-8")
     assert "TPU_TYPE='v9-8': set RUNTIME_VERSION too" in result.stderr
+    result = cloud.pod("run", WORKDIR="runs/local")
+    assert result.stderr.strip() == ("error: WORKDIR='runs/local': use a gs:// path; a worker's "
+                                     "disk dies with the slice")
+
+
+def test_slice_types_imply_their_device_counts():
+    sys.path.insert(0, str(ROOT / "deploy"))
+    from tpu_slice import slice_devices
+
+    assert [slice_devices(t) for t in ("v4-8", "v4-32", "v5p-8", "v5litepod-16", "v6e-8",
+                                       "v3-8", "v9-8")] == [4, 16, 4, 16, 8, 8, None]
+
+
+def test_constraints_are_the_tested_versions():
+    """deploy/constraints.txt is what `make install` installs and what every worker gets."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pinned = [line.split("==") for line in (ROOT / "deploy" / "constraints.txt").read_text()
+              .splitlines() if line and not line.startswith("#")]
+    assert len(pinned) > 50
+    wrong = []
+    for name, want in pinned:
+        try:
+            have = version(name)
+        except PackageNotFoundError:
+            have = None
+        if have != want:
+            wrong.append((name, want, have))
+    assert wrong == []
+    for name in ("jax", "libtpu", "orbax-checkpoint", "google-cloud-storage"):
+        assert name in {n for n, _ in pinned}

@@ -6,6 +6,7 @@ manifest) they decide identically, through the coordinator or a collective.
 
 import glob
 import hashlib
+import os
 import socket
 from collections.abc import Callable
 
@@ -26,9 +27,19 @@ def _on_cloud_tpu_vm() -> bool:
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
+# Only `make pod-sim` sets these: a real TPU VM's workers learn the coordinator, the process
+# count and their index from the GCE metadata server, which cannot be imitated on localhost.
+# They let the simulated workers run the very command line a real worker runs.
+SIM_ENV = ("VITPOD_COORDINATOR_ADDRESS", "VITPOD_NUM_PROCESSES", "VITPOD_PROCESS_ID")
+
+
 def initialize(coordinator_address: str = "", num_processes: int = 0,
                process_id: int = -1) -> None:
     """Join the job: explicit flags for local multi-process runs, auto-detect on TPU VMs."""
+    if not coordinator_address and os.environ.get(SIM_ENV[0]):
+        coordinator_address = os.environ[SIM_ENV[0]]
+        num_processes = int(os.environ.get(SIM_ENV[1], "0"))
+        process_id = int(os.environ.get(SIM_ENV[2], "-1"))
     if coordinator_address:
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise UserError(f"--process_id={process_id} --num_processes={num_processes}: "
@@ -37,6 +48,36 @@ def initialize(coordinator_address: str = "", num_processes: int = 0,
                                    num_processes=num_processes, process_id=process_id)
     elif _on_cloud_tpu_vm():
         jax.distributed.initialize()  # worker list and coordinator from the TPU metadata
+
+
+def check_devices(expect_platform: str = "", expect_devices: int = 0) -> str:
+    """Stop, in one line, when JAX sees other devices than the launch expects.
+
+    A TPU held by a stale process makes JAX fall back to the CPU with only a warning (or, with
+    JAX_PLATFORMS=tpu, fail deep inside backend start-up): either way the run must not go on.
+    Returns what was found, e.g. "8 tpu devices (4 local)".
+    """
+    try:
+        devices = jax.devices()
+    except RuntimeError as e:  # JAX_PLATFORMS names a backend that could not start
+        cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise UserError(f"JAX could not start the {expect_platform or 'requested'} backend "
+                        f"({cause}); {_HELD_HINT}") from None
+    platform, count = devices[0].platform, len(devices)
+    found = f"{count} {platform} devices ({jax.local_device_count()} local)"
+    if expect_platform and platform != expect_platform:
+        raise UserError(f"expected {expect_devices or 'some'} {expect_platform} devices, JAX "
+                        f"found {found}: it fell back to {platform}; {_HELD_HINT}")
+    if expect_devices and count != expect_devices:
+        raise UserError(f"expected {expect_devices} {platform} devices across the job, found "
+                        f"{found}: a worker did not join, or --expect_devices does not match "
+                        "the slice; check every worker with make pod-check")
+    return found
+
+
+_HELD_HINT = ("most likely another process holds the accelerator (a stale trainer: "
+              "make pod-launch stops it by its pid file; or see `sudo lsof /dev/accel* "
+              "/dev/vfio/*`), or the worker's jax lacks the tpu extra (make pod-setup)")
 
 
 def free_port() -> int:

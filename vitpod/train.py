@@ -16,7 +16,18 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vitpod import checkpoint, cli, distributed, hf, metrics, model, optim, steps, storage
+from vitpod import (
+    checkpoint,
+    cli,
+    distributed,
+    hf,
+    metrics,
+    model,
+    optim,
+    podworker,
+    steps,
+    storage,
+)
 from vitpod import config as config_lib
 from vitpod.data import imagefolder, pipeline
 from vitpod.errors import UserError
@@ -247,6 +258,10 @@ def define_flags() -> None:
                         "open it with TensorBoard's profile plugin or Perfetto.")
     flags.DEFINE_integer("stop_after", 0, "Stop at this step with a checkpoint, to continue "
                          "the same schedule later; 0: run to the end.")
+    flags.DEFINE_string("expect_platform", "", "Stop at start unless JAX's devices are of this "
+                        "platform (tpu, cpu); make pod-launch sets it.")
+    flags.DEFINE_integer("expect_devices", 0, "Stop at start unless the job has this many "
+                         "devices in all; make pod-launch sets it from the slice type.")
 
 
 def main(argv) -> None:
@@ -256,7 +271,11 @@ def main(argv) -> None:
     if not flags.FLAGS.workdir:
         raise UserError("pass --workdir=DIR (where checkpoints and metrics go)")
     f = flags.FLAGS
+    podworker.mark(f.workdir, "joining")
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    found = distributed.check_devices(f.expect_platform, f.expect_devices)
+    logging.info("process %d of %d: %s", jax.process_index(), jax.process_count(), found)
+    podworker.mark(f.workdir, "ready", process=jax.process_index(), devices=found)
     final = run(config, f.workdir, f.stop_after, f.profile)
     if jax.process_index() != 0:
         return

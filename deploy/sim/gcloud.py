@@ -1,0 +1,341 @@
+"""A simulated `gcloud` for `make pod-sim`: the cloud's control plane is played, everything it
+would run is executed.
+
+Queued resources move through their documented states (one state per `describe`, so a
+rehearsal is deterministic); an ACTIVE slice has one worker per host, each a home directory
+under $SIM_DIR/nodes whose `python3` is a Python 3.10 stand-in without venv, as on Google's
+TPU images. `tpu-vm scp` copies into those homes, `tpu-vm ssh --command` runs the command with
+bash in them, `storage ls|cat` read the bucket of a GCS server on loopback. Worker processes
+carry VITPOD_SIM_NODE in their environment, which is how the simulated preemption and
+`delete` find them. Knobs for a rehearsal or a test: $SIM_DIR/scenario.json (see SCENARIO).
+"""
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+SIM_DIR = os.environ["SIM_DIR"]
+STATE, SCENARIO_FILE = os.path.join(SIM_DIR, "state.json"), os.path.join(SIM_DIR, "scenario.json")
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCENARIO = {
+    "wait_polls": 1,          # describes spent WAITING_FOR_RESOURCES after a create
+    "provision_polls": 1,     # then PROVISIONING
+    "delete_polls": 1,        # DELETING after a delete
+    "fail_creations": [],     # the next creations go FAILED with these messages
+    "describe_errors": 0,     # the next describes fail with a transient (auth) error
+    "scp_failures": 0,        # the next scp calls fail as right after ACTIVE (keys propagating)
+    "preempt_at_step": 0,     # preempt once WORKDIR/metrics.jsonl reaches this step
+    "preemptions": 1,         # how many times
+    "grace_seconds": 30,      # SIGTERM, then SIGKILL after this (GCE's spot notice)
+    "chips_per_host": 4,
+    "watch_workdir": "",      # the run the preemption watches
+    "worker_env": {},         # environment every worker sees (the emulator's endpoints ...)
+    "image_bin": "",          # the stand-in image's bin folder (python3 = 3.10, no venv)
+    "downloads_bin": "",      # where uv finds the Python it would download (downloads off)
+    "cache_dir": "",          # package caches shared by every worker
+}
+
+
+def scenario() -> dict:
+    with contextlib.suppress(FileNotFoundError):
+        return {**SCENARIO, **json.load(open(SCENARIO_FILE))}
+    return dict(SCENARIO)
+
+
+@contextlib.contextmanager
+def locked_state():
+    """The control plane's state, read and written under a lock (calls run in parallel)."""
+    os.makedirs(SIM_DIR, exist_ok=True)
+    with open(os.path.join(SIM_DIR, "state.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = json.load(open(STATE)) if os.path.exists(STATE) else {"resources": {},
+                                                                     "calls": []}
+        try:
+            yield state
+        finally:  # also when the call ends in an error (sys.exit) after changing the state
+            with open(STATE + ".tmp", "w") as f:
+                json.dump(state, f, indent=1)
+            os.replace(STATE + ".tmp", STATE)
+
+
+def cloud_log(message: str) -> None:
+    with open(os.path.join(SIM_DIR, "cloud.log"), "a") as f:
+        f.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+
+
+def fail(message: str, code: int = 1) -> None:
+    print(message, file=sys.stderr)
+    sys.exit(code)
+
+
+def not_found(kind: str, name: str, command: str) -> None:
+    fail(f"ERROR: (gcloud.compute.tpus.{command}) NOT_FOUND: Resource "
+         f"'projects/sim/locations/sim/{kind}/{name}' was not found")
+
+
+def flag(args: list[str], name: str, default: str = "") -> str:
+    for a in args:
+        if a.startswith(f"--{name}="):
+            return a.split("=", 1)[1]
+    return default
+
+
+def positional(args: list[str]) -> list[str]:
+    return [a for a in args if not a.startswith("--")]
+
+
+def hosts(tpu_type: str, chips_per_host: int) -> int:
+    generation, _, size = tpu_type.rpartition("-")
+    chips = int(size) // 2 if generation in ("v4", "v5p") else int(size)
+    return max(1, chips // chips_per_host)
+
+
+def node_dir(name: str) -> str:
+    return os.path.join(SIM_DIR, "nodes", name)
+
+
+def node_processes(name: str = "") -> list[int]:
+    """Every process started on the node's workers (they inherit VITPOD_SIM_NODE); without a
+    name, on any node of this simulation."""
+    tag = f"VITPOD_SIM_NODE={SIM_DIR}:{name + ':' if name else ''}".encode()
+    found = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            if any(v.startswith(tag) for v in open(f"/proc/{pid}/environ", "rb").read()
+                   .split(b"\0")):
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def signal_node(name: str, sig: int) -> int:
+    pids = node_processes(name)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    return len(pids)
+
+
+def tear_down(name: str) -> None:
+    """A VM that is gone: its processes killed, its disk gone."""
+    signal_node(name, signal.SIGKILL)
+    shutil.rmtree(node_dir(name), ignore_errors=True)
+
+
+# --- queued resources ----------------------------------------------------------------------
+def queued_resources(verb: str, args: list[str]) -> None:
+    name, sc = positional(args)[0], scenario()
+    with locked_state() as state:
+        res = state["resources"].get(name)
+        if verb == "create":
+            if res is not None:
+                fail(f"ERROR: (gcloud.compute.tpus.queued-resources.create) ALREADY_EXISTS: "
+                     f"'{name}' already exists")
+            failing = sc["fail_creations"][state.get("creations", 0):]
+            state["creations"] = state.get("creations", 0) + 1
+            state["resources"][name] = {
+                "type": flag(args, "accelerator-type"), "polls": 0,
+                "spot": "--spot" in args, "fail": failing[0] if failing else ""}
+            cloud_log(f"{name}: create {state['resources'][name]}")
+            return
+        if res is None:
+            not_found("queuedResources", name, f"queued-resources.{verb}")
+        if verb == "delete":
+            if "--force" not in args and res.get("state") == "ACTIVE":
+                fail("ERROR: the queued resource has a node: pass --force")
+            res.update(deleting=True, polls=0)
+            tear_down(name)
+            cloud_log(f"{name}: delete")
+            return
+        if verb == "describe":
+            if state.get("describe_errors", 0) < sc["describe_errors"]:
+                state["describe_errors"] = state.get("describe_errors", 0) + 1
+                fail("ERROR: (gcloud.compute.tpus.queued-resources.describe) There was a "
+                     "problem refreshing your current auth tokens: Connection reset by peer")
+            now = advance(state, name, res, sc)
+            if now is None:
+                not_found("queuedResources", name, "queued-resources.describe")
+            out = {"name": name, "state": {"state": now}, "tpu": {"nodeSpec": [
+                {"nodeId": name, "node": {"acceleratorType": res["type"]}}]}}
+            if now == "FAILED":
+                out["state"]["failedData"] = {"error": {"code": 8, "message": res["fail"]}}
+            print(json.dumps(out))
+            return
+    fail(f"sim gcloud: queued-resources {verb} is not simulated", 2)
+
+
+def advance(state: dict, name: str, res: dict, sc: dict) -> str | None:
+    """The state this describe reports, moving the resource on by one poll."""
+    res["polls"] += 1
+    if res.get("deleting"):
+        if res["polls"] > sc["delete_polls"]:
+            del state["resources"][name]
+            return None
+        return "DELETING"
+    if res.get("state") in ("ACTIVE", "SUSPENDING", "SUSPENDED", "FAILED"):
+        return res["state"]
+    if res["polls"] <= sc["wait_polls"]:
+        return "WAITING_FOR_RESOURCES"
+    if res["polls"] <= sc["wait_polls"] + sc["provision_polls"]:
+        return "PROVISIONING"
+    if res["fail"]:
+        res["state"] = "FAILED"
+        return "FAILED"
+    make_node(state, name, res, sc)
+    return "ACTIVE"
+
+
+def make_node(state: dict, name: str, res: dict, sc: dict) -> None:
+    """A fresh node: empty worker homes, a coordinator port; the capacity watcher if asked."""
+    res.update(state="ACTIVE", workers=hosts(res["type"], sc["chips_per_host"]))
+    state["workers"] = res["workers"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        res["port"] = s.getsockname()[1]
+    shutil.rmtree(node_dir(name), ignore_errors=True)
+    for i in range(res["workers"]):
+        os.makedirs(os.path.join(node_dir(name), f"w{i}"))
+    left = sc["preemptions"] - state.get("preempted", 0)
+    if sc["preempt_at_step"] and res["spot"] and left > 0:
+        subprocess.Popen([sys.executable, os.path.join(HERE, "capacity.py"), name],
+                         start_new_session=True, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=open(
+                             os.path.join(SIM_DIR, "capacity.log"), "a"))
+    cloud_log(f"{name}: ACTIVE with {res['workers']} worker(s), coordinator port {res['port']}")
+
+
+# --- TPU VMs -------------------------------------------------------------------------------
+def active_node(name: str, command: str) -> dict:
+    with locked_state() as state:
+        res = state["resources"].get(name)
+    # node_gone: the node vanished while the queued resource still reads ACTIVE, as after
+    # some preemptions (CLOUD.md); tests set it in the state.
+    if res is None or res.get("state") != "ACTIVE" or res.get("deleting") or res.get(
+            "node_gone"):
+        not_found("nodes", name, f"tpu-vm.{command}")
+    return res
+
+
+def workers_of(args: list[str], res: dict) -> list[int]:
+    which = flag(args, "worker", "0")
+    if which == "all":
+        return list(range(res["workers"]))
+    if not which.isdigit() or int(which) >= res["workers"]:
+        fail(f"ERROR: --worker={which}: the node has workers 0-{res['workers'] - 1}")
+    return [int(which)]
+
+
+def worker_env(name: str, res: dict, i: int) -> dict:
+    """What a process on worker i sees: a clean login environment of the image, plus the
+    channels that stand in for the metadata server and the emulator's endpoints."""
+    sc = scenario()
+    return {**image_env(os.path.join(node_dir(name), f"w{i}")),
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={sc['chips_per_host']}",
+            "VITPOD_COORDINATOR_ADDRESS": f"127.0.0.1:{res['port']}",
+            "VITPOD_NUM_PROCESSES": str(res["workers"]), "VITPOD_PROCESS_ID": str(i),
+            "VITPOD_SIM_NODE": f"{SIM_DIR}:{name}:{i}"}
+
+
+def image_env(home: str) -> dict:
+    """A login shell on the simulated image: its PATH (python3 is the 3.10 stand-in), the
+    shared package caches, interpreter downloads off, and the scenario's worker_env."""
+    sc = scenario()
+    keep = {k: v for k, v in os.environ.items()
+            if k.startswith(("PIP_", "SSL_", "REQUESTS_CA")) or k.lower().endswith("_proxy")
+            or k in ("LANG", "LC_ALL", "TZ", "USER", "LOGNAME")}
+    return {**keep, "HOME": home, "SHELL": "/bin/bash",
+            "PATH": f"{sc['image_bin']}:/usr/local/bin:/usr/bin:/bin:{sc['downloads_bin']}",
+            "UV_PYTHON_DOWNLOADS": "never", "UV_CACHE_DIR": os.path.join(sc["cache_dir"], "uv"),
+            "PIP_CACHE_DIR": os.path.join(sc["cache_dir"], "pip"),
+            "PIP_ROOT_USER_ACTION": "ignore", **sc["worker_env"]}
+
+
+def tpu_vm(verb: str, args: list[str]) -> None:
+    name = positional(args)[0] if verb != "scp" else positional(args)[-1].split(":")[0]
+    if verb == "describe":
+        res = active_node(name, verb)
+        print(json.dumps({"name": name, "state": "READY", "acceleratorType": res["type"],
+                          "networkEndpoints": [{"ipAddress": "127.0.0.1", "port": 8470}
+                                               for _ in range(res["workers"])]}))
+        return
+    res = active_node(name, verb)
+    if verb == "scp":
+        with locked_state() as state:
+            failing = state.get("scp_failures", 0) < scenario()["scp_failures"]
+            state["scp_failures"] = state.get("scp_failures", 0) + failing
+        if failing:
+            fail("ssh: connect to host 127.0.0.1 port 22: Connection refused\n"
+                 "ERROR: (gcloud.compute.tpus.tpu-vm.scp) [/usr/bin/scp] exited with return "
+                 "code [255].", 255)
+        *sources, target = positional(args)
+        target = target.split(":", 1)[1].removeprefix("~/").removeprefix("~")
+        for i in workers_of(args, res):
+            dest = os.path.join(node_dir(name), f"w{i}", target)
+            if target.endswith("/") or target == "":
+                os.makedirs(dest, exist_ok=True)
+            for src in sources:
+                if os.path.isdir(src):
+                    shutil.copytree(src, os.path.join(dest, os.path.basename(src)),
+                                    dirs_exist_ok=True)
+                else:
+                    shutil.copy(src, dest)
+        return
+    if verb == "ssh":
+        command = flag(args, "command")
+        if not command:
+            fail("sim gcloud: an interactive ssh is not simulated; pass --command", 2)
+        procs = [subprocess.Popen(["bash", "-c", command], cwd=os.path.join(node_dir(name),
+                                                                             f"w{i}"),
+                                  env=worker_env(name, res, i), stdin=subprocess.DEVNULL)
+                 for i in workers_of(args, res)]
+        sys.exit(max(p.wait() for p in procs))
+    fail(f"sim gcloud: tpu-vm {verb} is not simulated", 2)
+
+
+# --- storage ---------------------------------------------------------------------------------
+def storage(verb: str, args: list[str]) -> None:
+    from google.cloud import storage as gcs
+
+    url = positional(args)[0]
+    bucket, _, prefix = url.removeprefix("gs://").partition("/")
+    client = gcs.Client(project="test-project")
+    if verb == "ls":
+        names = [b.name for b in client.list_blobs(bucket, prefix=prefix)]
+        if not names:
+            fail("ERROR: (gcloud.storage.ls) One or more URLs matched no objects.")
+        for n in names:
+            print(f"gs://{bucket}/{n}")
+        return
+    if verb == "cat":
+        blob = client.bucket(bucket).blob(prefix)
+        if not blob.exists():
+            fail(f"ERROR: (gcloud.storage.cat) The following URLs matched no objects or "
+                 f"files:\n-{url}")
+        sys.stdout.buffer.write(blob.download_as_bytes())
+        return
+    fail(f"sim gcloud: storage {verb} is not simulated", 2)
+
+
+def main(args: list[str]) -> None:
+    with locked_state() as state:
+        state["calls"].append(args)
+    if args[:3] == ["compute", "tpus", "queued-resources"] and len(args) > 3:
+        queued_resources(args[3], args[4:])
+    elif args[:3] == ["compute", "tpus", "tpu-vm"] and len(args) > 3:
+        tpu_vm(args[3], args[4:])
+    elif args[:1] == ["storage"] and len(args) > 2:
+        storage(args[1], args[2:])
+    else:
+        fail(f"sim gcloud: {' '.join(args[:4])} is not simulated", 2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

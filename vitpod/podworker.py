@@ -1,0 +1,182 @@
+"""What runs on each TPU worker around `vitpod.train`: a pid file, a log copied to the workdir,
+and markers that tell `make pod-launch` which workers started, got ready and exited.
+
+    python -m vitpod.podworker start --workdir=gs://B/run -- python -m vitpod.train ...
+    python -m vitpod.podworker stop
+
+`start` stops the trainer of an earlier launch (by its pid file, never by a name pattern: on
+one machine, as in `make pod-sim`, a pattern would kill other workers and other runs), then
+starts a supervisor in its own session, detached from the ssh call, and returns. The
+supervisor runs the command with its output in the log file, copies the log to
+`WORKDIR/logs/LAUNCH/worker-N.log` as it grows (a preempted VM takes its disk with it) and
+writes `WORKDIR/launches/LAUNCH/worker-N.started` / `.exited` (`train` writes `.joining` at
+its start and `.ready` once `jax.distributed` is up and its devices are checked). LAUNCH and
+N come from the launch's environment (`VITPOD_LAUNCH_ID`, `VITPOD_WORKER`); without them
+nothing is marked.
+"""
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from vitpod import storage
+
+LAUNCH_ENV, WORKER_ENV = "VITPOD_LAUNCH_ID", "VITPOD_WORKER"
+LIBTPU_LOCK = "/tmp/libtpu_lockfile"
+
+
+def marker_dir(workdir: str, launch_id: str) -> str:
+    return storage.join(workdir, "launches", launch_id)
+
+
+def mark(workdir: str, what: str, **info) -> None:
+    """Write WORKDIR/launches/LAUNCH/worker-N.WHAT (JSON) when launched by `make pod-launch`."""
+    launch_id, worker = os.environ.get(LAUNCH_ENV), os.environ.get(WORKER_ENV)
+    if not launch_id or worker is None:
+        return
+    info = {"worker": int(worker), "host": socket.gethostname(), "time": time.time(), **info}
+    storage.write_text(storage.join(marker_dir(workdir, launch_id), f"worker-{worker}.{what}"),
+                       json.dumps(info))
+
+
+def _our_group(pidfile: str) -> int | None:
+    """The process group in `pidfile` while a vitpod process still runs in it (pids get
+    reused: a group of strangers under that number is left alone)."""
+    try:
+        pgid = int(open(pidfile).read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    for pid in _members(pgid):
+        try:
+            if b"vitpod" in open(f"/proc/{pid}/cmdline", "rb").read():
+                return pgid
+        except OSError:
+            pass
+    return None
+
+
+def stop(pidfile: str, grace: float) -> str:
+    """SIGTERM the earlier launch's process group (a chance to save), SIGKILL after `grace`."""
+    pid = _our_group(pidfile)
+    said = "no earlier trainer running"
+    if pid is not None:
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while _group_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _group_alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+            said = f"killed the earlier trainer (process group {pid}) after {grace:.0f} s"
+        else:
+            said = f"stopped the earlier trainer (process group {pid})"
+        while _group_alive(pid):
+            time.sleep(0.1)
+    if os.path.exists(pidfile):
+        os.remove(pidfile)
+    if pid is not None and os.path.exists(LIBTPU_LOCK):
+        try:  # left behind by a killed trainer, it makes the next one see "TPU in use"
+            os.remove(LIBTPU_LOCK)
+        except OSError:
+            pass
+    return said
+
+
+def _group_alive(pgid: int) -> bool:
+    return bool(_members(pgid))
+
+
+def _members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`."""
+    found = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:  # /proc/PID/stat: state and pgid follow the parenthesised command name
+            stat = open(f"/proc/{pid}/stat").read()
+            fields = stat[stat.rindex(")") + 2:].split()
+        except (OSError, ValueError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            found.append(int(pid))
+    return found
+
+
+def start(args: argparse.Namespace) -> None:
+    print(f"worker {os.environ.get(WORKER_ENV, '?')}: {stop(args.pidfile, args.grace)}",
+          flush=True)
+    supervisor = [sys.executable, "-m", "vitpod.podworker", "supervise",
+                  f"--workdir={args.workdir}", f"--log={args.log}",
+                  f"--sync_seconds={args.sync_seconds}", "--", *args.command]
+    # Its own session: the ssh call that started it may end, and `stop` signals the group.
+    proc = subprocess.Popen(supervisor, start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(args.pidfile, "w") as f:
+        f.write(f"{proc.pid}\n")
+    print(f"worker {os.environ.get(WORKER_ENV, '?')}: started, process group {proc.pid}, "
+          f"log {os.path.abspath(args.log)}", flush=True)
+
+
+def supervise(args: argparse.Namespace) -> int:
+    # A preemption's SIGTERM reaches the whole group: the trainer saves and exits, and this
+    # process stays to copy the last lines of its log.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    launch_id, worker = os.environ.get(LAUNCH_ENV), os.environ.get(WORKER_ENV)
+    remote = (storage.join(args.workdir, "logs", launch_id, f"worker-{worker}.log")
+              if launch_id and worker is not None else None)
+    with open(args.log, "wb") as log:
+        trainer = subprocess.Popen(args.command, stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    mark(args.workdir, "started", pid=trainer.pid)
+    copied = -1
+    while True:
+        try:
+            code = trainer.wait(timeout=args.sync_seconds)
+        except subprocess.TimeoutExpired:
+            code = None
+        copied = _copy_log(args.log, remote, copied)
+        if code is not None:
+            break
+    mark(args.workdir, "exited", code=code)
+    return 0
+
+
+def _copy_log(log: str, remote: str | None, copied: int) -> int:
+    size = os.path.getsize(log)
+    if remote and size != copied:
+        try:
+            with open(log, "rb") as f:
+                storage.write_bytes(remote, f.read())
+        except Exception as e:  # noqa: BLE001 - a log copy must never stop the trainer
+            print(f"could not copy the log to {remote}: {e}", file=sys.stderr)
+            return copied
+    return size
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vitpod.podworker")
+    parser.add_argument("verb", choices=("start", "stop", "supervise"))
+    parser.add_argument("--workdir", default="")
+    parser.add_argument("--log", default="vitpod.log")
+    parser.add_argument("--pidfile", default="vitpod.pid")
+    parser.add_argument("--grace", type=float, default=60,
+                        help="seconds a stopped trainer gets to save before SIGKILL")
+    parser.add_argument("--sync_seconds", type=float, default=30)
+    command = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args.command = command
+    if args.verb == "stop":
+        print(f"worker {os.environ.get(WORKER_ENV, '?')}: {stop(args.pidfile, args.grace)}")
+        return 0
+    if not args.command or not args.workdir:
+        parser.error(f"{args.verb} needs --workdir and a command after --")
+    if args.verb == "start":
+        start(args)
+        return 0
+    return supervise(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
