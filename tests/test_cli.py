@@ -9,8 +9,8 @@ import pytest
 from tests.conftest import ROOT
 
 
-def _run(module, *args, timeout=120):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+def _run(module, *args, timeout=120, platforms="cpu"):
+    env = {**os.environ, "JAX_PLATFORMS": platforms,
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the workdir's own cache, as for a user
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
@@ -48,6 +48,34 @@ def test_train_cli_runs_and_prints_the_accuracy(colors, tmp_path):
     assert any((tmp_path / "compile_cache").iterdir())  # what a relaunch compiles from
     again = _run("vitpod.train", *args)  # a finished run says so and exits 0
     assert again.returncode == 0 and "already finished" in again.stderr
+
+
+HELD = ("most likely another process holds the accelerator (a stale trainer: make pod-launch "
+        "stops it by its pid file; or see `sudo lsof /dev/accel* /dev/vfio/*`), or the "
+        "worker's jax lacks the tpu extra (make pod-setup)")
+
+
+@pytest.mark.parametrize("platforms,expect,message", [
+    ("cpu", ["--expect_platform=tpu", "--expect_devices=8"],
+     f"error: expected 8 tpu devices, JAX found 8 cpu devices (8 local): it fell back to cpu; "
+     f"{HELD}"),
+    ("tpu", ["--expect_platform=tpu"], "error: JAX could not start the tpu backend (Unable to "
+     "initialize backend 'tpu': "),
+    ("cpu", ["--expect_platform=cpu", "--expect_devices=16"],
+     "error: expected 16 cpu devices across the job, found 8 cpu devices (8 local): a worker "
+     "did not join, or --expect_devices does not match the slice; check every worker with "
+     "make pod-check"),
+])
+def test_train_on_other_devices_than_expected_stops_at_start_and_writes_nothing(
+        colors, tmp_path, platforms, expect, message):
+    """No silent CPU training on a TPU slice: JAX's fallback, or a backend that cannot start."""
+    workdir = tmp_path / "run"
+    result = _run("vitpod.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+                  f"--config.data.train_dir={colors / 'train'}", *expect, platforms=platforms)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert not workdir.exists()
 
 
 def test_prepare_digits_writes_a_stratified_split(digits):

@@ -70,7 +70,15 @@ def stop(pidfile: str, grace: float) -> str:
         while _group_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         if _group_alive(pid):
-            os.killpg(pid, signal.SIGKILL)
+            # The trainer first, so that the supervisor still marks its exit and copies the log.
+            for member in _members(pid):
+                if member != pid:
+                    os.kill(member, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while _group_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if _group_alive(pid):
+                os.killpg(pid, signal.SIGKILL)
             said = f"killed the earlier trainer (process group {pid}) after {grace:.0f} s"
         else:
             said = f"stopped the earlier trainer (process group {pid})"

@@ -21,6 +21,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIM_DIR = os.path.abspath(os.environ.get("SIM_DIR", os.path.join(ROOT, "runs", "pod-sim")))
+# uv's and pip's caches, shared by every simulated worker (a rehearsal takes minutes).
+CACHE_DIR = os.path.abspath(os.environ.get("SIM_CACHE_DIR", os.path.join(SIM_DIR, "cache")))
 os.environ["SIM_DIR"] = SIM_DIR
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
@@ -76,7 +78,7 @@ def build_wheel() -> str:
 
 def warm_caches(wheel: str, python_version: str) -> None:
     """Run the workers' setup once, so that every simulated worker installs from the cache."""
-    home = os.path.join(SIM_DIR, "cache", "warm-home")
+    home = os.path.join(SIM_DIR, "warm-home")
     os.makedirs(home, exist_ok=True)
     shutil.copy(wheel, home)
     shutil.copy(os.path.join(ROOT, "deploy", "constraints.txt"),
@@ -105,7 +107,7 @@ def main() -> int:
     config = os.environ.get("CONFIG", "configs/demo.py")
     train_flags = os.environ.get("TRAIN_FLAGS") or DEFAULT_FLAGS
     preempt_at = int(os.environ.get("PREEMPT_AT_STEP", "30"))
-    for sub in ("nodes", "workdir", "image", "downloads"):
+    for sub in ("nodes", "workdir", "image", "downloads", "warm-home"):
         shutil.rmtree(os.path.join(SIM_DIR, sub), ignore_errors=True)
     for f in ("state.json", "cloud.log", "capacity.log", "scenario.json"):
         if os.path.exists(os.path.join(SIM_DIR, f)):
@@ -121,7 +123,7 @@ def main() -> int:
         with open(os.path.join(SIM_DIR, "scenario.json"), "w") as f:
             json.dump({"preempt_at_step": preempt_at, "watch_workdir": WORKDIR,
                        "worker_env": client_env, "image_bin": image_bin, "downloads_bin": downloads,
-                       "cache_dir": os.path.join(SIM_DIR, "cache"),
+                       "cache_dir": CACHE_DIR,
                        **json.loads(os.environ.get("SIM_SCENARIO", "{}"))}, f)
         flags = f"{train_flags} {data_flags(config, train_flags)}".strip()
         wheel = build_wheel()

@@ -1,0 +1,72 @@
+"""`make pod-sim`: pod-run rehearsed end to end on a simulated v4-16 (2 workers x 4 fake
+devices) with one preemption, against an uninterrupted 2-process run of the same config.
+
+Not part of `make test`: CI runs it as its own serial step (`make test-pod-sim`), since it
+installs vitpod on every simulated worker and runs three training jobs.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, read_losses
+
+FLAGS = ["--config.total_steps=60", "--config.log_every=1", "--config.save_every=20",
+         "--config.eval_every=0"]
+pytestmark = pytest.mark.podsim
+
+
+def test_pod_sim_survives_a_preemption_and_matches_an_uninterrupted_run(tmp_path):
+    digits = ROOT / "data" / "digits"
+    assert (digits / "train").is_dir(), "make test-pod-sim prepares data/digits first"
+    # Another run's trainer on this machine: a pattern like `pkill -f vitpod.train` would kill it.
+    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1200)",
+                              "vitpod.train", "--workdir=someone-elses-run"])
+    sim_dir = tmp_path / "sim"
+    env = {**os.environ, "SIM_DIR": str(sim_dir), "TPU_TYPE": "v4-16",
+           "CONFIG": "configs/demo.py", "TRAIN_FLAGS": " ".join(FLAGS), "PREEMPT_AT_STEP": "25",
+           # The package caches outlive the test: a rerun installs on the workers from them.
+           "SIM_CACHE_DIR": str(ROOT / "runs" / "pod-sim" / "cache")}
+    try:
+        sim = subprocess.run([sys.executable, "deploy/sim/podsim.py"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=1500)
+        assert decoy.poll() is None, "the rehearsal killed a process of another run"
+    finally:
+        decoy.kill()
+    log = sim.stdout + sim.stderr
+    assert sim.returncode == 0, log[-5000:]
+    summary = [line for line in sim.stdout.splitlines() if line.startswith("[pod-sim] DONE")]
+    assert summary and re.search(r"DONE: 60 steps, 1 preemption\(s\) survived, 2 worker\(s\)",
+                                 summary[0]), log[-3000:]
+    for stage in ("WAITING_FOR_RESOURCES", "PROVISIONING", "SUSPENDING (preemption notice)",
+                  "slice lost (queued resource SUSPENDED)", "DELETING", "deleted",
+                  "all 2 worker(s) ready", "pod-check: all 2 worker(s) ok, 4 cpu devices each"):
+        assert stage in sim.stdout, stage
+
+    workdir = sim_dir / "workdir"
+    assert json.loads((workdir / "DONE").read_text())["step"] == 60
+    launches = sorted(p.name for p in (workdir / "launches").iterdir())
+    assert len(launches) == 2
+    first_logs = [(workdir / "logs" / launches[0] / f"worker-{i}.log").read_text()
+                  for i in range(2)]
+    stops = {re.search(r"preempted at step (\d+), checkpoint saved", t).group(1)
+             for t in first_logs}
+    assert len(stops) == 1  # both workers agreed on the step they saved
+    assert "resuming from the checkpoint of step " + stops.pop() in (
+        workdir / "logs" / launches[1] / "worker-0.log").read_text()
+
+    reference = tmp_path / "reference"
+    ran = subprocess.run(
+        [sys.executable, "-m", "vitpod.launch", "--num_processes=2", "--devices_per_process=4",
+         "--", "--config=configs/demo.py", f"--workdir={reference}", *FLAGS,
+         f"--config.data.train_dir={digits / 'train'}", f"--config.data.val_dir={digits / 'val'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert ran.returncode == 0, ran.stdout[-3000:]
+    simulated, uninterrupted = read_losses(workdir), read_losses(reference)
+    assert sorted(simulated) == sorted(uninterrupted) == list(range(1, 61))
+    for step, loss in uninterrupted.items():
+        assert simulated[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
