@@ -19,159 +19,14 @@ import subprocess
 import sys
 import time
 
-from tpu_slice import (
-    NODE_GONE,
-    WAITING,
-    Gcloud,
-    PodError,
-    for_each_worker,
-    last_line,
-    log,
-    slice_devices,
-)
+from gcloud_cli import PodError, for_each_worker, last_line, log
+from tpu_slice import HERE, NODE_GONE, Slice, load_settings, slice_devices
 
-DEFAULTS = {"WORKER": "0", "PLATFORM": "tpu", "PYTHON_VERSION": "3.11.7", "UV_VERSION": "0.13.9",
-            "WAIT_TIMEOUT": "7200", "POLL_SECONDS": "60", "MAX_RETRIES": "20",
-            "READY_TIMEOUT": "900", "SSH_TIMEOUT": "900", "SSH_RETRIES": "4",
-            "DESCRIBE_RETRIES": "8", "LOG_SYNC_SECONDS": "30", "CRASH_GRACE": "120",
-            "CAPACITY": "spot"}
-KEYS = ("PROJECT", "ZONE", "NAME", "TPU_TYPE", "RUNTIME_VERSION", "CAPACITY", "WORKDIR",
-        "CONFIG", "TRAIN_FLAGS", "WHEEL", "PYPI_MIRROR", "PYTHON_MIRROR", *DEFAULTS)
-RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite",
-            "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
-CAPACITY_FLAGS = {"spot": ["--spot"], "reserved": ["--reserved"], "on-demand": []}
-VENV, LOG, CONFIGS = "vitpod-venv", "vitpod.log", "vitpod-configs"
-HERE = os.path.dirname(os.path.abspath(__file__))
+VENV, LOG, CONFIGS = "vitpod-venv", "vitpod.log", "vitpod-configs"  # in each worker's home
 
 
-def load_settings(path: str, env: dict) -> dict:
-    settings = dict(DEFAULTS)
-    if os.path.exists(path):
-        for line in open(path):
-            line = line.strip()
-            if line and not line.startswith("#") and "=" in line:
-                key, value = line.split("=", 1)
-                settings[key.strip()] = value.strip()
-    settings.update({k: env[k] for k in KEYS if k in env})
-    if settings["CAPACITY"] not in CAPACITY_FLAGS:
-        raise PodError(f"CAPACITY={settings['CAPACITY']!r}: use one of {', '.join(CAPACITY_FLAGS)}")
-    if not settings.get("RUNTIME_VERSION"):
-        generation = settings.get("TPU_TYPE", "").rsplit("-", 1)[0]
-        if generation not in RUNTIMES:
-            raise PodError(f"TPU_TYPE={settings.get('TPU_TYPE')!r}: set RUNTIME_VERSION too "
-                           f"(defaults exist for {', '.join(RUNTIMES)})")
-        settings["RUNTIME_VERSION"] = RUNTIMES[generation]
-    return settings
-
-
-class Pod:
-    def __init__(self, settings: dict, dry_run: bool = False, sleep=time.sleep):
-        self.s, self.dry_run, self.sleep = settings, dry_run, sleep
-        self.g = Gcloud(dry_run, sleep, float(settings["SSH_TIMEOUT"]))
-        self.launch_id = ""
-
-    def need(self, *keys: str) -> None:
-        missing = [k for k in keys if not self.s.get(k)]
-        if missing:
-            raise PodError(f"set {', '.join(missing)} in deploy/pod.env or on the command line")
-        if "WORKDIR" in keys and not self.s["WORKDIR"].startswith("gs://"):
-            raise PodError(f"WORKDIR={self.s['WORKDIR']!r}: use a gs:// path; a worker's disk "
-                           "dies with the slice")
-
-    def num(self, key: str) -> float:
-        return float(self.s[key])
-
-    def _where(self) -> list[str]:
-        return [f"--project={self.s['PROJECT']}", f"--zone={self.s['ZONE']}"]
-
-    def _qr(self, verb: str, *args: str) -> list[str]:
-        return ["compute", "tpus", "queued-resources", verb, self.s["NAME"], *args, *self._where()]
-
-    def _vm(self, verb: str, *args: str) -> list[str]:
-        return ["compute", "tpus", "tpu-vm", verb, *args, *self._where()]
-
-    # --- the slice's state -------------------------------------------------------------
-    def qr_state(self) -> tuple[str, str]:
-        """(state, failure message); ('NOT_FOUND', '') when there is no queued resource."""
-        found = self.g.describe(*self._qr("describe"), retries=int(self.num("DESCRIBE_RETRIES")))
-        if found is None:
-            return "NOT_FOUND", ""
-        state = found.get("state", {})
-        message = state.get("failedData", {}).get("error", {}).get("message", "")
-        return state.get("state", "UNKNOWN"), message
-
-    def node(self) -> dict | None:
-        return self.g.describe(*self._vm("describe", self.s["NAME"]),
-                               retries=int(self.num("DESCRIBE_RETRIES")))
-
-    def workers(self) -> int:
-        """Workers of the slice, counted from its network endpoints (never from a table)."""
-        node = self.node()
-        if node is None:
-            raise PodError(f"no TPU VM named {self.s['NAME']}: make pod-create first")
-        return max(1, len(node.get("networkEndpoints", [])))
-
-    def create(self) -> None:
-        """Make the queued resource ACTIVE: create it, wait through its states, and replace
-        one that FAILED or was suspended (spot VMs cannot be restarted)."""
-        self.need("PROJECT", "ZONE", "NAME", "TPU_TYPE")
-        deadline = time.monotonic() + self.num("WAIT_TIMEOUT")
-        failures, last = 0, None
-        while True:
-            state, message = ("ACTIVE", "") if self.dry_run else self.qr_state()
-            if state != last:
-                log(f"{self.s['NAME']}: {state}" + (f" ({message})" if message else ""))
-                last = state
-            if state == "ACTIVE":
-                if not self.dry_run:
-                    log(f"{self.s['NAME']}: {self.workers()} worker(s) of {self.s['TPU_TYPE']}")
-                return
-            if state == "NOT_FOUND":
-                self._create_request()
-            elif state == "FAILED":
-                failures += 1
-                if failures > int(self.num("MAX_RETRIES")):
-                    raise PodError(f"{self.s['NAME']} FAILED {failures} times, last: {message}")
-                log(f"{self.s['NAME']} FAILED: {message or 'no reason given'}; deleting it and "
-                    f"asking again ({failures}/{self.s['MAX_RETRIES']})")
-                self.delete()
-            elif state == "SUSPENDED":
-                log(f"{self.s['NAME']} was suspended (spot capacity taken back): replacing it")
-                self.delete()
-            elif state not in WAITING + ("DELETING", "SUSPENDING"):
-                raise PodError(f"{self.s['NAME']} is in state {state}; make pod-status")
-            if time.monotonic() > deadline:
-                raise PodError(f"{self.s['NAME']} still {state} after {self.s['WAIT_TIMEOUT']} s"
-                               " (no capacity yet); raise WAIT_TIMEOUT or try another zone")
-            if state != "NOT_FOUND":
-                self.sleep(self.num("POLL_SECONDS"))
-
-    def _create_request(self) -> None:
-        log(f"asking for {self.s['NAME']}: {self.s['TPU_TYPE']}, {self.s['CAPACITY']}, "
-            f"{self.s['RUNTIME_VERSION']}")
-        code, _, err = self.g.call(*self._qr(
-            "create", f"--node-id={self.s['NAME']}", f"--accelerator-type={self.s['TPU_TYPE']}",
-            f"--runtime-version={self.s['RUNTIME_VERSION']}",
-            *CAPACITY_FLAGS[self.s["CAPACITY"]]), retries=3)
-        if code:
-            raise PodError(f"creating {self.s['NAME']} failed: {last_line(err) or code}")
-
-    def delete(self) -> None:
-        """Delete the queued resource and its node; wait until the name is free again."""
-        log(f"deleting {self.s['NAME']} (queued resource and its node)")
-        code, _, err = self.g.call(*self._qr("delete", "--force", "--quiet", "--async"),
-                                   retries=3)
-        if code and "NOT_FOUND" not in err:
-            raise PodError(f"deleting {self.s['NAME']} failed: {last_line(err) or code}")
-        if self.dry_run:
-            return
-        last = None
-        while (state := self.qr_state()[0]) != "NOT_FOUND":
-            if state != last:
-                log(f"{self.s['NAME']}: {state}")
-                last = state
-            self.sleep(min(self.num("POLL_SECONDS"), 10))
-        log(f"{self.s['NAME']}: deleted")
+class Pod(Slice):
+    """A slice and the run on it: per-worker set-up, launch, watch, the preemption loop."""
 
     # --- per-worker work -----------------------------------------------------------------
     def on_workers(self, what: str, call, workers: int | None = None) -> dict[int, object]:
@@ -271,7 +126,8 @@ class Pod:
         def start(i: int):
             # JAX_PLATFORMS makes JAX fail instead of falling back to the CPU.
             env = (f"JAX_PLATFORMS={shlex.quote(self.s['PLATFORM'])} "
-                   f"VITPOD_LAUNCH_ID={self.launch_id} VITPOD_WORKER={i}")
+                   f"VITPOD_LAUNCH_ID={self.launch_id} VITPOD_WORKER={i} "
+                   f"VITPOD_TPU_TYPE={shlex.quote(self.s['TPU_TYPE'])}")
             return self.ssh(i, f"cd ~ && {env} {VENV}/bin/python -m vitpod.podworker start "
                             f"--workdir={shlex.quote(self.s['WORKDIR'])} "
                             f"--sync_seconds={self.s['LOG_SYNC_SECONDS']} -- {shlex.join(train)}")
@@ -408,6 +264,7 @@ class Pod:
                 log(f"{self.s['WORKDIR']}/DONE exists: training finished "
                     f"({lost} preemption(s) survived)")
                 self.wait_exited()
+                self.report()
                 self.delete()
                 return
             fresh = outcome != "stopped"
@@ -418,6 +275,14 @@ class Pod:
                                    "workdir keeps the progress: make pod-run again to continue")
                 log(f"slice lost ({outcome}); replacing it ({lost}/{retries})")
                 self.delete()
+
+    def report(self) -> None:
+        """The run's goodput (python -m vitpod.report), computed on worker 0."""
+        price = self.s.get("PRICE_PER_CHIP_HOUR", "")
+        self.ssh(0, f"cd ~ && {VENV}/bin/python -m vitpod.report "
+                    f"--workdir={shlex.quote(self.s['WORKDIR'])}"
+                    + (f" --price_per_chip_hour={shlex.quote(price)}" if price else ""),
+                 retries=2)
 
     # --- for people -----------------------------------------------------------------------
     def status(self) -> None:

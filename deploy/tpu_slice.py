@@ -1,31 +1,60 @@
-"""gcloud for deploy/pod.py: calls with retries and timeouts, states read as JSON, per-worker
-calls in parallel, and what a TPU type implies. Standard library only.
-
-A gcloud error is NOT_FOUND only when gcloud says so; any other failure (network, quota,
-auth) is retried and, if it persists, reported, never taken for a preemption.
+"""A TPU slice as a queued resource: settings, what a type implies, and its life cycle
+(create with fallback types, wait through the documented states, delete). Standard library
+only.
 """
 
-import concurrent.futures
-import datetime
 import json
-import shlex
-import subprocess
-import threading
+import os
 import time
+
+from gcloud_cli import Gcloud, PodError, last_line, log
 
 # Queued-resource states (CLOUD.md): waiting ones, and those after which the slice is gone.
 WAITING = ("ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "CREATING")
 NODE_GONE = ("PREEMPTED", "TERMINATED", "NOT_FOUND")
-_print_lock = threading.Lock()
+DEFAULTS = {"WORKER": "0", "PLATFORM": "tpu", "PYTHON_VERSION": "3.11.7", "UV_VERSION": "0.13.9",
+            "WAIT_TIMEOUT": "7200", "POLL_SECONDS": "60", "MAX_RETRIES": "20",
+            "READY_TIMEOUT": "900", "SSH_TIMEOUT": "900", "SSH_RETRIES": "4",
+            "DESCRIBE_RETRIES": "8", "LOG_SYNC_SECONDS": "30", "CRASH_GRACE": "120",
+            "CAPACITY": "spot"}
+KEYS = ("PROJECT", "ZONE", "NAME", "TPU_TYPE", "TPU_TYPES", "QUEUE_TIMEOUT", "RUNTIME_VERSION",
+        "CAPACITY", "WORKDIR", "CONFIG", "TRAIN_FLAGS", "WHEEL", "PYPI_MIRROR", "PYTHON_MIRROR",
+        "PRICE_PER_CHIP_HOUR", *DEFAULTS)
+RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite",
+            "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
+CAPACITY_FLAGS = {"spot": ["--spot"], "reserved": ["--reserved"], "on-demand": []}
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class PodError(Exception):
-    """A problem to report in one line."""
+def load_settings(path: str, env: dict) -> dict:
+    settings = dict(DEFAULTS)
+    if os.path.exists(path):
+        for line in open(path):
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, value = line.split("=", 1)
+                settings[key.strip()] = value.strip()
+    settings.update({k: env[k] for k in KEYS if k in env})
+    if settings["CAPACITY"] not in CAPACITY_FLAGS:
+        raise PodError(f"CAPACITY={settings['CAPACITY']!r}: use one of {', '.join(CAPACITY_FLAGS)}")
+    if settings.get("TPU_TYPES"):  # fallbacks, most wanted first: v4-32,v4-16@us-central2-a
+        settings["TPU_TYPE"] = settings["TPU_TYPES"].split(",")[0].split("@")[0].strip()
+    if not settings.get("RUNTIME_VERSION"):
+        for item in (settings.get("TPU_TYPES") or settings.get("TPU_TYPE", "")).split(","):
+            tpu_type = item.split("@")[0].strip()
+            if tpu_type.rsplit("-", 1)[0] not in RUNTIMES:
+                raise PodError(f"TPU_TYPE={tpu_type!r}: set RUNTIME_VERSION too "
+                               f"(defaults exist for {', '.join(RUNTIMES)})")
+        settings["RUNTIME_VERSION"] = RUNTIMES[settings["TPU_TYPE"].rsplit("-", 1)[0]]
+    return settings
 
 
-def log(message: str) -> None:
-    with _print_lock:
-        print(f"[pod {datetime.datetime.now():%Y-%m-%d %H:%M:%S}] {message}", flush=True)
+def runtime_for(tpu_type: str, settings: dict) -> str:
+    """The software version for a fallback type: the default of its generation, unless the
+    settings name one and there are no fallbacks."""
+    if not settings.get("TPU_TYPES") and settings.get("RUNTIME_VERSION"):
+        return settings["RUNTIME_VERSION"]
+    return RUNTIMES[tpu_type.rsplit("-", 1)[0]]
 
 
 def slice_devices(tpu_type: str) -> int | None:
@@ -38,92 +67,158 @@ def slice_devices(tpu_type: str) -> int | None:
     return int(int(size) * per_unit[generation]) if generation in per_unit else None
 
 
-def is_not_found(stderr: str) -> bool:
-    """gcloud's own answer that something does not exist (a resource, or objects in a bucket):
-    final, unlike a failure to ask."""
-    return any(s in stderr for s in ("NOT_FOUND", "was not found", "matched no objects"))
+class Slice:
+    """The queued resource NAME and its node, as the settings describe them."""
 
+    def __init__(self, settings: dict, dry_run: bool = False, sleep=time.sleep):
+        self.s, self.dry_run, self.sleep = settings, dry_run, sleep
+        self.g = Gcloud(dry_run, sleep, float(settings["SSH_TIMEOUT"]))
+        self.launch_id, self.bucket_location = "", None
+        self.types = [(item.split("@")[0].strip(), item.partition("@")[2].strip()
+                       or settings.get("ZONE", ""))
+                      for item in (settings.get("TPU_TYPES") or settings.get("TPU_TYPE", ""))
+                      .split(",")]
 
-def last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+    def need(self, *keys: str) -> None:
+        missing = [k for k in keys if not self.s.get(k)]
+        if missing:
+            raise PodError(f"set {', '.join(missing)} in deploy/pod.env or on the command line")
+        if "WORKDIR" in keys and not self.s["WORKDIR"].startswith("gs://"):
+            raise PodError(f"WORKDIR={self.s['WORKDIR']!r}: use a gs:// path; a worker's disk "
+                           "dies with the slice")
 
+    def num(self, key: str) -> float:
+        return float(self.s[key])
 
-class Gcloud:
-    """Runs gcloud (or prints it with dry_run); `sleep` is injectable for fast retries."""
+    def _where(self) -> list[str]:
+        return [f"--project={self.s['PROJECT']}", f"--zone={self.s['ZONE']}"]
 
-    def __init__(self, dry_run: bool = False, sleep=time.sleep, timeout: float = 600):
-        self.dry_run, self.sleep, self.timeout = dry_run, sleep, timeout
+    def _qr(self, verb: str, *args: str) -> list[str]:
+        return ["compute", "tpus", "queued-resources", verb, self.s["NAME"], *args, *self._where()]
 
-    def call(self, *args: str, retries: int = 1, timeout: float | None = None,
-             prefix: str = "", stream: bool = False) -> tuple[int, str, str]:
-        """(exit code, stdout, stderr); retries any failure but NOT_FOUND, with backoff.
-        `stream` prints output lines as they come, each after `prefix`."""
-        cmd = ["gcloud", *args]
+    def _vm(self, verb: str, *args: str) -> list[str]:
+        return ["compute", "tpus", "tpu-vm", verb, *args, *self._where()]
+
+    # --- the slice's state -------------------------------------------------------------
+    def qr_state(self) -> tuple[str, str]:
+        """(state, failure message); ('NOT_FOUND', '') when there is no queued resource."""
+        found = self.g.describe(*self._qr("describe"), retries=int(self.num("DESCRIBE_RETRIES")))
+        if found is None:
+            return "NOT_FOUND", ""
+        state = found.get("state", {})
+        message = state.get("failedData", {}).get("error", {}).get("message", "")
+        return state.get("state", "UNKNOWN"), message
+
+    def node(self) -> dict | None:
+        return self.g.describe(*self._vm("describe", self.s["NAME"]),
+                               retries=int(self.num("DESCRIBE_RETRIES")))
+
+    def workers(self) -> int:
+        """Workers of the slice, counted from its network endpoints (never from a table)."""
+        node = self.node()
+        if node is None:
+            raise PodError(f"no TPU VM named {self.s['NAME']}: make pod-create first")
+        # The slice we have, whichever of the fallback types it is.
+        self.s["TPU_TYPE"] = node.get("acceleratorType") or self.s["TPU_TYPE"]
+        return max(1, len(node.get("networkEndpoints", [])))
+
+    def create(self) -> None:
+        """Make the queued resource ACTIVE: create it, wait through its states, and replace
+        one that FAILED or was suspended (spot VMs cannot be restarted). With fallback types
+        (TPU_TYPES), a request that FAILED or waited QUEUE_TIMEOUT s gives way to the next."""
+        self.need("PROJECT", "ZONE", "NAME", "TPU_TYPE")
+        deadline = time.monotonic() + self.num("WAIT_TIMEOUT")
+        failures, last, index, asked = 0, None, 0, None
+        self._use(0)
+        queue_timeout = float(self.s.get("QUEUE_TIMEOUT") or 0)
+        while True:
+            state, message = ("ACTIVE", "") if self.dry_run else self.qr_state()
+            if state != last:
+                log(f"{self.s['NAME']}: {state}" + (f" ({message})" if message else ""))
+                last = state
+            if state == "ACTIVE":
+                if not self.dry_run:
+                    log(f"{self.s['NAME']}: {self.workers()} worker(s) of {self.s['TPU_TYPE']}")
+                return
+            waited = asked is not None and time.monotonic() - asked > queue_timeout > 0
+            if state == "NOT_FOUND":
+                self._create_request()
+                asked = time.monotonic()
+            elif state == "FAILED" or (state in WAITING and waited and len(self.types) > 1):
+                failures += state == "FAILED"
+                if failures > int(self.num("MAX_RETRIES")):
+                    raise PodError(f"{self.s['NAME']} FAILED {failures} times, last: {message}")
+                why = (f"FAILED: {message or 'no reason given'}" if state == "FAILED" else
+                       f"waited {queue_timeout:g} s for capacity")
+                self.delete()
+                if len(self.types) > 1:
+                    index = (index + 1) % len(self.types)
+                    log(f"{self.types[index - 1][0]} {why}; asking for {self.types[index][0]}"
+                        " instead")
+                    self._use(index)
+                else:
+                    log(f"{self.s['NAME']} {why}; deleted it, asking again ({failures}/"
+                        f"{self.s['MAX_RETRIES']})")
+                last = None
+                continue
+            elif state == "SUSPENDED":
+                log(f"{self.s['NAME']} was suspended (spot capacity taken back): replacing it")
+                self.delete()
+            elif state not in WAITING + ("DELETING", "SUSPENDING"):
+                raise PodError(f"{self.s['NAME']} is in state {state}; make pod-status")
+            if time.monotonic() > deadline:
+                raise PodError(f"{self.s['NAME']} still {state} after {self.s['WAIT_TIMEOUT']} s"
+                               " (no capacity yet); raise WAIT_TIMEOUT or try another zone")
+            if state != "NOT_FOUND":
+                self.sleep(self.num("POLL_SECONDS"))
+
+    def _use(self, index: int) -> None:
+        """Ask for fallback type `index` next (its zone, its generation's runtime)."""
+        tpu_type, zone = self.types[index]
+        self.s.update(TPU_TYPE=tpu_type, ZONE=zone, RUNTIME_VERSION=runtime_for(tpu_type,
+                                                                                 self.s))
+        if len(self.types) > 1 and not self.dry_run:
+            self._warn_if_far(zone)
+
+    def _warn_if_far(self, zone: str) -> None:
+        """A slice in another region than the bucket pays egress for every image it reads."""
+        if self.bucket_location is None:
+            bucket = self.s.get("WORKDIR", "").removeprefix("gs://").split("/")[0]
+            code, out, _ = self.g.call("storage", "buckets", "describe", f"gs://{bucket}",
+                                       "--format=json", retries=2, timeout=120)
+            self.bucket_location = json.loads(out).get("location", "").lower() if code == 0 \
+                else ""
+        region = zone.rsplit("-", 1)[0]
+        if "-" in self.bucket_location and region != self.bucket_location:
+            log(f"warning: zone {zone} is outside the bucket's region {self.bucket_location}:"
+                " reading the data there costs egress")
+
+    def _create_request(self) -> None:
+        log(f"asking for {self.s['NAME']}: {self.s['TPU_TYPE']}, {self.s['CAPACITY']}, "
+            f"{self.s['RUNTIME_VERSION']}")
+        code, _, err = self.g.call(*self._qr(
+            "create", f"--node-id={self.s['NAME']}", f"--accelerator-type={self.s['TPU_TYPE']}",
+            f"--runtime-version={self.s['RUNTIME_VERSION']}",
+            *CAPACITY_FLAGS[self.s["CAPACITY"]],
+            # GA: the request turns FAILED when it waited this long (then the next type).
+            *([f"--valid-until-duration={self.s['QUEUE_TIMEOUT']}s"]
+              if float(self.s.get("QUEUE_TIMEOUT") or 0) > 0 else [])), retries=3)
+        if code:
+            raise PodError(f"creating {self.s['NAME']} failed: {last_line(err) or code}")
+
+    def delete(self) -> None:
+        """Delete the queued resource and its node; wait until the name is free again."""
+        log(f"deleting {self.s['NAME']} (queued resource and its node)")
+        code, _, err = self.g.call(*self._qr("delete", "--force", "--quiet", "--async"),
+                                   retries=3)
+        if code and "NOT_FOUND" not in err:
+            raise PodError(f"deleting {self.s['NAME']} failed: {last_line(err) or code}")
         if self.dry_run:
-            print(shlex.join(cmd), flush=True)
-            return 0, "", ""
-        for attempt in range(1, retries + 1):
-            code, out, err = self._once(cmd, timeout or self.timeout, prefix, stream)
-            if code == 0 or is_not_found(err) or attempt == retries:
-                return code, out, err
-            log(f"{prefix}gcloud {' '.join(args[2:4])} failed ({last_line(err) or code}); "
-                f"retry {attempt}/{retries - 1}")
-            self.sleep(min(60, 2 ** attempt))
-        raise AssertionError("unreachable")
-
-    def _once(self, cmd, timeout, prefix, stream) -> tuple[int, str, str]:
-        try:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    stdin=subprocess.DEVNULL, text=True)
-        except FileNotFoundError:
-            raise PodError("gcloud is not installed or not on PATH") from None
-        lines = {"out": [], "err": []}
-
-        def pump(name, pipe):
-            for line in pipe:
-                lines[name].append(line)
-                if stream:
-                    with _print_lock:
-                        print(f"{prefix}{line}", end="", flush=True)
-
-        pumps = [threading.Thread(target=pump, args=(n, p), daemon=True)
-                 for n, p in (("out", proc.stdout), ("err", proc.stderr))]
-        for t in pumps:
-            t.start()
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
-            lines["err"].append(f"timed out after {timeout:.0f} s\n")
-        for t in pumps:
-            t.join(timeout=5)
-        return code, "".join(lines["out"]), "".join(lines["err"])
-
-    def describe(self, *args: str, retries: int) -> dict | None:
-        """The resource as JSON, or None when gcloud says NOT_FOUND. Other errors are retried
-        and then raised: an unreadable state is not a lost slice."""
-        code, out, err = self.call(*args, "--format=json", retries=retries, timeout=120)
-        if self.dry_run:
-            return {"state": {"state": "ACTIVE"}, "networkEndpoints": [{}]}
-        if code == 0:
-            return json.loads(out or "{}")
-        if is_not_found(err):
-            return None
-        raise PodError(f"cannot read the state of {args[4]} after {retries} tries "
-                       f"({last_line(err) or f'gcloud exit {code}'}); the slice is left as "
-                       "it is (not treated as preempted): check gcloud, then make pod-status")
-
-
-def for_each_worker(workers: int, fn, threads: int = 32) -> dict[int, object]:
-    """fn(i) for every worker index, in parallel; {i: result or the exception raised}."""
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, workers))) as pool:
-        futures = {i: pool.submit(fn, i) for i in range(workers)}
-    results = {}
-    for i, future in futures.items():
-        try:
-            results[i] = future.result()
-        except Exception as e:  # noqa: BLE001 - reported per worker by the caller
-            results[i] = e
-    return results
+            return
+        last = None
+        while (state := self.qr_state()[0]) != "NOT_FOUND":
+            if state != last:
+                log(f"{self.s['NAME']}: {state}")
+                last = state
+            self.sleep(min(self.num("POLL_SECONDS"), 10))
+        log(f"{self.s['NAME']}: deleted")

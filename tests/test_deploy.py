@@ -129,7 +129,7 @@ def test_failed_creation_is_reported_deleted_and_asked_for_again(cloud):
     cloud.set(fail_creations=[reason])
     result = cloud.pod("create")
     assert result.returncode == 0, result.stderr
-    assert f"vp FAILED: {reason}; deleting it and asking again (1/3)" in result.stdout
+    assert f"vp FAILED: {reason}; deleted it, asking again (1/3)" in result.stdout
     verbs = [v for v in _verbs(cloud.state()["calls"]) if "describe" not in v]
     assert verbs == ["queued-resources create", "queued-resources delete",
                      "queued-resources create"]
@@ -149,6 +149,23 @@ def test_waiting_for_capacity_times_out(cloud):
     result = cloud.pod("create", WAIT_TIMEOUT="0.5")
     assert result.returncode == 1
     assert "still WAITING_FOR_RESOURCES after 0.5 s (no capacity yet)" in result.stderr
+
+
+def test_fallback_types_give_way_when_one_waits_too_long(cloud):
+    cloud.set(capacity_limits={"v4-32": 0})  # no v4-32 to be had
+    result = cloud.pod("create", TPU_TYPES="v4-32,v4-16@europe-west4-a", QUEUE_TIMEOUT="1",
+                       POLL_SECONDS="0.2")
+    assert result.returncode == 0, result.stderr
+    creates = [c for c in cloud.state()["calls"] if c[3:4] == ["create"]]
+    assert [(c[6], c[-1]) for c in creates] == [
+        ("--accelerator-type=v4-32", "--zone=us-central2-b"),
+        ("--accelerator-type=v4-16", "--zone=europe-west4-a")]
+    assert "--valid-until-duration=1s" in creates[0]
+    assert ("v4-32 waited 1 s for capacity; asking for v4-16 instead" in result.stdout
+            or "v4-32 FAILED: the request expired" in result.stdout)
+    assert ("warning: zone europe-west4-a is outside the bucket's region us-central2: reading "
+            "the data there costs egress") in result.stdout
+    assert "vp: 2 worker(s) of v4-16" in result.stdout
 
 
 def test_a_failed_describe_is_retried_and_never_read_as_a_preemption(cloud):

@@ -124,3 +124,24 @@ def test_hosts_launched_with_different_configs_refuse_to_start(colors, tmp_path)
     assert [p.returncode for p in procs] == [2, 2]
     for err in errors:
         assert "error: process(es) [1] run a different config or workdir than process 0" in err
+
+
+def test_resume_on_other_layouts_and_slices_continues_the_same_run(colors, tmp_path):
+    """data=8 on 1x8 devices -> data=2 x fsdp=4 on 2x4 -> fsdp over all (-1) on 1x4: params,
+    AdamW state and the EMA restored into each new layout's shardings, the same batches."""
+    ema = "--config.optim.ema_decay=0.9"
+    reference = load_config("tiny", data__train_dir=str(colors / "train"),
+                            data__val_dir=str(colors / "val"), optim__ema_decay=0.9)
+    train.run(reference, str(tmp_path / "reference"))
+    switched = tmp_path / "switched"
+    stages = [(1, 8, ["--config.mesh.data=8", "--stop_after=2"]),
+              (2, 4, ["--config.mesh.data=2", "--config.mesh.fsdp=4", "--stop_after=4"]),
+              (1, 4, ["--config.mesh.fsdp=-1"])]
+    for processes, devices, extra in stages:
+        result = _launch(switched, colors, ema, *extra, processes=processes, devices=devices)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resuming from the checkpoint of step 4" in result.stdout + result.stderr
+    losses, expected = read_losses(switched), read_losses(tmp_path / "reference")
+    np.testing.assert_allclose([losses[s] for s in range(1, 7)],
+                               [expected[s] for s in range(1, 7)], rtol=1e-5)
+    assert_params_close(read_params(tmp_path / "reference", 6), read_params(switched, 6))

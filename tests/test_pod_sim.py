@@ -70,3 +70,31 @@ def test_pod_sim_survives_a_preemption_and_matches_an_uninterrupted_run(tmp_path
     assert sorted(simulated) == sorted(uninterrupted) == list(range(1, 61))
     for step, loss in uninterrupted.items():
         assert simulated[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
+
+
+def test_pod_sim_comes_back_on_a_smaller_slice_and_reports_its_goodput(tmp_path):
+    """A v4-32 (4 workers) preempted, no v4-32 to be had after it: the run goes on on the
+    fallback v4-16 (2 workers) and finishes; the report counts both launches."""
+    sim_dir = tmp_path / "sim"
+    env = {**os.environ, "SIM_DIR": str(sim_dir), "TPU_TYPES": "v4-32,v4-16",
+           "QUEUE_TIMEOUT": "5", "SIM_CAPACITY": "v4-32=1", "CONFIG": "configs/demo.py",
+           "TRAIN_FLAGS": " ".join(FLAGS), "PREEMPT_AT_STEP": "25",
+           "PRICE_PER_CHIP_HOUR": "1.5",
+           "SIM_CACHE_DIR": str(ROOT / "runs" / "pod-sim" / "cache")}
+    sim = subprocess.run([sys.executable, "deploy/sim/podsim.py"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=1500)
+    assert sim.returncode == 0, (sim.stdout + sim.stderr)[-5000:]
+    out = sim.stdout
+    assert "vitpod-sim: 4 worker(s) of v4-32" in out
+    assert "v4-32 waited 5 s for capacity; asking for v4-16 instead" in out or (
+        "v4-32 FAILED: the request expired" in out)
+    assert "vitpod-sim: 2 worker(s) of v4-16" in out
+    assert "2 launch(es) (preempted, done)" in out  # the report, run on worker 0 at the end
+    records = [json.loads((p / "record.json").read_text())
+               for p in sorted((sim_dir / "workdir" / "launches").iterdir())]
+    assert [(r["slice"], r["hosts"], r["devices"]) for r in records] == [
+        ("v4-32", 4, 16), ("v4-16", 2, 8)]
+    assert records[1]["start_step"] == records[0]["end"]["step"] >= 25
+    done = json.loads((sim_dir / "workdir" / "DONE").read_text())
+    assert done["step"] == 60 and done["goodput"]["launches"] == 2
+    assert done["goodput"]["between_launches_seconds"] >= 5  # the wait for the v4-32

@@ -152,3 +152,52 @@ def test_wall_clock_interval_saves_between_step_intervals(colors, tmp_path):
     train.run(config, str(tmp_path), stop_after=12)
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [5, 10, 12]  # checked at log steps (5, 10); 12 is the stop
+
+
+@pytest.mark.slow
+def test_launch_records_account_for_a_kill_a_preemption_and_the_finish(colors, tmp_path):
+    from vitpod import goodput
+
+    command = [sys.executable, "-m", "vitpod.train", *_flags(tmp_path, colors)]
+    killed = _start(command)
+    _wait_for(killed, f"step 6/{STEPS}")
+    killed.kill()
+    killed.communicate(timeout=60)
+    preempted = _start(command)
+    _wait_for(preempted, f"step {STEPS - 5}/{STEPS}")
+    preempted.send_signal(signal.SIGTERM)
+    out = preempted.communicate(timeout=120)[0]
+    saved = int(re.search(r"preempted at step (\d+)", out).group(1))
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    records = goodput.read_records(str(tmp_path))
+    assert [r["end"]["how"] for r in records] == ["killed", "preempted", "done"]
+    first, second, third = records
+    assert first["end"]["step"] >= 6 and first["start_step"] == 0
+    assert second["start_step"] <= first["end"]["step"]  # the last checkpoint that finished
+    assert second["steps_redone"] == first["end"]["step"] - second["start_step"]
+    assert second["end"]["step"] == third["start_step"] == saved
+    assert third["steps_redone"] == 0 and third["end"]["step"] == STEPS
+    for r in records:
+        assert r["hosts"] == 1 and r["devices"] == 8 and r["platform"] == "cpu"
+        assert 0 < r["first_step_seconds"] < r["end"]["time"] - r["start_time"]
+
+    summary = json.loads((tmp_path / "DONE").read_text())["goodput"]
+    assert summary == goodput.summarize(records)
+    parts = ("productive_seconds", "startup_seconds", "redone_seconds",
+             "between_launches_seconds")
+    assert sum(summary[k] for k in parts) == pytest.approx(summary["wall_seconds"], abs=0.01)
+    assert summary["wall_seconds"] == pytest.approx(
+        third["end"]["time"] - first["start_time"], abs=0.01)
+    assert summary["redone_seconds"] > 0 and 0 < summary["goodput"] < 1
+    assert summary["chip_hours"] == pytest.approx(sum(
+        8 * (r["end"]["time"] - r["start_time"]) for r in records) / 3600, abs=1e-3)
+    report = subprocess.run([sys.executable, "-m", "vitpod.report", f"--workdir={tmp_path}",
+                             "--price_per_chip_hour=2"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert "3 launch(es) (killed, preempted, done)" in report.stdout
+    assert f"{summary['chip_hours']:.3f} chip-hours" in report.stdout
+    assert f"cost {2 * summary['chip_hours']:.2f} at 2 per chip-hour" in report.stdout

@@ -18,6 +18,9 @@ RESULT_NEUTRAL_KEYS = frozenset({
     "log_every", "eval_every", "save_every", "save_every_minutes", "keep_checkpoints",
     "compile_cache", "grad_accum_steps", "model.scan_layers", "model.remat",
     "data.val_dir", "data.num_workers", "data.read_threads", "data.eval_batch_size",
+    # The layout: every layout computes the same steps (tested), and orbax restores into
+    # whatever shardings the new mesh asks for, so a run may resume on another slice.
+    "mesh.data", "mesh.fsdp",
 })
 
 
@@ -101,7 +104,7 @@ def defaults() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes
-    c.mesh.fsdp = 1
+    c.mesh.fsdp = 1  # -1 (with data=-1): FSDP over all devices, whatever the slice
     return c
 
 
@@ -169,10 +172,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
 
 
 def mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
-    """(data, fsdp) sizes with -1 resolved to the remaining devices."""
+    """(data, fsdp) sizes with -1 resolved to the remaining devices; `fsdp=-1` with `data=-1`
+    (its default) means FSDP over all devices, so a config adapts to any slice."""
     data, fsdp = mesh.data, mesh.fsdp
     if fsdp == -1 and data == -1:
-        raise UserError("config mesh.data and mesh.fsdp are both -1; set one of them")
+        data = 1
     if fsdp == -1:
         fsdp = num_devices // data if data > 0 and num_devices % data == 0 else 0
     if data == -1:

@@ -188,7 +188,7 @@ def plan(config, topology: str, num_classes: int) -> dict:
         return result
     need, overrides, remedies = result.pop("_need", 2), {}, []
     if result.get("mesh", {}).get("fsdp", config.mesh.fsdp) != chips:
-        overrides = {"mesh.data": 1, "mesh.fsdp": chips}
+        overrides = {"mesh.data": 1, "mesh.fsdp": -1}  # all chips, on whatever slice
         remedies.append(overrides)
     if config.model.remat != "full":
         overrides = {**overrides, "model.remat": "full"}

@@ -20,6 +20,7 @@ from vitpod import (
     checkpoint,
     cli,
     distributed,
+    goodput,
     hf,
     metrics,
     model,
@@ -86,13 +87,17 @@ def evaluate(eval_step, params, split: imagefolder.Split, config, mesh) -> dict:
         count, 1), "eval/count": int(count), "eval/skipped": len(split.files) - int(count)}
 
 
+_PROCESS_START = time.time()  # this module's import: a launch's start, before JAX's start-up
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
-        profile: str = "") -> dict:
+        profile: str = "", start_time: float | None = None) -> dict:
     """Train to config.total_steps in workdir, resuming if it holds a checkpoint.
 
     Returns the final metrics (also written to workdir/DONE). Stops early, with a checkpoint
     and no DONE, at `stop_after` or when preempted (SIGTERM); `final["stopped"]` says why.
     `profile="START:COUNT"` traces steps START..START+COUNT-1 with jax.profiler.
+    `start_time` (default: now) is when the launch began, for its goodput record.
     """
     model.parse_variant(config.model.variant)
     config_lib.validate(config, jax.device_count(), jax.process_count())
@@ -119,7 +124,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
     init = steps.state_initializer(config, num_classes, tx, mesh)
     ckpt = checkpoint.manager(storage.join(storage.absolute(workdir), "checkpoints"),
                               config.keep_checkpoints)
+    record = goodput.Record(workdir, jax.process_index() == 0, start_time or time.time())
+    before = time.time()
     start, state = checkpoint.restore_latest(ckpt, jax.eval_shape(init, None))
+    record.started(start, time.time() - before, jax.process_count(), jax.device_count(),
+                   jax.devices()[0].platform)
     if state is None:
         pretrained = None
         if config.model.init_from:
@@ -133,8 +142,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
         preemption = Preemption()
         metrics_writer = metrics.Writer(workdir, jax.process_index() == 0)
         final = _train(config, splits, mesh, tx, state, start, ckpt, metrics_writer,
-                       preemption, stop_after, tracer)
+                       preemption, stop_after, tracer, record)
         ckpt.wait_until_finished()
+    except BaseException as e:
+        step = (record.data.get("progress") or {}).get("step", start)
+        record.ended("crashed", step, f"{type(e).__name__}: {e}"[:500])
+        raise
     finally:
         tracer.close()
         ckpt.close()
@@ -143,15 +156,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
         if preemption:
             preemption.close()
     if final.get("stopped"):
+        record.ended("preempted" if final["stopped"] == "preempted" else "stopped",
+                     final["step"])
         logging.info("%s at step %d, checkpoint saved; relaunch the same command to continue",
                      final["stopped"], final["step"])
     elif jax.process_index() == 0:
+        record.ended("done", final["step"])
+        final["goodput"] = goodput.summarize(goodput.read_records(workdir))
         storage.write_text(done_path, json.dumps(final))
     return final
 
 
 def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, stop_after,
-           tracer) -> dict:
+           tracer, record) -> dict:
     """The loop from step start+1: train, log, save, evaluate; returns the last metrics."""
     num_classes = len(splits["train"].classes)
     graphdef, _ = model.abstract_model(config.model, config.data.image_size, num_classes)
@@ -174,6 +191,9 @@ def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, sto
         waited += time.perf_counter() - before
         warn(host_batch)
         state, step_metrics = train_step(state, pipeline.to_global(host_batch, sharding))
+        if step == start + 1:  # one sync per launch: when its first step is done
+            jax.block_until_ready(state)
+            record.first_step()
         window.append(step_metrics)  # fetched only at log and save steps: no per-step sync
         last = step == config.total_steps
         stop = ("stopped as asked" if step == stop_after and not last else
@@ -189,6 +209,7 @@ def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, sto
             row["train/data_wait"] = waited / max(seconds, 1e-9)
             waited = 0.0
             writer.write(step, row)
+            record.progress(step)
             if jax.process_index() == 0:
                 progress.line(step, row)
             fetched, final = [], {**final, **row}
@@ -276,7 +297,7 @@ def main(argv) -> None:
     found = distributed.check_devices(f.expect_platform, f.expect_devices)
     logging.info("process %d of %d: %s", jax.process_index(), jax.process_count(), found)
     podworker.mark(f.workdir, "ready", process=jax.process_index(), devices=found)
-    final = run(config, f.workdir, f.stop_after, f.profile)
+    final = run(config, f.workdir, f.stop_after, f.profile, _PROCESS_START)
     if jax.process_index() != 0:
         return
     if final.get("stopped"):

@@ -35,6 +35,8 @@ SCENARIO = {
     "preemptions": 1,         # how many times
     "grace_seconds": 30,      # SIGTERM, then SIGKILL after this (GCE's spot notice)
     "chips_per_host": 4,
+    "capacity_limits": {},    # {TYPE: n}: TYPE becomes ACTIVE at most n times, then waits
+    "bucket_location": "US-CENTRAL2",  # what `storage buckets describe` says
     "watch_workdir": "",      # the run the preemption watches
     "worker_env": {},         # environment every worker sees (the emulator's endpoints ...)
     "image_bin": "",          # the stand-in image's bin folder (python3 = 3.10, no venv)
@@ -141,9 +143,11 @@ def queued_resources(verb: str, args: list[str]) -> None:
                      f"'{name}' already exists")
             failing = sc["fail_creations"][state.get("creations", 0):]
             state["creations"] = state.get("creations", 0) + 1
+            valid = flag(args, "valid-until-duration").rstrip("s")
             state["resources"][name] = {
-                "type": flag(args, "accelerator-type"), "polls": 0,
-                "spot": "--spot" in args, "fail": failing[0] if failing else ""}
+                "type": flag(args, "accelerator-type"), "polls": 0, "zone": flag(args, "zone"),
+                "spot": "--spot" in args, "fail": failing[0] if failing else "",
+                "valid_until": time.time() + float(valid) if valid else None}
             cloud_log(f"{name}: create {state['resources'][name]}")
             return
         if res is None:
@@ -182,7 +186,13 @@ def advance(state: dict, name: str, res: dict, sc: dict) -> str | None:
         return "DELETING"
     if res.get("state") in ("ACTIVE", "SUSPENDING", "SUSPENDED", "FAILED"):
         return res["state"]
-    if res["polls"] <= sc["wait_polls"]:
+    granted = state.setdefault("granted", {})
+    no_capacity = granted.get(res["type"], 0) >= sc["capacity_limits"].get(res["type"], 10**9)
+    if res["polls"] <= sc["wait_polls"] or no_capacity:
+        if res["valid_until"] and time.time() > res["valid_until"]:
+            res.update(state="FAILED", fail="the request expired (--valid-until-duration) "
+                       "before capacity was found")
+            return "FAILED"
         return "WAITING_FOR_RESOURCES"
     if res["polls"] <= sc["wait_polls"] + sc["provision_polls"]:
         return "PROVISIONING"
@@ -196,6 +206,7 @@ def advance(state: dict, name: str, res: dict, sc: dict) -> str | None:
 def make_node(state: dict, name: str, res: dict, sc: dict) -> None:
     """A fresh node: empty worker homes, a coordinator port; the capacity watcher if asked."""
     res.update(state="ACTIVE", workers=hosts(res["type"], sc["chips_per_host"]))
+    state["granted"][res["type"]] = state["granted"].get(res["type"], 0) + 1
     state["workers"] = res["workers"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -304,6 +315,10 @@ def tpu_vm(verb: str, args: list[str]) -> None:
 def storage(verb: str, args: list[str]) -> None:
     from google.cloud import storage as gcs
 
+    if verb == "buckets" and args[:1] == ["describe"]:
+        print(json.dumps({"name": positional(args)[1].removeprefix("gs://"),
+                          "location": scenario()["bucket_location"]}))
+        return
     url = positional(args)[0]
     bucket, _, prefix = url.removeprefix("gs://").partition("/")
     client = gcs.Client(project="test-project")

@@ -68,6 +68,15 @@ def data_flags(config: str, train_flags: str) -> str:
     return shlex.join(extra)
 
 
+def capacity_limits(text: str) -> dict:
+    """SIM_CAPACITY="v4-32=1": a v4-32 is granted once, then never again (a fallback rehearsal)."""
+    limits = {}
+    for item in filter(None, text.split(",")):
+        tpu_type, _, times = item.partition("=")
+        limits[tpu_type.strip()] = int(times or 0)
+    return limits
+
+
 def build_wheel() -> str:
     dist = os.path.join(SIM_DIR, "dist")
     shutil.rmtree(dist, ignore_errors=True)
@@ -124,6 +133,7 @@ def main() -> int:
             json.dump({"preempt_at_step": preempt_at, "watch_workdir": WORKDIR,
                        "worker_env": client_env, "image_bin": image_bin, "downloads_bin": downloads,
                        "cache_dir": CACHE_DIR,
+                       "capacity_limits": capacity_limits(os.environ.get("SIM_CAPACITY", "")),
                        **json.loads(os.environ.get("SIM_SCENARIO", "{}"))}, f)
         flags = f"{train_flags} {data_flags(config, train_flags)}".strip()
         wheel = build_wheel()
@@ -140,8 +150,11 @@ def main() -> int:
                     "PYTHON_VERSION": python_version,
                     "POLL_SECONDS": "1", "LOG_SYNC_SECONDS": "2", "CRASH_GRACE": "20",
                     "READY_TIMEOUT": "300", "MAX_RETRIES": "3", "POD_ENV": os.devnull}
-        say(f"pod-run of {config} on a simulated {tpu_type}, workdir {WORKDIR}, preemption at "
-            f"step {preempt_at or 'never'}")
+        for key in ("TPU_TYPES", "QUEUE_TIMEOUT", "PRICE_PER_CHIP_HOUR"):
+            if os.environ.get(key):
+                settings[key] = os.environ[key]
+        say(f"pod-run of {config} on a simulated {settings.get('TPU_TYPES', tpu_type)}, workdir "
+            f"{WORKDIR}, preemption at step {preempt_at or 'never'}")
         env = {**os.environ, **settings, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
         for key in ("VIRTUAL_ENV", "PYTHONPATH"):
             env.pop(key, None)

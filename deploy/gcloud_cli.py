@@ -1,0 +1,116 @@
+"""gcloud for deploy/pod.py: calls with retries and timeouts, resources read as JSON, per-worker
+calls in parallel. Standard library only.
+
+A gcloud error is NOT_FOUND only when gcloud says so; any other failure (network, quota,
+auth) is retried and, if it persists, reported, never taken for a preemption.
+"""
+
+import concurrent.futures
+import datetime
+import json
+import shlex
+import subprocess
+import threading
+import time
+
+_print_lock = threading.Lock()
+
+
+class PodError(Exception):
+    """A problem to report in one line."""
+
+
+def log(message: str) -> None:
+    with _print_lock:
+        print(f"[pod {datetime.datetime.now():%Y-%m-%d %H:%M:%S}] {message}", flush=True)
+
+
+def is_not_found(stderr: str) -> bool:
+    """gcloud's own answer that something does not exist (a resource, or objects in a bucket):
+    final, unlike a failure to ask."""
+    return any(s in stderr for s in ("NOT_FOUND", "was not found", "matched no objects"))
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+class Gcloud:
+    """Runs gcloud (or prints it with dry_run); `sleep` is injectable for fast retries."""
+
+    def __init__(self, dry_run: bool = False, sleep=time.sleep, timeout: float = 600):
+        self.dry_run, self.sleep, self.timeout = dry_run, sleep, timeout
+
+    def call(self, *args: str, retries: int = 1, timeout: float | None = None,
+             prefix: str = "", stream: bool = False) -> tuple[int, str, str]:
+        """(exit code, stdout, stderr); retries any failure but NOT_FOUND, with backoff.
+        `stream` prints output lines as they come, each after `prefix`."""
+        cmd = ["gcloud", *args]
+        if self.dry_run:
+            print(shlex.join(cmd), flush=True)
+            return 0, "", ""
+        for attempt in range(1, retries + 1):
+            code, out, err = self._once(cmd, timeout or self.timeout, prefix, stream)
+            if code == 0 or is_not_found(err) or attempt == retries:
+                return code, out, err
+            log(f"{prefix}gcloud {' '.join(args[2:4])} failed ({last_line(err) or code}); "
+                f"retry {attempt}/{retries - 1}")
+            self.sleep(min(60, 2 ** attempt))
+        raise AssertionError("unreachable")
+
+    def _once(self, cmd, timeout, prefix, stream) -> tuple[int, str, str]:
+        try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL, text=True)
+        except FileNotFoundError:
+            raise PodError("gcloud is not installed or not on PATH") from None
+        lines = {"out": [], "err": []}
+
+        def pump(name, pipe):
+            for line in pipe:
+                lines[name].append(line)
+                if stream:
+                    with _print_lock:
+                        print(f"{prefix}{line}", end="", flush=True)
+
+        pumps = [threading.Thread(target=pump, args=(n, p), daemon=True)
+                 for n, p in (("out", proc.stdout), ("err", proc.stderr))]
+        for t in pumps:
+            t.start()
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+            lines["err"].append(f"timed out after {timeout:.0f} s\n")
+        for t in pumps:
+            t.join(timeout=5)
+        return code, "".join(lines["out"]), "".join(lines["err"])
+
+    def describe(self, *args: str, retries: int) -> dict | None:
+        """The resource as JSON, or None when gcloud says NOT_FOUND. Other errors are retried
+        and then raised: an unreadable state is not a lost slice."""
+        code, out, err = self.call(*args, "--format=json", retries=retries, timeout=120)
+        if self.dry_run:
+            return {"state": {"state": "ACTIVE"}, "networkEndpoints": [{}]}
+        if code == 0:
+            return json.loads(out or "{}")
+        if is_not_found(err):
+            return None
+        raise PodError(f"cannot read the state of {args[4]} after {retries} tries "
+                       f"({last_line(err) or f'gcloud exit {code}'}); the slice is left as "
+                       "it is (not treated as preempted): check gcloud, then make pod-status")
+
+
+def for_each_worker(workers: int, fn, threads: int = 32) -> dict[int, object]:
+    """fn(i) for every worker index, in parallel; {i: result or the exception raised}."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, workers))) as pool:
+        futures = {i: pool.submit(fn, i) for i in range(workers)}
+    results = {}
+    for i, future in futures.items():
+        try:
+            results[i] = future.result()
+        except Exception as e:  # noqa: BLE001 - reported per worker by the caller
+            results[i] = e
+    return results

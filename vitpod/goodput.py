@@ -1,0 +1,118 @@
+"""Goodput: one record per launch of a run, and the sums `report` and DONE show.
+
+Process 0 of every launch writes `WORKDIR/launches/LAUNCH/record.json` (one object per
+launch: a bucket object cannot be appended to): when it started, on what (hosts, devices,
+platform, slice type), the step it resumed from, seconds to restore and to its first step,
+the steps it redoes (logged by an earlier launch past the checkpoint it resumed from), its
+progress (rewritten at every log row) and how it ended. A launch killed outright cannot write
+its end: the next launch marks it `killed` at its last progress.
+"""
+
+import json
+import os
+import time
+
+from vitpod import storage
+
+LAUNCH_ENV, SLICE_ENV = "VITPOD_LAUNCH_ID", "VITPOD_TPU_TYPE"
+
+
+def launches_dir(workdir: str) -> str:
+    return storage.join(workdir, "launches")
+
+
+def read_records(workdir: str) -> list[dict]:
+    """Every launch's record, oldest first."""
+    root = launches_dir(workdir)
+    if not storage.isdir(root):
+        return []
+    records = []
+    for name in storage.subdirs(root):
+        path = storage.join(root, name, "record.json")
+        if storage.exists(path):
+            records.append(json.loads(storage.read_text(path)))
+    return sorted(records, key=lambda r: r["start_time"])
+
+
+def _last_logged_step(workdir: str) -> int:
+    path = storage.join(workdir, "metrics.jsonl")
+    if not storage.exists(path):
+        return 0
+    rows = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+    return max((r["step"] for r in rows if "train/loss" in r), default=0)
+
+
+class Record:
+    """This launch's record; every method is a no-op except on process 0."""
+
+    def __init__(self, workdir: str, enabled: bool, start_time: float):
+        self.workdir, self.enabled = workdir, enabled
+        launch = os.environ.get(LAUNCH_ENV) or time.strftime("%Y%m%d-%H%M%S", time.gmtime(
+            start_time)) + f"-{os.getpid()}"
+        self.path = storage.join(launches_dir(workdir), launch, "record.json")
+        self.data = {"launch": launch, "start_time": start_time, "end": None}
+
+    def _write(self) -> None:
+        if self.enabled:
+            storage.write_text(self.path, json.dumps(self.data))
+
+    def started(self, start_step: int, restore_seconds: float, hosts: int, devices: int,
+                platform: str) -> None:
+        if not self.enabled:
+            return
+        for old in read_records(self.workdir):
+            if old["end"] is None and old["launch"] != self.data["launch"]:
+                progress = old.get("progress") or {"step": old["start_step"],
+                                                   "time": old["start_time"]}
+                old["end"] = {"how": "killed", **progress}
+                storage.write_text(storage.join(launches_dir(self.workdir), old["launch"],
+                                                "record.json"), json.dumps(old))
+        self.data.update(
+            hosts=hosts, devices=devices, platform=platform,
+            slice=os.environ.get(SLICE_ENV, ""), start_step=start_step,
+            restore_seconds=round(restore_seconds, 3), first_step_seconds=None,
+            steps_redone=max(0, _last_logged_step(self.workdir) - start_step), progress=None)
+        self._write()
+
+    def first_step(self) -> None:
+        self.data["first_step_seconds"] = round(time.time() - self.data["start_time"], 3)
+        self._write()
+
+    def progress(self, step: int) -> None:
+        self.data["progress"] = {"step": step, "time": time.time()}
+        self._write()
+
+    def ended(self, how: str, step: int, error: str = "") -> None:
+        self.data["end"] = {"how": how, "step": step, "time": time.time(),
+                            **({"error": error} if error else {})}
+        self._write()
+
+
+def summarize(records: list[dict], price_per_chip_hour: float = 0.0) -> dict:
+    """Where the run's wall time and chip time went, from its launch records."""
+    out = {"launches": len(records), "wall_seconds": 0.0, "productive_seconds": 0.0,
+           "startup_seconds": 0.0, "redone_seconds": 0.0, "between_launches_seconds": 0.0,
+           "chip_hours": 0.0, "ended": [r["end"]["how"] if r["end"] else "running"
+                                        for r in records]}
+    previous_end = None
+    for r in records:
+        end = r["end"] or r.get("progress") or {"step": r.get("start_step", 0),
+                                                "time": r["start_time"]}
+        duration = max(0.0, end["time"] - r["start_time"])
+        startup = min(duration, r.get("first_step_seconds") or duration)
+        steps = max(0, end["step"] - r.get("start_step", 0))
+        per_step = (duration - startup) / steps if steps else 0.0
+        redone = min(duration - startup, r.get("steps_redone", 0) * per_step)
+        out["startup_seconds"] += startup
+        out["redone_seconds"] += redone
+        out["productive_seconds"] += duration - startup - redone
+        out["chip_hours"] += duration * r.get("devices", 0) / 3600
+        if previous_end is not None:
+            out["between_launches_seconds"] += max(0.0, r["start_time"] - previous_end)
+        previous_end = end["time"]
+    if records:
+        out["wall_seconds"] = previous_end - records[0]["start_time"]
+    out["goodput"] = out["productive_seconds"] / out["wall_seconds"] if out["wall_seconds"] else 0
+    if price_per_chip_hour:
+        out["cost"] = out["chip_hours"] * price_per_chip_hour
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
