@@ -199,13 +199,14 @@ class Pod(Slice):
     def watch(self) -> str:
         """Poll until the run is DONE ('done'), the slice is lost (why), or the trainers
         stopped on a slice that is still up ('stopped'); a crash raises with its log tail."""
-        exited_since = None
+        exited_since, last = None, None
         while True:
             if self.done():
                 return "done"
             state, message = self.qr_state()
             if state == "SUSPENDING":  # the trainers get their grace period to save
-                log(f"{self.s['NAME']}: SUSPENDING (preemption notice); waiting")
+                if last != state:
+                    log(f"{self.s['NAME']}: SUSPENDING (preemption notice); waiting")
             elif state != "ACTIVE":
                 return f"queued resource {state}" + (f": {message}" if message else "")
             else:
@@ -213,12 +214,12 @@ class Pod(Slice):
                 node_state = "NOT_FOUND" if node is None else node.get("state", "")
                 if node_state in NODE_GONE:
                     return f"node {node_state}"
-            if self.launch_id:
-                exited = self.markers()["exited"]
+                exited = self.markers()["exited"] if self.launch_id else set()
                 if exited and exited_since is None:
                     exited_since = time.monotonic()
                 if exited_since and time.monotonic() - exited_since > self.num("CRASH_GRACE"):
                     return self._stopped_on_live_slice(sorted(exited), self.workers())
+            last = state
             self.sleep(self.num("POLL_SECONDS"))
 
     def wait_exited(self, seconds: float = 120) -> None:

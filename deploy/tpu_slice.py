@@ -73,7 +73,7 @@ class Slice:
     def __init__(self, settings: dict, dry_run: bool = False, sleep=time.sleep):
         self.s, self.dry_run, self.sleep = settings, dry_run, sleep
         self.g = Gcloud(dry_run, sleep, float(settings["SSH_TIMEOUT"]))
-        self.launch_id, self.bucket_location = "", None
+        self.launch_id, self.bucket_location, self.warned = "", None, set()
         self.types = [(item.split("@")[0].strip(), item.partition("@")[2].strip()
                        or settings.get("ZONE", ""))
                       for item in (settings.get("TPU_TYPES") or settings.get("TPU_TYPE", ""))
@@ -189,7 +189,9 @@ class Slice:
             self.bucket_location = json.loads(out).get("location", "").lower() if code == 0 \
                 else ""
         region = zone.rsplit("-", 1)[0]
-        if "-" in self.bucket_location and region != self.bucket_location:
+        if "-" in self.bucket_location and region != self.bucket_location \
+                and zone not in self.warned:
+            self.warned.add(zone)
             log(f"warning: zone {zone} is outside the bucket's region {self.bucket_location}:"
                 " reading the data there costs egress")
 

@@ -18,7 +18,11 @@ def _run(module, *args, timeout=120, platforms="cpu"):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--config.data.bogus=1"], "--config.data.bogus: unknown config key 'bogus'"),
+    (["--config.data.bogus=1"], "--config.data.bogus: unknown config key 'bogus' (every key"),
+    (["--config.batch_sise=3"], "--config.batch_sise: unknown config key 'batch_sise'; did you "
+     "mean batch_size? (every key a config can set is in vitpod/config.py)"),
+    (["--config.optim.warmup_steps=10"], "config optim.warmup_steps = 10 is more than "
+     "total_steps=6; lower it or raise total_steps"),
     (["--config.model.variant=Q/16"], "model.variant='Q/16' is unknown"),
     (["--config.batch_size=12"], "batch_size=12 is not divisible by the 8 devices"),
     (["--config.data.train_dir=/no/such/dir"], "data dir '/no/such/dir' (train) does not exist"),

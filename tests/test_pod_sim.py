@@ -40,8 +40,9 @@ def test_pod_sim_survives_a_preemption_and_matches_an_uninterrupted_run(tmp_path
     log = sim.stdout + sim.stderr
     assert sim.returncode == 0, log[-5000:]
     summary = [line for line in sim.stdout.splitlines() if line.startswith("[pod-sim] DONE")]
-    assert summary and re.search(r"DONE: 60 steps, 1 preemption\(s\) survived, 2 worker\(s\)",
-                                 summary[0]), log[-3000:]
+    assert summary and summary[0].startswith(
+        "[pod-sim] DONE: 60 steps, 1 preemption(s) survived, on v4-16 (2 workers) then v4-16 "
+        "(2 workers); workdir copied to "), log[-3000:]
     for stage in ("WAITING_FOR_RESOURCES", "PROVISIONING", "SUSPENDING (preemption notice)",
                   "slice lost (queued resource SUSPENDED)", "DELETING", "deleted",
                   "all 2 worker(s) ready", "pod-check: all 2 worker(s) ok, 4 cpu devices each"):
@@ -90,6 +91,7 @@ def test_pod_sim_comes_back_on_a_smaller_slice_and_reports_its_goodput(tmp_path)
         "v4-32 FAILED: the request expired" in out)
     assert "vitpod-sim: 2 worker(s) of v4-16" in out
     assert "2 launch(es) (preempted, done)" in out  # the report, run on worker 0 at the end
+    assert "on v4-32 (4 workers) then v4-16 (2 workers)" in out
     records = [json.loads((p / "record.json").read_text())
                for p in sorted((sim_dir / "workdir" / "launches").iterdir())]
     assert [(r["slice"], r["hosts"], r["devices"]) for r in records] == [

@@ -29,11 +29,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         _fail(f"{_one_line(e)} (see --helpfull)")
     except (KeyError, AttributeError) as e:  # ml_collections: an override of an unknown key
-        key = str(e).strip("\"'").split("'")[0]
+        # e.args[0] reads "'batch_sise'\nDid you mean "batch_size" instead of "batch_sise"?"
+        text = str(e.args[0]) if e.args else str(e)
+        found = re.search(r"'([\w.]+)'", text) or re.search(r"([\w.]+)", text)
+        key = found.group(1) if found else "?"
         bad = [a.split("=")[0] for a in argv if re.match(rf"--\w+\.(\w+\.)*{key}\b", a)]
         where = bad[0] if bad else "a --config.KEY override"
-        _fail(f"{where}: unknown config key '{key}'; the keys a config can set are in "
-              "vitpod/config.py")
+        near = re.search(r'Did you mean "([\w.]+)"', text)
+        hint = f"; did you mean {near.group(1)}?" if near else ""
+        _fail(f"{where}: unknown config key '{key}'{hint} (every key a config can set is in "
+              "vitpod/config.py)")
     except (OSError, ValueError, TypeError, SyntaxError) as e:  # unreadable or broken config
         _fail(f"cannot load the --config file: {_one_line(e)}")
 

@@ -135,8 +135,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     o, m = config.optim, config.model
     _require(o.schedule in ("cosine", "linear", "constant"), "optim.schedule",
              "must be 'cosine', 'linear' or 'constant'")
-    _require(o.cooldown_steps >= 0 and o.warmup_steps + o.cooldown_steps <= config.total_steps,
-             "optim.cooldown_steps", "must be >= 0 and fit in total_steps with the warmup")
+    _require(o.cooldown_steps >= 0, "optim.cooldown_steps", "must be >= 0")
+    both = o.warmup_steps + o.cooldown_steps
+    _require(both <= config.total_steps,
+             "optim.warmup_steps" + (" + optim.cooldown_steps" if o.cooldown_steps else ""),
+             f"= {both} is more than total_steps={config.total_steps}; lower it or raise "
+             "total_steps")
     _require(0 < o.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1] (1: off)")
     _require(0 <= o.ema_decay < 1, "optim.ema_decay", "must be in [0, 1) (0: off)")
     _require(m.posemb in ("learn", "sincos2d"), "model.posemb", "must be 'learn' or 'sincos2d'")

@@ -207,7 +207,7 @@ def make_node(state: dict, name: str, res: dict, sc: dict) -> None:
     """A fresh node: empty worker homes, a coordinator port; the capacity watcher if asked."""
     res.update(state="ACTIVE", workers=hosts(res["type"], sc["chips_per_host"]))
     state["granted"][res["type"]] = state["granted"].get(res["type"], 0) + 1
-    state["workers"] = res["workers"]
+    state.setdefault("slices", []).append(f"{res['type']} ({res['workers']} workers)")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         res["port"] = s.getsockname()[1]

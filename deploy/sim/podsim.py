@@ -134,6 +134,7 @@ def main() -> int:
                        "worker_env": client_env, "image_bin": image_bin, "downloads_bin": downloads,
                        "cache_dir": CACHE_DIR,
                        "capacity_limits": capacity_limits(os.environ.get("SIM_CAPACITY", "")),
+                       "bucket_location": "SIM-ZONE",  # the region of ZONE=sim-zone-a
                        **json.loads(os.environ.get("SIM_SCENARIO", "{}"))}, f)
         flags = f"{train_flags} {data_flags(config, train_flags)}".strip()
         wheel = build_wheel()
@@ -181,7 +182,8 @@ def summarize(code: int) -> int:
     done = os.path.join(target, "DONE")
     steps = json.load(open(done))["step"] if os.path.exists(done) else 0
     say(f"{'DONE' if steps else 'NOT DONE'}: {steps} steps, {state.get('preempted', 0)} "
-        f"preemption(s) survived, {state.get('workers', '?')} worker(s); workdir copied to "
+        f"preemption(s) survived, on {' then '.join(state.get('slices', ['?']))}; workdir "
+        "copied to "
         f"{os.path.relpath(target, ROOT)} (exit {code})")
     return code
 
