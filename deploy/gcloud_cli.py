@@ -8,7 +8,9 @@ auth) is retried and, if it persists, reported, never taken for a preemption.
 import concurrent.futures
 import datetime
 import json
+import os
 import shlex
+import signal
 import subprocess
 import threading
 import time
@@ -18,6 +20,10 @@ _print_lock = threading.Lock()
 
 class PodError(Exception):
     """A problem to report in one line."""
+
+
+class StateUnreadable(PodError):
+    """gcloud could not tell the slice's state (network, quota, auth): never a lost slice."""
 
 
 def log(message: str) -> None:
@@ -61,8 +67,9 @@ class Gcloud:
 
     def _once(self, cmd, timeout, prefix, stream) -> tuple[int, str, str]:
         try:
+            # Its own process group: a timeout stops gcloud and the ssh it started.
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    stdin=subprocess.DEVNULL, text=True)
+                                    stdin=subprocess.DEVNULL, text=True, start_new_session=True)
         except FileNotFoundError:
             raise PodError("gcloud is not installed or not on PATH") from None
         lines = {"out": [], "err": []}
@@ -81,7 +88,10 @@ class Gcloud:
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             code = proc.wait()
             lines["err"].append(f"timed out after {timeout:.0f} s\n")
         for t in pumps:
@@ -95,10 +105,13 @@ class Gcloud:
         if self.dry_run:
             return {"state": {"state": "ACTIVE"}, "networkEndpoints": [{}]}
         if code == 0:
-            return json.loads(out or "{}")
-        if is_not_found(err):
+            try:
+                return json.loads(out or "{}")
+            except ValueError:
+                err = f"gcloud printed no JSON: {last_line(out)}"
+        elif is_not_found(err):
             return None
-        raise PodError(f"cannot read the state of {args[4]} after {retries} tries "
+        raise StateUnreadable(f"cannot read the state of {args[4]} after {retries} tries "
                        f"({last_line(err) or f'gcloud exit {code}'}); the slice is left as "
                        "it is (not treated as preempted): check gcloud, then make pod-status")
 

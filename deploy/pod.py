@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from gcloud_cli import PodError, for_each_worker, last_line, log
+from gcloud_cli import PodError, StateUnreadable, for_each_worker, last_line, log
 from tpu_slice import HERE, NODE_GONE, Slice, load_settings, slice_devices
 
 VENV, LOG, CONFIGS = "vitpod-venv", "vitpod.log", "vitpod-configs"  # in each worker's home
@@ -130,7 +130,8 @@ class Pod(Slice):
                    f"VITPOD_TPU_TYPE={shlex.quote(self.s['TPU_TYPE'])}")
             return self.ssh(i, f"cd ~ && {env} {VENV}/bin/python -m vitpod.podworker start "
                             f"--workdir={shlex.quote(self.s['WORKDIR'])} "
-                            f"--sync_seconds={self.s['LOG_SYNC_SECONDS']} -- {shlex.join(train)}")
+                            f"--sync_seconds={shlex.quote(self.s['LOG_SYNC_SECONDS'])} -- "
+                            f"{shlex.join(train)}")
 
         try:
             self.on_workers("starting the trainer", start, n)
@@ -200,16 +201,14 @@ class Pod(Slice):
         """Poll until the run is DONE ('done'), the slice is lost (why), or the trainers
         stopped on a slice that is still up ('stopped'); a crash raises with its log tail."""
         exited_since, last = None, None
+        self.launch_id = self.launch_id or self.newest_launch()
         while True:
             if self.done():
                 return "done"
             state, message = self.qr_state()
-            if state == "SUSPENDING":  # the trainers get their grace period to save
-                if last != state:
-                    log(f"{self.s['NAME']}: SUSPENDING (preemption notice); waiting")
-            elif state != "ACTIVE":
+            if state in ("FAILED", "SUSPENDED", "NOT_FOUND", "DELETING"):
                 return f"queued resource {state}" + (f": {message}" if message else "")
-            else:
+            if state == "ACTIVE":
                 node = self.node()
                 node_state = "NOT_FOUND" if node is None else node.get("state", "")
                 if node_state in NODE_GONE:
@@ -218,9 +217,22 @@ class Pod(Slice):
                 if exited and exited_since is None:
                     exited_since = time.monotonic()
                 if exited_since and time.monotonic() - exited_since > self.num("CRASH_GRACE"):
-                    return self._stopped_on_live_slice(sorted(exited), self.workers())
+                    stopped = self._stopped_on_live_slice(sorted(exited), self.workers())
+                    if stopped:
+                        return stopped
+            elif state != last:  # SUSPENDING: the trainers' grace to save; others: wait
+                log(f"{self.s['NAME']}: {state}" + (" (preemption notice); waiting"
+                                                    if state == "SUSPENDING" else "; waiting"))
             last = state
             self.sleep(self.num("POLL_SECONDS"))
+
+    def newest_launch(self) -> str:
+        """The latest launch in the workdir (for `pod-watch` of a run launched before)."""
+        code, out, _ = self.g.call("storage", "ls", f"{self.s['WORKDIR'].rstrip('/')}/launches/",
+                                   retries=2, timeout=120)
+        names = [line.rstrip("/").rsplit("/", 2)[-2] for line in out.splitlines()
+                 if code == 0 and line.count("/launches/")]
+        return max(names, default="")
 
     def wait_exited(self, seconds: float = 120) -> None:
         """Give the workers time to exit and copy the end of their logs to the workdir."""
@@ -229,11 +241,18 @@ class Pod(Slice):
             self.sleep(min(self.num("POLL_SECONDS"), 5))
 
     def _stopped_on_live_slice(self, exited: list[int], n: int) -> str:
+        """'stopped' when every trainer exited 0; raises for a crash; '' while a marker
+        cannot be read yet (a failed `storage cat` is not a crash)."""
         where = f"{self.s['WORKDIR'].rstrip('/')}/launches/{self.launch_id}"
         codes = {}
         for i in exited:
-            _, out, _ = self.g.call("storage", "cat", f"{where}/worker-{i}.exited", retries=2)
-            codes[i] = json.loads(out or "{}").get("code")
+            code, out, _ = self.g.call("storage", "cat", f"{where}/worker-{i}.exited", retries=2)
+            try:
+                codes[i] = json.loads(out)["code"] if code == 0 else None
+            except (ValueError, KeyError):
+                codes[i] = None
+        if None in codes.values():
+            return ""
         if len(exited) == n and all(c == 0 for c in codes.values()):
             log("every trainer stopped with a checkpoint while the slice stays ACTIVE")
             return "stopped"
@@ -247,33 +266,36 @@ class Pod(Slice):
     def run(self) -> None:
         """Create, set up, launch, watch; replace a lost slice and resume; delete when DONE."""
         self.need("PROJECT", "ZONE", "NAME", "TPU_TYPE", "WORKDIR", "CONFIG")
-        retries, lost, fresh = int(self.num("MAX_RETRIES")), 0, True
+        retries, lost = int(self.num("MAX_RETRIES")), 0
         while True:
-            self.create()
-            if fresh:
+            if self.create():  # a new slice: its workers are bare
                 self.setup()
             self.launch()
             if self.dry_run:
                 return
             try:
                 outcome = self.watch()
-            except PodError:
-                log("deleting the slice after the crash (logs stay in the workdir)")
+            except StateUnreadable:
+                raise  # the slice may be fine: leave it, and say so
+            except PodError as crash:
+                log(f"the run crashed: {crash}")
+                log("deleting the slice (logs stay in the workdir)")
                 self.delete()
                 raise
             if outcome == "done":
                 log(f"{self.s['WORKDIR']}/DONE exists: training finished "
-                    f"({lost} preemption(s) survived)")
+                    f"({lost} relaunch(es))")
                 self.wait_exited()
                 self.report()
                 self.delete()
                 return
-            fresh = outcome != "stopped"
-            if fresh:
-                lost += 1
-                if lost > retries:
-                    raise PodError(f"gave up after {retries} recreations (MAX_RETRIES); the "
-                                   "workdir keeps the progress: make pod-run again to continue")
+            lost += 1
+            if lost > retries:
+                raise PodError(f"gave up after {retries} relaunches (MAX_RETRIES); the "
+                               "workdir keeps the progress: make pod-run again to continue")
+            if outcome == "stopped":
+                log(f"relaunching on the same slice ({lost}/{retries})")
+            else:
                 log(f"slice lost ({outcome}); replacing it ({lost}/{retries})")
                 self.delete()
 
@@ -317,6 +339,9 @@ def main(argv: list[str]) -> int:
             log(f"watch: {outcome}")
     except PodError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, KeyError, subprocess.CalledProcessError) as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -39,22 +39,20 @@ def load_settings(path: str, env: dict) -> dict:
         raise PodError(f"CAPACITY={settings['CAPACITY']!r}: use one of {', '.join(CAPACITY_FLAGS)}")
     if settings.get("TPU_TYPES"):  # fallbacks, most wanted first: v4-32,v4-16@us-central2-a
         settings["TPU_TYPE"] = settings["TPU_TYPES"].split(",")[0].split("@")[0].strip()
-    if not settings.get("RUNTIME_VERSION"):
-        for item in (settings.get("TPU_TYPES") or settings.get("TPU_TYPE", "")).split(","):
-            tpu_type = item.split("@")[0].strip()
-            if tpu_type.rsplit("-", 1)[0] not in RUNTIMES:
-                raise PodError(f"TPU_TYPE={tpu_type!r}: set RUNTIME_VERSION too "
-                               f"(defaults exist for {', '.join(RUNTIMES)})")
-        settings["RUNTIME_VERSION"] = RUNTIMES[settings["TPU_TYPE"].rsplit("-", 1)[0]]
+    for item in (settings.get("TPU_TYPES") or settings.get("TPU_TYPE", "")).split(","):
+        runtime_for(item.split("@")[0].strip(), settings)  # a type without a default fails now
     return settings
 
 
 def runtime_for(tpu_type: str, settings: dict) -> str:
-    """The software version for a fallback type: the default of its generation, unless the
-    settings name one and there are no fallbacks."""
-    if not settings.get("TPU_TYPES") and settings.get("RUNTIME_VERSION"):
+    """The software version for a type: RUNTIME_VERSION when set, else its generation's."""
+    if settings.get("RUNTIME_VERSION"):
         return settings["RUNTIME_VERSION"]
-    return RUNTIMES[tpu_type.rsplit("-", 1)[0]]
+    generation = tpu_type.rsplit("-", 1)[0]
+    if generation not in RUNTIMES:
+        raise PodError(f"TPU_TYPE={tpu_type!r}: set RUNTIME_VERSION too (defaults exist for "
+                       f"{', '.join(RUNTIMES)})")
+    return RUNTIMES[generation]
 
 
 def slice_devices(tpu_type: str) -> int | None:
@@ -74,6 +72,7 @@ class Slice:
         self.s, self.dry_run, self.sleep = settings, dry_run, sleep
         self.g = Gcloud(dry_run, sleep, float(settings["SSH_TIMEOUT"]))
         self.launch_id, self.bucket_location, self.warned = "", None, set()
+        self.explicit_runtime = settings.get("RUNTIME_VERSION", "")
         self.types = [(item.split("@")[0].strip(), item.partition("@")[2].strip()
                        or settings.get("ZONE", ""))
                       for item in (settings.get("TPU_TYPES") or settings.get("TPU_TYPE", ""))
@@ -122,28 +121,32 @@ class Slice:
         self.s["TPU_TYPE"] = node.get("acceleratorType") or self.s["TPU_TYPE"]
         return max(1, len(node.get("networkEndpoints", [])))
 
-    def create(self) -> None:
+    def create(self) -> bool:
         """Make the queued resource ACTIVE: create it, wait through its states, and replace
         one that FAILED or was suspended (spot VMs cannot be restarted). With fallback types
-        (TPU_TYPES), a request that FAILED or waited QUEUE_TIMEOUT s gives way to the next."""
+        (TPU_TYPES), a request that FAILED or waited QUEUE_TIMEOUT s gives way to the next.
+        True when the slice is new (its workers need setting up)."""
         self.need("PROJECT", "ZONE", "NAME", "TPU_TYPE")
         deadline = time.monotonic() + self.num("WAIT_TIMEOUT")
-        failures, last, index, asked = 0, None, 0, None
-        self._use(0)
+        failures, last, index, asked, made = 0, None, 0, None, self.dry_run
         queue_timeout = float(self.s.get("QUEUE_TIMEOUT") or 0)
         while True:
             state, message = ("ACTIVE", "") if self.dry_run else self.qr_state()
             if state != last:
                 log(f"{self.s['NAME']}: {state}" + (f" ({message})" if message else ""))
                 last = state
-            if state == "ACTIVE":
+            if state == "ACTIVE" and (self.dry_run or self.node() is not None):
                 if not self.dry_run:
                     log(f"{self.s['NAME']}: {self.workers()} worker(s) of {self.s['TPU_TYPE']}")
-                return
+                return made
+            if state in WAITING and asked is None:  # a request from before: time it from now
+                asked = time.monotonic()
             waited = asked is not None and time.monotonic() - asked > queue_timeout > 0
             if state == "NOT_FOUND":
+                if not made:  # the first request of this call: the most wanted type
+                    self._use(index)
                 self._create_request()
-                asked = time.monotonic()
+                asked, made = time.monotonic(), True
             elif state == "FAILED" or (state in WAITING and waited and len(self.types) > 1):
                 failures += state == "FAILED"
                 if failures > int(self.num("MAX_RETRIES")):
@@ -159,24 +162,25 @@ class Slice:
                 else:
                     log(f"{self.s['NAME']} {why}; deleted it, asking again ({failures}/"
                         f"{self.s['MAX_RETRIES']})")
+                self._create_request()
+                asked, made, last = time.monotonic(), True, None
+                continue
+            elif state in ("SUSPENDED", "ACTIVE"):  # ACTIVE here: its node is gone
+                log(f"{self.s['NAME']}: " + ("suspended (spot capacity taken back)" if
+                    state == "SUSPENDED" else "ACTIVE but its node is gone") + "; replacing it")
+                self.delete()
                 last = None
                 continue
-            elif state == "SUSPENDED":
-                log(f"{self.s['NAME']} was suspended (spot capacity taken back): replacing it")
-                self.delete()
-            elif state not in WAITING + ("DELETING", "SUSPENDING"):
-                raise PodError(f"{self.s['NAME']} is in state {state}; make pod-status")
             if time.monotonic() > deadline:
                 raise PodError(f"{self.s['NAME']} still {state} after {self.s['WAIT_TIMEOUT']} s"
                                " (no capacity yet); raise WAIT_TIMEOUT or try another zone")
-            if state != "NOT_FOUND":
-                self.sleep(self.num("POLL_SECONDS"))
+            self.sleep(self.num("POLL_SECONDS"))
 
     def _use(self, index: int) -> None:
         """Ask for fallback type `index` next (its zone, its generation's runtime)."""
         tpu_type, zone = self.types[index]
-        self.s.update(TPU_TYPE=tpu_type, ZONE=zone, RUNTIME_VERSION=runtime_for(tpu_type,
-                                                                                 self.s))
+        self.s.update(TPU_TYPE=tpu_type, ZONE=zone, RUNTIME_VERSION=runtime_for(
+            tpu_type, {"RUNTIME_VERSION": self.explicit_runtime}))
         if len(self.types) > 1 and not self.dry_run:
             self._warn_if_far(zone)
 
@@ -205,7 +209,7 @@ class Slice:
             # GA: the request turns FAILED when it waited this long (then the next type).
             *([f"--valid-until-duration={self.s['QUEUE_TIMEOUT']}s"]
               if float(self.s.get("QUEUE_TIMEOUT") or 0) > 0 else [])), retries=3)
-        if code:
+        if code and "ALREADY_EXISTS" not in err:  # a retry after a request that got through
             raise PodError(f"creating {self.s['NAME']} failed: {last_line(err) or code}")
 
     def delete(self) -> None:
@@ -217,10 +221,13 @@ class Slice:
             raise PodError(f"deleting {self.s['NAME']} failed: {last_line(err) or code}")
         if self.dry_run:
             return
-        last = None
+        last, deadline = None, time.monotonic() + self.num("WAIT_TIMEOUT")
         while (state := self.qr_state()[0]) != "NOT_FOUND":
             if state != last:
                 log(f"{self.s['NAME']}: {state}")
                 last = state
+            if time.monotonic() > deadline:
+                raise PodError(f"{self.s['NAME']} still {state} {self.s['WAIT_TIMEOUT']} s after "
+                               "its deletion: check make pod-status / the console")
             self.sleep(min(self.num("POLL_SECONDS"), 10))
         log(f"{self.s['NAME']}: deleted")

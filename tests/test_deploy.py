@@ -235,6 +235,17 @@ def _venv_replace(home, python):
     _venv(home, python)
 
 
+def test_pod_logs_of_all_workers_are_prefixed_by_their_index(cloud):
+    assert cloud.pod("create").returncode == 0
+    for i in range(2):
+        (cloud.home("vp", i) / "vitpod.log").write_text(f"step {i}\nlast line of worker {i}\n")
+    result = cloud.pod("logs", WORKER="all")
+    assert result.returncode == 0, result.stderr
+    lines = sorted(result.stdout.splitlines())
+    assert lines == ["[w0] last line of worker 0", "[w0] step 0", "[w1] last line of worker 1",
+                     "[w1] step 1"]
+
+
 def test_pod_check_without_setup_says_to_run_it(cloud):
     assert cloud.pod("create").returncode == 0
     result = cloud.pod("check")
@@ -356,7 +367,9 @@ def test_podworker_stops_its_own_trainer_by_pid_file_and_leaves_other_runs_alone
         while "training" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert "training" in log.read_text()  # the log is copied to the workdir as it grows
-        group = int((tmp_path / "vitpod.pid").read_text())
+        group = int((tmp_path / "vitpod.pid").read_text().split()[0])
+        retried = podworker("start", f"--workdir={workdir}", "--", sys.executable, "-c", "0")
+        assert f"launch L1 already running (process group {group})" in retried.stdout
         again = podworker("start", f"--workdir={workdir}", "--grace=1", "--", sys.executable,
                           "-c", "print('second launch')", launch="L2")
         assert f"killed the earlier trainer (process group {group}) after 1 s" in again.stdout

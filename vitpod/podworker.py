@@ -46,10 +46,12 @@ def mark(workdir: str, what: str, **info) -> None:
 
 def _our_group(pidfile: str) -> int | None:
     """The process group in `pidfile` while a vitpod process still runs in it (pids get
-    reused: a group of strangers under that number is left alone)."""
+    reused: a group of strangers under that number, or our own, is left alone)."""
     try:
         pgid = int(open(pidfile).read().split()[0])
     except (OSError, ValueError, IndexError):
+        return None
+    if pgid == os.getpgrp():
         return None
     for pid in _members(pgid):
         try:
@@ -65,25 +67,18 @@ def stop(pidfile: str, grace: float) -> str:
     pid = _our_group(pidfile)
     said = "no earlier trainer running"
     if pid is not None:
-        os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while _group_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if _group_alive(pid):
+        _signal(pid, signal.SIGTERM, group=True)
+        if _wait_gone(pid, grace):
+            said = f"stopped the earlier trainer (process group {pid})"
+        else:
             # The trainer first, so that the supervisor still marks its exit and copies the log.
             for member in _members(pid):
                 if member != pid:
-                    os.kill(member, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while _group_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if _group_alive(pid):
-                os.killpg(pid, signal.SIGKILL)
+                    _signal(member, signal.SIGKILL)
+            if not _wait_gone(pid, 10):
+                _signal(pid, signal.SIGKILL, group=True)
+                _wait_gone(pid, 10)
             said = f"killed the earlier trainer (process group {pid}) after {grace:.0f} s"
-        else:
-            said = f"stopped the earlier trainer (process group {pid})"
-        while _group_alive(pid):
-            time.sleep(0.1)
     if os.path.exists(pidfile):
         os.remove(pidfile)
     if pid is not None and os.path.exists(LIBTPU_LOCK):
@@ -94,8 +89,20 @@ def stop(pidfile: str, grace: float) -> str:
     return said
 
 
-def _group_alive(pgid: int) -> bool:
-    return bool(_members(pgid))
+def _signal(pid: int, sig: int, group: bool = False) -> None:
+    try:
+        (os.killpg if group else os.kill)(pid, sig)
+    except ProcessLookupError:  # it exited meanwhile
+        pass
+
+
+def _wait_gone(pgid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _members(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def _members(pgid: int) -> list[int]:
@@ -113,8 +120,13 @@ def _members(pgid: int) -> list[int]:
 
 
 def start(args: argparse.Namespace) -> None:
-    print(f"worker {os.environ.get(WORKER_ENV, '?')}: {stop(args.pidfile, args.grace)}",
-          flush=True)
+    worker, launch_id = os.environ.get(WORKER_ENV, "?"), os.environ.get(LAUNCH_ENV, "")
+    running = _our_group(args.pidfile)
+    if running and launch_id and open(args.pidfile).read().split()[1:] == [launch_id]:
+        # A retried ssh whose first try got through: this launch already runs here.
+        print(f"worker {worker}: launch {launch_id} already running (process group {running})")
+        return
+    print(f"worker {worker}: {stop(args.pidfile, args.grace)}", flush=True)
     supervisor = [sys.executable, "-m", "vitpod.podworker", "supervise",
                   f"--workdir={args.workdir}", f"--log={args.log}",
                   f"--sync_seconds={args.sync_seconds}", "--", *args.command]
@@ -122,9 +134,9 @@ def start(args: argparse.Namespace) -> None:
     proc = subprocess.Popen(supervisor, start_new_session=True, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(args.pidfile, "w") as f:
-        f.write(f"{proc.pid}\n")
-    print(f"worker {os.environ.get(WORKER_ENV, '?')}: started, process group {proc.pid}, "
-          f"log {os.path.abspath(args.log)}", flush=True)
+        f.write(f"{proc.pid} {launch_id}\n")
+    print(f"worker {worker}: started, process group {proc.pid}, log "
+          f"{os.path.abspath(args.log)}", flush=True)
 
 
 def supervise(args: argparse.Namespace) -> int:
@@ -134,21 +146,35 @@ def supervise(args: argparse.Namespace) -> int:
     launch_id, worker = os.environ.get(LAUNCH_ENV), os.environ.get(WORKER_ENV)
     remote = (storage.join(args.workdir, "logs", launch_id, f"worker-{worker}.log")
               if launch_id and worker is not None else None)
-    with open(args.log, "wb") as log:
-        trainer = subprocess.Popen(args.command, stdin=subprocess.DEVNULL, stdout=log,
-                                   stderr=subprocess.STDOUT)
-    mark(args.workdir, "started", pid=trainer.pid)
-    copied = -1
-    while True:
-        try:
-            code = trainer.wait(timeout=args.sync_seconds)
-        except subprocess.TimeoutExpired:
-            code = None
-        copied = _copy_log(args.log, remote, copied)
-        if code is not None:
-            break
-    mark(args.workdir, "exited", code=code)
+    code = 127  # the trainer could not be started
+    try:
+        with open(args.log, "wb") as log:
+            trainer = subprocess.Popen(args.command, stdin=subprocess.DEVNULL, stdout=log,
+                                       stderr=subprocess.STDOUT)
+        _try(mark, args.workdir, "started", pid=trainer.pid)
+        copied = -1
+        while True:
+            try:
+                code = trainer.wait(timeout=args.sync_seconds)
+            except subprocess.TimeoutExpired:
+                code = None
+            copied = _copy_log(args.log, remote, copied)
+            if code is not None:
+                break
+    finally:  # whatever happened, the launch learns that this worker's trainer is gone
+        _try(mark, args.workdir, "exited", code=code)
     return 0
+
+
+def _try(fn, *args, **kwargs) -> None:
+    """Markers and log copies must never stop the trainer; retried once, then reported."""
+    for attempt in range(2):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            if attempt:
+                print(f"{getattr(fn, '__name__', fn)} failed: {e}", file=sys.stderr)
+            time.sleep(1)
 
 
 def _copy_log(log: str, remote: str | None, copied: int) -> int:

@@ -41,6 +41,8 @@ def main(name: str) -> None:
             break
         time.sleep(0.25)
     with sim.locked_state() as state:
+        if name not in state["resources"]:  # deleted meanwhile
+            return
         state["resources"][name]["state"] = "SUSPENDING"
         state["preempted"] = state.get("preempted", 0) + 1
     count = sim.signal_node(name, signal.SIGTERM)

@@ -31,8 +31,7 @@ SCENARIO = {
     "fail_creations": [],     # the next creations go FAILED with these messages
     "describe_errors": 0,     # the next describes fail with a transient (auth) error
     "scp_failures": 0,        # the next scp calls fail as right after ACTIVE (keys propagating)
-    "preempt_at_step": 0,     # preempt once WORKDIR/metrics.jsonl reaches this step
-    "preemptions": 1,         # how many times
+    "preempt_at_step": 0,     # preempt (once) when WORKDIR/metrics.jsonl reaches this step
     "grace_seconds": 30,      # SIGTERM, then SIGKILL after this (GCE's spot notice)
     "chips_per_host": 4,
     "capacity_limits": {},    # {TYPE: n}: TYPE becomes ACTIVE at most n times, then waits
@@ -214,8 +213,7 @@ def make_node(state: dict, name: str, res: dict, sc: dict) -> None:
     shutil.rmtree(node_dir(name), ignore_errors=True)
     for i in range(res["workers"]):
         os.makedirs(os.path.join(node_dir(name), f"w{i}"))
-    left = sc["preemptions"] - state.get("preempted", 0)
-    if sc["preempt_at_step"] and res["spot"] and left > 0:
+    if sc["preempt_at_step"] and res["spot"] and not state.get("preempted"):
         subprocess.Popen([sys.executable, os.path.join(HERE, "capacity.py"), name],
                          start_new_session=True, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=open(
