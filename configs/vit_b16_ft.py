@@ -30,7 +30,6 @@ def get_config(arg=None):
     c.data.std = (0.5, 0.5, 0.5)
     c.data.crop_scale = (0.08, 1.0)
     c.data.hflip = True
-    c.data.num_workers = 8
     c.model.variant = "B/16"
     c.model.init_from = "google/vit-base-patch16-224-in21k"
     c.model.pool = "cls"

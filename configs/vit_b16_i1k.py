@@ -42,7 +42,6 @@ def get_config(arg=None):
     c.data.crop_scale = (0.08, 1.0)
     c.data.hflip = True
     c.data.eval_crop_pct = 0.875
-    c.data.num_workers = 16
     c.data.randaug_num_ops = 2
     c.data.randaug_magnitude = 9
     c.mix.mixup_alpha = 0.8

@@ -39,7 +39,6 @@ def get_config(arg=None):
     c.data.crop_scale = (0.05, 1.0)  # inception crop, big_vision's area_min=5
     c.data.hflip = True
     c.data.eval_crop_pct = 0.875  # resize_small(256) | central_crop(224)
-    c.data.num_workers = 16
     c.data.randaug_num_ops = 2
     c.data.randaug_magnitude = 10
     c.mix.mixup_alpha = 0.2

@@ -85,3 +85,13 @@ def test_unreadable_files_are_skipped_by_name_every_time(tmp_path, data_cfg, mon
     assert sorted(w.split(" ")[3].removeprefix(str(root) + "/") for w in warnings) == sorted(bad)
     again = _steps(split, data_cfg, total=1, batch=8)[0]
     np.testing.assert_array_equal(batch["valid"], again["valid"])
+
+
+def test_decode_workers_default_is_sized_to_the_host():
+    from vitpod.data import pipeline
+
+    assert pipeline.decode_workers(-1, cpus=2, local_devices=8) == 0  # a laptop: threads
+    assert pipeline.decode_workers(-1, cpus=24, local_devices=1) == 16  # v5e, 1 chip
+    assert pipeline.decode_workers(-1, cpus=240, local_devices=4) == 64  # v4 host
+    assert pipeline.decode_workers(3, cpus=240, local_devices=4) == 3  # explicit counts stay
+    assert pipeline.decode_workers(0, cpus=240, local_devices=4) == 0

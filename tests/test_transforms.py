@@ -76,3 +76,51 @@ def test_eval_transform_resizes_the_shorter_side_and_crops_the_centre():
     # Shorter side 40 -> 20 (factor 2), width 80 -> 40, centre 20 columns = source 20..60.
     assert out.shape == (20, 20, 3)
     assert out[:, 6:14].min() == 255 and out[:, :4].max() == 0 and out[:, 16:].max() == 0
+
+
+def _jpeg(width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([(x * (c + 1) + y) % 256 for c in range(3)], -1).astype(np.float64)
+    pixels = np.clip(pixels + rng.normal(0, 8, pixels.shape), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def test_reduced_decode_picks_the_smallest_dct_scale_that_still_covers_the_output():
+    img = transforms.open_image(_jpeg(2000, 1600))
+    box = transforms.draft(img, (0, 0, 2000, 1600), 292, 256)  # eval: shorter side to 256
+    assert img.size == (500, 400)  # 1/4: 1/8 (250 x 200) would not cover 292 x 256
+    assert box == (0.0, 0.0, 500.0, 400.0)
+    small = transforms.open_image(_jpeg(2000, 1600))
+    assert transforms.draft(small, (100, 100, 400, 400), 224, 224) == (100, 100, 400, 400)
+    assert small.size == (2000, 1600)  # a 300 px box at 1/2 would be under 224: full size
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_reduced_decode_keeps_the_output_and_its_randomness(mode):
+    data = _jpeg(1800, 2400)
+
+    def run(reduced):
+        img, rng = transforms.open_image(data), np.random.default_rng(7)
+        if mode == "train":
+            out = transforms.train_transform(img, 64, (0.5, 1), (3 / 4, 4 / 3), True, rng,
+                                             reduced=reduced)
+        else:
+            out = transforms.eval_transform(img, 64, 0.875, reduced=reduced)
+        return out, rng.random()
+
+    (full, after_full), (reduced, after_reduced) = run(False), run(True)
+    again, _ = run(True)
+    assert reduced.shape == full.shape == (64, 64, 3) and reduced.dtype == np.uint8
+    np.testing.assert_array_equal(reduced, again)  # deterministic
+    assert after_full == after_reduced  # the same random draws: same crop box, same flip
+    assert np.abs(reduced.astype(int) - full.astype(int)).mean() < 6  # the same picture
+
+
+def test_reduced_decode_changes_nothing_when_no_scale_fits():
+    data = _jpeg(256, 256)  # eval at 224 / 0.875 = 256: scale 1
+    full = transforms.eval_transform(transforms.open_image(data), 224, 0.875)
+    reduced = transforms.eval_transform(transforms.open_image(data), 224, 0.875, reduced=True)
+    np.testing.assert_array_equal(reduced, full)

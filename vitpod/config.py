@@ -52,7 +52,12 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.crop_ratio = (3 / 4, 4 / 3)
     c.data.hflip = True
     c.data.eval_crop_pct = 0.875  # eval: resize shorter side to size / pct, center crop
-    c.data.num_workers = 2  # grain decode processes per host; 0 decodes in-process
+    # grain decode processes per host; 0 decodes in-process (on threads); -1 sizes them to
+    # the host: its CPUs less 2, at most 16 per local device (pipeline.decode_workers)
+    c.data.num_workers = -1
+    # JPEGs decoded at 1/2, 1/4 or 1/8 scale (DCT scaling) when the crop still covers the
+    # output size: 3x+ cheaper for camera-sized photos; changes pixels, so it is a result key
+    c.data.reduced_decode = True
     c.data.read_threads = 16  # files (gs:// objects) fetched at once per decode process
     c.data.eval_batch_size = 0  # global; 0 means batch_size
     c.data.max_skipped_fraction = 0.01  # unreadable images tolerated before stopping
@@ -125,7 +130,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     _require(min(d.std) > 0, "data.std", "must be positive")
     _require(0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", "needs 0<lo<=hi<=1")
     _require(0 < d.eval_crop_pct <= 1, "data.eval_crop_pct", "must be in (0, 1]")
-    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(d.num_workers >= -1, "data.num_workers", "must be >= 0, or -1 (sized to the host)")
     _require(d.read_threads >= 1, "data.read_threads", "must be >= 1")
     _require(config.model.pool in ("cls", "gap"), "model.pool", "must be 'cls' or 'gap'")
     _require(config.model.dtype in ("float32", "bfloat16"), "model.dtype",
@@ -200,11 +205,16 @@ def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
 
+# Keys added after runs were already written, with the value that reproduces those runs.
+ADDED_KEYS = {"data.reduced_decode": False}
+
+
 def from_json(saved: dict) -> ml_collections.ConfigDict:
-    """A workdir's config.json back as a ConfigDict."""
+    """A workdir's config.json back as a ConfigDict (keys it predates at their old value)."""
     config = defaults()
+    flat = {**ADDED_KEYS, **_flatten(saved)}
     config.update_from_flattened_dict(
-        {k: tuple(v) if isinstance(v, list) else v for k, v in _flatten(saved).items()})
+        {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()})
     return config
 
 
@@ -214,7 +224,8 @@ def changed_result_keys(saved: dict, current: ml_collections.ConfigDict) -> list
     flat_saved, flat_now = _flatten(saved), _flatten(now)
     keys = sorted(set(flat_saved) | set(flat_now))
     return [k for k in keys
-            if k not in RESULT_NEUTRAL_KEYS and flat_saved.get(k) != flat_now.get(k)]
+            if k not in RESULT_NEUTRAL_KEYS
+            and flat_saved.get(k, ADDED_KEYS.get(k)) != flat_now.get(k)]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

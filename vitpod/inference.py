@@ -58,6 +58,7 @@ def _from_hf(path: str) -> Classifier:
     cfg.model.layer_norm_eps = hf_cfg.get("layer_norm_eps", 1e-12)
     cfg.data.image_size = hf_cfg.get("image_size", 224)
     cfg.data.eval_crop_pct = 1.0
+    cfg.data.reduced_decode = False  # full-size decodes, as transformers' processor does
     processor = storage.join(path, "preprocessor_config.json")
     if storage.exists(processor):
         pre = json.loads(storage.read_text(processor))

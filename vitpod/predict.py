@@ -46,9 +46,10 @@ def predict(classifier: inference.Classifier, files: list[str], top_k: int) -> l
         images, rows = [], []
         for path in files[start:start + _BATCH]:
             try:
-                img = transforms.decode_rgb(storage.read_bytes(path))
-                images.append(transforms.eval_transform(img, size,
-                                                        classifier.data_cfg.eval_crop_pct))
+                img = transforms.open_image(storage.read_bytes(path))
+                images.append(transforms.eval_transform(
+                    img, size, classifier.data_cfg.eval_crop_pct,
+                    classifier.data_cfg.get("reduced_decode", False)))
                 rows.append({"path": path})
             except Exception as e:  # noqa: BLE001
                 results.append({"path": path, "error": f"{type(e).__name__}: {e}"})

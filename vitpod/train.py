@@ -117,6 +117,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
     splits = imagefolder.load(manifest_path)
     logging.info("train: %d images in %d classes from %s", len(splits["train"].files),
                  len(splits["train"].classes), splits["train"].root)
+    logging.info("decode worker processes per host: %d (data.num_workers=%d)",
+                 pipeline.decode_workers(config.data.num_workers), config.data.num_workers)
 
     mesh = distributed.make_mesh(config.mesh)
     tx = optim.make(config.optim, config.total_steps)

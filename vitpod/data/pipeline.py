@@ -8,6 +8,7 @@ only the step, and a different host count sees the same global batches.
 
 import dataclasses
 import math
+import os
 
 import grain
 import jax
@@ -48,14 +49,15 @@ class TrainExample:
     ratio: tuple[float, float]
     hflip: bool
     randaug: tuple[int, float] = (0, 0)  # (num_ops, magnitude); 0 ops: off
+    reduced: bool = False  # JPEG DCT scaling (data.reduced_decode)
 
     def __call__(self, index: int, rng: np.random.Generator) -> dict:
         index = int(index)
         data = _read(self.split.path(index))
         try:
-            img = transforms.decode_rgb(data)
+            img = transforms.open_image(data)
             image = transforms.train_transform(img, self.size, self.scale, self.ratio,
-                                               self.hflip, rng, self.randaug)
+                                               self.hflip, rng, self.randaug, self.reduced)
         except Exception:  # noqa: BLE001  corrupt/truncated/empty: reported by the host
             image = None
         return _example(image, self.split.labels[index], index, self.size)
@@ -68,6 +70,7 @@ class EvalExample:
     split: Split
     size: int
     crop_pct: float
+    reduced: bool = False
 
     def __call__(self, index: int) -> dict:
         index = int(index)
@@ -75,8 +78,8 @@ class EvalExample:
             return _example(None, 0, -1, self.size)
         data = _read(self.split.path(index))
         try:
-            img = transforms.decode_rgb(data)
-            image = transforms.eval_transform(img, self.size, self.crop_pct)
+            img = transforms.open_image(data)
+            image = transforms.eval_transform(img, self.size, self.crop_pct, self.reduced)
         except Exception:  # noqa: BLE001
             image = None
         return _example(image, self.split.labels[index], index, self.size)
@@ -89,9 +92,22 @@ def _host_rows(ds: grain.MapDataset, global_batch: int, process_index: int,
     return ds.batch(local, drop_remainder=True)[process_index::process_count]
 
 
+def decode_workers(num_workers: int, cpus: int | None = None,
+                   local_devices: int | None = None) -> int:
+    """data.num_workers, with -1 sized to this host: its CPUs less 2 (the training loop and
+    grain's read threads), at most 16 per local device; 0 on a 2-core laptop (decoding then
+    runs on grain's in-process threads)."""
+    if num_workers >= 0:
+        return num_workers
+    cpus = (os.cpu_count() or 1) if cpus is None else cpus
+    local_devices = jax.local_device_count() if local_devices is None else local_devices
+    return max(0, min(cpus - 2, 16 * local_devices))
+
+
 def _iterate(ds: grain.MapDataset, num_workers: int, read_threads: int):
     # grain's read threads bound how many files (objects on gs://) are fetched at once.
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads))
+    num_workers = decode_workers(num_workers)
     if num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(it)
@@ -105,7 +121,8 @@ def train_batches(split: Split, data_cfg, seed: int, global_batch: int, start_st
     ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(epochs)
     ds = ds.random_map(TrainExample(split, data_cfg.image_size, tuple(data_cfg.crop_scale),
                                     tuple(data_cfg.crop_ratio), data_cfg.hflip,
-                                    (data_cfg.randaug_num_ops, data_cfg.randaug_magnitude)),
+                                    (data_cfg.randaug_num_ops, data_cfg.randaug_magnitude),
+                                    data_cfg.reduced_decode),
                       seed=seed)
     ds = _host_rows(ds, global_batch, process_index, process_count)[start_step:total_steps]
     return _iterate(ds, data_cfg.num_workers, data_cfg.read_threads)
@@ -116,7 +133,8 @@ def eval_batches(split: Split, data_cfg, global_batch: int, process_index: int =
     """Every example once, padded to whole global batches (padding has valid=0)."""
     padded = math.ceil(len(split.files) / global_batch) * global_batch
     ds = grain.MapDataset.range(padded).map(
-        EvalExample(split, data_cfg.image_size, data_cfg.eval_crop_pct))
+        EvalExample(split, data_cfg.image_size, data_cfg.eval_crop_pct,
+                    data_cfg.reduced_decode))
     return _iterate(_host_rows(ds, global_batch, process_index, process_count),
                     data_cfg.num_workers, data_cfg.read_threads)
 

@@ -15,9 +15,13 @@ from vitpod.data import randaugment
 Image.MAX_IMAGE_PIXELS = None
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    """Bytes of any format PIL reads -> RGB image. Raises on corrupt or empty data."""
-    img = Image.open(io.BytesIO(data))
+def open_image(data: bytes) -> Image.Image:
+    """The image's header only: size and format, nothing decoded yet."""
+    return Image.open(io.BytesIO(data))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Decode (as drafted) to RGB. Raises on corrupt, truncated or empty data."""
     img.load()
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit greyscale: scale to 8 bits instead of clipping at 255 (PIL's convert does).
@@ -28,6 +32,27 @@ def decode_rgb(data: bytes) -> Image.Image:
     elif img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # PIL warns when a palette with transparency goes to RGB
     return img.convert("RGB")
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Bytes of any format PIL reads -> RGB image at full size."""
+    return to_rgb(open_image(data))
+
+
+def draft(img: Image.Image, box, need_w: int, need_h: int):
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT scaling, before anything is decoded)
+    when `box` of the full image still has at least need_w x need_h pixels there; returns the
+    box in the decoded image's coordinates. Other formats decode at full size, box unchanged."""
+    if img.format != "JPEG":
+        return box
+    box_w, box_h = box[2] - box[0], box[3] - box[1]
+    k = max(k for k in (1, 2, 4, 8) if k == 1 or (box_w / k >= need_w and box_h / k >= need_h))
+    if k == 1:
+        return box
+    width, height = img.size
+    img.draft(img.mode, (math.ceil(width / k), math.ceil(height / k)))
+    sx, sy = img.width / width, img.height / height
+    return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
 
 
 def random_resized_crop_box(width: int, height: int, scale, ratio,
@@ -56,10 +81,15 @@ def random_resized_crop_box(width: int, height: int, scale, ratio,
 
 
 def train_transform(img: Image.Image, size: int, scale, ratio, hflip: bool,
-                    rng: np.random.Generator, randaug: tuple[int, float] = (0, 0)) -> np.ndarray:
-    """Random resized crop, flip, then RandAugment (num_ops, magnitude) on the small image."""
+                    rng: np.random.Generator, randaug: tuple[int, float] = (0, 0),
+                    reduced: bool = False) -> np.ndarray:
+    """Random resized crop, flip, then RandAugment (num_ops, magnitude) on the small image.
+    `img` may be undecoded (open_image): the box is drawn from its header's size and, with
+    `reduced`, a JPEG is decoded at the smallest DCT scale that keeps the box >= size."""
     box = random_resized_crop_box(img.width, img.height, scale, ratio, rng)
-    out = img.resize((size, size), Image.BILINEAR, box=box)
+    if reduced:
+        box = draft(img, box, size, size)
+    out = to_rgb(img).resize((size, size), Image.BILINEAR, box=box)
     if hflip and rng.random() < 0.5:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     if randaug[0]:
@@ -67,8 +97,10 @@ def train_transform(img: Image.Image, size: int, scale, ratio, hflip: bool,
     return np.asarray(out, dtype=np.uint8)
 
 
-def eval_transform(img: Image.Image, size: int, crop_pct: float) -> np.ndarray:
-    """Resize the shorter side to size / crop_pct, then take the central size x size."""
+def eval_transform(img: Image.Image, size: int, crop_pct: float,
+                   reduced: bool = False) -> np.ndarray:
+    """Resize the shorter side to size / crop_pct, then take the central size x size (with
+    `reduced`, from a JPEG decoded at the smallest DCT scale still >= the resized size)."""
     short = int(math.floor(size / crop_pct))
     w, h = img.width, img.height
     if w <= h:
@@ -76,5 +108,6 @@ def eval_transform(img: Image.Image, size: int, crop_pct: float) -> np.ndarray:
     else:
         new_w, new_h = int(short * w / h), short
     left, top = int(round((new_w - size) / 2)), int(round((new_h - size) / 2))
-    out = img.resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + size, top + size))
-    return np.asarray(out, dtype=np.uint8)
+    box = draft(img, (0, 0, w, h), new_w, new_h) if reduced else None
+    out = to_rgb(img).resize((new_w, new_h), Image.BILINEAR, box=box)
+    return np.asarray(out.crop((left, top, left + size, top + size)), dtype=np.uint8)
