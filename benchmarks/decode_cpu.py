@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vitpod import config as config_lib  # noqa: E402
 from vitpod.data import pipeline, transforms  # noqa: E402
 from vitpod.data.imagefolder import scan_splits  # noqa: E402
+from vitpod.input_budget import representative_jpegs  # noqa: E402
 
 flags.DEFINE_enum("kind", "camera", ["camera", "photo"], "camera: 1,600-3,000 px sides; photo: "
                   "300-500 px.")
@@ -32,21 +33,6 @@ flags.DEFINE_integer("images", 48, "Images to decode (each a distinct file).")
 flags.DEFINE_integer("size", 224, "Output size.")
 FLAGS = flags.FLAGS
 MEAN = STD = np.float32(0.5)
-
-
-def make_jpegs(root: str, kind: str, count: int) -> None:
-    """Photo-like JPEGs (smooth gradients, texture, noise) at quality 90."""
-    rng = np.random.default_rng(0)
-    lo, hi = (1600, 3000) if kind == "camera" else (300, 500)
-    for i in range(count):
-        w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
-        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-        base = np.stack([128 + 100 * np.sin(x / (37 + 9 * c) + y / (53 + c)) for c in range(3)], -1)
-        small = rng.normal(0, 25, (h // 16 + 1, w // 16 + 1, 3)).astype(np.float32)
-        texture = np.kron(small, np.ones((16, 16, 1), np.float32))[:h, :w]
-        pixels = np.clip(base + texture + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)
-        os.makedirs(os.path.join(root, f"c{i % 2}"), exist_ok=True)
-        Image.fromarray(pixels).save(os.path.join(root, f"c{i % 2}", f"{i:03d}.jpg"), quality=90)
 
 
 def baseline(files: list[str], mode: str, size: int) -> float:
@@ -87,7 +73,8 @@ def vitpod(root: str, mode: str, size: int, reduced: bool, count: int) -> float:
 
 def main(_) -> None:
     with tempfile.TemporaryDirectory() as root:
-        make_jpegs(root, FLAGS.kind, FLAGS.images)
+        lo, hi = (1600, 3000) if FLAGS.kind == "camera" else (300, 500)
+        representative_jpegs(root, FLAGS.images, lo, hi)
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
         base = baseline(files, FLAGS.mode, FLAGS.size)
         full = vitpod(root, FLAGS.mode, FLAGS.size, False, FLAGS.images)

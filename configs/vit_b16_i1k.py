@@ -17,6 +17,11 @@ does not have, and timm's RandAugment samples its magnitude (std 0.5); DeiT's ab
 Hardware: a v4-32 (16 chips, 64 images per chip per step, bfloat16 matmuls); about
 1.3k img/s per chip at 50 % MFU (`python -m vitpod.plan --config=configs/vit_b16_i1k.py
 --topology=v4:2x2x4`) puts 300 epochs near 5 h.
+Input: that is ~21k img/s for the slice, ~5.2k per host; this recipe's decode + crop +
+RandAugment(2, 9) costs ~2.0 CPU ms per 300-500 px JPEG (measured on a 2-core VM; `plan`'s
+`input.` lines and `make pod-check` measure it again): ~11 decode cores per host, which
+data.num_workers=-1 provides. The 21k object reads/s are ~4x what a fresh bucket serves:
+stage the data on the hosts' disks, or expect throttling while the bucket ramps up.
 Expected: DeiT-B reports 81.8 % top-1 on the ImageNet-1k validation set; with the
 differences above, about 79-81 % (our estimate, not yet reproduced by vitpod on a TPU).
 """

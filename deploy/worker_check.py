@@ -5,6 +5,7 @@ and every problem found (exit 1). Standard library only until it imports what it
 """
 
 import argparse
+import os
 import platform
 import sys
 
@@ -40,6 +41,14 @@ def check(python: str, want_platform: str, local_devices: int) -> tuple[list[str
                             f"{local_devices} per worker")
     except Exception as e:  # noqa: BLE001
         problems.append(f"JAX could not start the {want_platform} backend ({_last_line(e)})")
+    if not problems:  # what decoding costs on this host: plan measured it on another machine
+        try:
+            from vitpod import config, input_budget
+
+            ms, _ = input_budget.cpu_ms_per_image(config.defaults().data)
+            found.append(f"{ms:.1f} CPU ms per 224 px training image, {os.cpu_count()} CPUs")
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"the decode measurement failed ({_last_line(e)})")
     return found, problems
 
 

@@ -1,5 +1,6 @@
 """`plan`: the real train step compiled for TPU topologies on this CPU (needs libtpu)."""
 
+import math
 import subprocess
 import sys
 
@@ -54,3 +55,23 @@ def test_fsdp_on_a_tpu_topology_gathers_the_layers_inside_the_loop():
     assert result["fits"] and result["mesh"] == {"data": 1, "fsdp": 4}
     assert result["params_gib"] < param_bytes(config, 5) / 2**30 / 3  # mostly sharded
     assert result["collective_bytes_per_step"]["all-gather"] > param_bytes(config, 5) / 2
+
+
+def test_plan_says_what_each_host_must_feed_the_chips(colors):
+    """The input budget: img/s per host at 40 and 60 % MFU, measured CPU ms per image on the
+    config's own train_dir, the decode cores that takes, the whole slice's reads per second."""
+    config = load_config("tiny", batch_size=64, data__train_dir=str(colors / "train"))
+    result = plan.plan(config, "v4:2x2x4", 5)  # a v4-32: 4 hosts of 4 chips
+    budget = result["input"]
+    assert budget["hosts"] == 4 and f"images of {colors / 'train'}" in budget["measured_on"]
+    for pct in (40, 60):
+        assert budget[f"img_per_sec_per_host_at_{pct}pct_mfu"] == 4 * result[
+            f"img_per_sec_per_chip_at_{pct}pct_mfu"]
+    assert budget["cpu_ms_per_image"] > 0
+    assert budget["workers_per_host"] == math.ceil(
+        budget["img_per_sec_per_host_at_60pct_mfu"] * budget["cpu_ms_per_image"] / 1000)
+    assert budget["reads_per_sec"] == 4 * budget["img_per_sec_per_host_at_60pct_mfu"]
+    assert "more than a fresh bucket serves" in budget["verdict"]  # a pico model is fast
+    unreachable = plan.plan(load_config("tiny", batch_size=64, data__train_dir="/no/such"),
+                            "v4:2x2x1", 5)
+    assert "representative 300-500 px JPEGs" in unreachable["input"]["measured_on"]

@@ -4,6 +4,7 @@
 """
 
 import logging as std_logging
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -20,6 +21,13 @@ def _one_line(text: str) -> str:
 
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.distributed.is_initialized():
+        # Every process fails alike (primary_first): leave without JAX's shutdown barrier,
+        # which can wait minutes for a process 0 that already left (seen under load).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     sys.exit(2)
 
 

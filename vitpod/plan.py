@@ -8,7 +8,8 @@ topology (`gen:AxB[xC]`: `v4:2x2x4` is a v4-32, `v5e:2x4` a v5e-8, `v5:2x2x1` a 
 `v6e:2x2` a v6e-4) and prints per-chip HBM (params, optimizer state, temporaries), FLOPs per
 step, the step time and img/s per chip implied at 40 % and 60 % MFU, the collective bytes
 per step, and whether it fits; if not, the first of FSDP over all chips, full remat and
-gradient accumulation (in that order, compiled to check) that makes it fit.
+gradient accumulation (in that order, compiled to check) that makes it fit. Then what each
+host must feed the chips (vitpod/input_budget.py): img/s, decode cores, bucket reads/s.
 """
 
 import json
@@ -176,11 +177,25 @@ def _short(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def plan(config, topology: str, num_classes: int) -> dict:
-    """The plan for `config` on `topology`. When it does not fit, also the first remedy
-    that does, found by compiling: FSDP over every chip, then that with `model.remat=full`,
-    then gradient accumulation on top (a divisor of each device's rows, sized from how far
-    over HBM the last try was)."""
+def plan(config, topology: str, num_classes: int, input_budget: bool = True) -> dict:
+    """The plan for `config` on `topology`, with what its hosts must feed it (`input`).
+    When it does not fit, also the first remedy that does, found by compiling."""
+    result = _fit(config, topology, num_classes)
+    rates = result.get("with_remedy", result)
+    if input_budget and rates.get("img_per_sec_per_chip_at_60pct_mfu"):
+        from vitpod import input_budget as budget_lib
+
+        hosts = len({d.process_index for d in tpu_devices(topology)})
+        ms, where = budget_lib.cpu_ms_per_image(config.data)
+        result["input"] = budget_lib.budget({**rates, "chips": result["chips"]}, hosts,
+                                            topology.split(":")[0], ms, where)
+    return result
+
+
+def _fit(config, topology: str, num_classes: int) -> dict:
+    """The plan; when it does not fit, the first remedy that does, found by compiling: FSDP
+    over every chip, then that with `model.remat=full`, then gradient accumulation on top (a
+    divisor of each device's rows, sized from how far over HBM the last try was)."""
     devices = tpu_devices(topology)
     chips = len(devices)
     result = _plan_once(config, devices, topology, num_classes)
@@ -285,7 +300,11 @@ def main(argv) -> None:
         print(json.dumps(result))
         return
     for key, value in result.items():
-        print(f"{key:36s} {value}")
+        if key == "input":
+            for k, v in value.items():
+                print(f"{'input.' + k:36s} {v}")
+        else:
+            print(f"{key:36s} {value}")
 
 
 if __name__ == "__main__":
