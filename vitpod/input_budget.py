@@ -100,6 +100,7 @@ def budget(result: dict, hosts: int, generation: str, cpu_ms: float, measured: s
             "workers_per_host"] > cpus - 2 else "")
     if out["reads_per_sec"] > BUCKET_READS_PER_SEC:
         verdict += (f"; the slice reads {out['reads_per_sec']} objects/s, more than a fresh "
-                    f"bucket serves (~{BUCKET_READS_PER_SEC}/s): pack the data or ramp up")
+                    f"bucket serves (~{BUCKET_READS_PER_SEC}/s): stage the data on the hosts' "
+                    "disks, or let the bucket ramp up (it doubles at most every 20 minutes)")
     out["verdict"] = verdict
     return out
