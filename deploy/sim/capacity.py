@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 
-import gcloud as sim
+import cloud_state as sim
 
 
 def reached_step(workdir: str) -> int:

@@ -26,7 +26,7 @@ CACHE_DIR = os.path.abspath(os.environ.get("SIM_CACHE_DIR", os.path.join(SIM_DIR
 os.environ["SIM_DIR"] = SIM_DIR
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
-import gcloud as sim  # noqa: E402
+import cloud_state as sim  # noqa: E402
 import image  # noqa: E402
 
 from tests.gcs_emulator import Emulator  # noqa: E402

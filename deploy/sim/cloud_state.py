@@ -1,0 +1,111 @@
+"""The simulated cloud's shared state for `make pod-sim`: the scenario, the control plane's
+state file (read and written under a lock: gcloud calls run in parallel), the workers' homes,
+their processes (found by the VITPOD_SIM_NODE they inherit) and the image's environment.
+"""
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import time
+
+SIM_DIR = os.environ["SIM_DIR"]
+STATE, SCENARIO_FILE = os.path.join(SIM_DIR, "state.json"), os.path.join(SIM_DIR, "scenario.json")
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCENARIO = {
+    "wait_polls": 1,          # describes spent WAITING_FOR_RESOURCES after a create
+    "provision_polls": 1,     # then PROVISIONING
+    "delete_polls": 1,        # DELETING after a delete
+    "fail_creations": [],     # the next creations go FAILED with these messages
+    "describe_errors": 0,     # the next describes fail with a transient (auth) error
+    "scp_failures": 0,        # the next scp calls fail as right after ACTIVE (keys propagating)
+    "preempt_at_step": 0,     # preempt (once) when WORKDIR/metrics.jsonl reaches this step
+    "grace_seconds": 30,      # SIGTERM, then SIGKILL after this (GCE's spot notice)
+    "chips_per_host": 4,
+    "capacity_limits": {},    # {TYPE: n}: TYPE becomes ACTIVE at most n times, then waits
+    "bucket_location": "US-CENTRAL2",  # what `storage buckets describe` says
+    "watch_workdir": "",      # the run the preemption watches
+    "worker_env": {},         # environment every worker sees (the emulator's endpoints ...)
+    "image_bin": "",          # the stand-in image's bin folder (python3 = 3.10, no venv)
+    "downloads_bin": "",      # where uv finds the Python it would download (downloads off)
+    "cache_dir": "",          # package caches shared by every worker
+}
+
+
+def scenario() -> dict:
+    with contextlib.suppress(FileNotFoundError):
+        return {**SCENARIO, **json.load(open(SCENARIO_FILE))}
+    return dict(SCENARIO)
+
+
+@contextlib.contextmanager
+def locked_state():
+    """The control plane's state, read and written under a lock (calls run in parallel)."""
+    os.makedirs(SIM_DIR, exist_ok=True)
+    with open(os.path.join(SIM_DIR, "state.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = json.load(open(STATE)) if os.path.exists(STATE) else {"resources": {},
+                                                                     "calls": []}
+        try:
+            yield state
+        finally:  # also when the call ends in an error (sys.exit) after changing the state
+            with open(STATE + ".tmp", "w") as f:
+                json.dump(state, f, indent=1)
+            os.replace(STATE + ".tmp", STATE)
+
+
+def cloud_log(message: str) -> None:
+    with open(os.path.join(SIM_DIR, "cloud.log"), "a") as f:
+        f.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+
+
+def node_dir(name: str) -> str:
+    return os.path.join(SIM_DIR, "nodes", name)
+
+
+def node_processes(name: str = "") -> list[int]:
+    """Every process started on the node's workers (they inherit VITPOD_SIM_NODE); without a
+    name, on any node of this simulation."""
+    tag = f"VITPOD_SIM_NODE={SIM_DIR}:{name + ':' if name else ''}".encode()
+    found = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            if any(v.startswith(tag) for v in open(f"/proc/{pid}/environ", "rb").read()
+                   .split(b"\0")):
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def signal_node(name: str, sig: int) -> int:
+    pids = node_processes(name)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    return len(pids)
+
+
+def tear_down(name: str) -> None:
+    """A VM that is gone: its processes killed, its disk gone."""
+    signal_node(name, signal.SIGKILL)
+    shutil.rmtree(node_dir(name), ignore_errors=True)
+
+
+# --- queued resources ----------------------------------------------------------------------
+
+
+def image_env(home: str) -> dict:
+    """A login shell on the simulated image: its PATH (python3 is the 3.10 stand-in), the
+    shared package caches, interpreter downloads off, and the scenario's worker_env."""
+    sc = scenario()
+    keep = {k: v for k, v in os.environ.items()
+            if k.startswith(("PIP_", "SSL_", "REQUESTS_CA")) or k.lower().endswith("_proxy")
+            or k in ("LANG", "LC_ALL", "TZ", "USER", "LOGNAME")}
+    return {**keep, "HOME": home, "SHELL": "/bin/bash",
+            "PATH": f"{sc['image_bin']}:/usr/local/bin:/usr/bin:/bin:{sc['downloads_bin']}",
+            "UV_PYTHON_DOWNLOADS": "never", "UV_CACHE_DIR": os.path.join(sc["cache_dir"], "uv"),
+            "PIP_CACHE_DIR": os.path.join(sc["cache_dir"], "pip"),
+            "PIP_ROOT_USER_ACTION": "ignore", **sc["worker_env"]}
