@@ -268,7 +268,8 @@ def test_a_worker_that_does_not_start_stops_the_others(cloud, gcs, tmp_path, col
         _venv(cloud.home("vp", 1), project, broken)
     (cloud.home("vp", 0) / "vitpod-configs").mkdir()
     (cloud.home("vp", 1) / "vitpod-configs").mkdir()
-    cloud.set(worker_env=gcs.env())
+    # Copies fail at first, as right after ACTIVE while ssh keys propagate: retried.
+    cloud.set(worker_env=gcs.env(), scp_failures=0 if broken else 2)
     flags = f"--config.data.train_dir={colors / 'train'}"
     bucket = f"launch-{int(time.time() * 1000)}"
     gcs.create_bucket(bucket)
@@ -277,6 +278,9 @@ def test_a_worker_that_does_not_start_stops_the_others(cloud, gcs, tmp_path, col
     assert result.returncode == 1, result.stdout
     assert result.stderr.strip() == f"error: {expected}"
     assert "stopping the trainer on every worker (by pid file)" in result.stdout
+    if not broken:
+        assert "gcloud tpu-vm scp failed (ERROR: (gcloud.compute.tpus.tpu-vm.scp)" in \
+            result.stdout and "retry 1/3" in result.stdout
     assert "[w0] worker 0: stopped the earlier trainer" in result.stdout
     assert cloud.processes() == []
 
