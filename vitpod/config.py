@@ -66,10 +66,13 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.randaug_magnitude = 10
 
     c.model = ml_collections.ConfigDict()
-    c.model.variant = "B/16"
+    c.model.variant = "B/16"  # NAME/PATCH or any shape: "w768-d12-h12-m3072/16" (model.py)
     c.model.init_from = ""
     c.model.pool = "cls"  # "cls" token or "gap" (global average pooling)
     c.model.layer_norm_eps = 1e-6
+    # MLP activation: "exact" (erf) GELU, HF's "gelu", or "tanh", the approximation flax,
+    # big_vision and the original ViT use. model.init_from sets it from the checkpoint.
+    c.model.gelu = "exact"
     c.model.dtype = "float32"  # matmul/activation dtype; params stay float32
     c.model.posemb = "learn"  # learned position embeddings, or "sincos2d" (fixed)
     c.model.dropout = 0.0  # on the embeddings and each attention/MLP output
@@ -149,6 +152,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     _require(0 < o.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1] (1: off)")
     _require(0 <= o.ema_decay < 1, "optim.ema_decay", "must be in [0, 1) (0: off)")
     _require(m.posemb in ("learn", "sincos2d"), "model.posemb", "must be 'learn' or 'sincos2d'")
+    _require(m.gelu in ("exact", "tanh"), "model.gelu", "must be 'exact' or 'tanh'")
     _require(m.remat in ("none", "dots", "full"), "model.remat", "must be 'none', 'dots' or 'full'")
     _require(0 <= m.dropout < 1, "model.dropout", "must be in [0, 1)")
     _require(0 <= m.drop_path < 1, "model.drop_path", "must be in [0, 1)")
@@ -206,7 +210,7 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 # Keys added after runs were already written, with the value that reproduces those runs.
-ADDED_KEYS = {"data.reduced_decode": False}
+ADDED_KEYS = {"data.reduced_decode": False, "model.gelu": "exact"}
 
 
 def from_json(saved: dict) -> ml_collections.ConfigDict:

@@ -1,5 +1,7 @@
 """Hugging Face ViT checkpoints in and out: `config.json` + `model.safetensors`.
 
+HF ViT's tensor names are also the common form of every import: timm and big_vision
+readers return a `Checkpoint` in these names (vitpod/pretrained.py picks the reader).
 Names map one to one onto vitpod's ViT (see `_hf_names`). Importing checks every shape,
 reports missing and unexpected tensors in one message, gives a zero head when the classes
 differ, and resizes position embeddings with the bicubic interpolation HF's
@@ -7,8 +9,10 @@ differ, and resizes position embeddings with the bicubic interpolation HF's
 with the run's class names and preprocessing.
 """
 
+import dataclasses
 import json
 import os
+from collections.abc import Callable
 
 import numpy as np
 import safetensors.numpy
@@ -90,10 +94,10 @@ def resize_pos_embed(pos_1nd: np.ndarray, grid: int) -> np.ndarray:
 
 def resolve(init_from: str) -> str:
     """A local checkpoint directory for `init_from` (a directory, or a hub id to download)."""
-    if os.path.isdir(init_from) or storage.is_gcs(init_from):
+    if storage.is_gcs(init_from) or os.path.isdir(init_from):
         return init_from
     if init_from.count("/") != 1 or init_from.startswith((".", "/")):
-        raise UserError(f"config model.init_from={init_from!r} is neither a directory nor a "
+        raise UserError(f"{init_from!r} is neither a checkpoint directory, a .npz file nor a "
                         "Hugging Face hub id like 'google/vit-base-patch16-224'")
     try:
         from huggingface_hub import snapshot_download
@@ -106,51 +110,86 @@ def resolve(init_from: str) -> str:
                         "model.init_from") from None
 
 
-def variant_of(hf_cfg: dict, path: str) -> str:
-    """The vitpod variant name ('B/16') with the checkpoint's shape."""
-    shape = (hf_cfg.get("hidden_size"), hf_cfg.get("num_hidden_layers"),
-             hf_cfg.get("num_attention_heads"), hf_cfg.get("intermediate_size"))
-    for name, widths in model.WIDTHS.items():
-        if widths == shape:
-            return f"{name}/{hf_cfg.get('patch_size', 16)}"
-    raise UserError(f"{path}: no vitpod variant has (hidden, layers, heads, mlp)={shape}; "
-                    f"known: {model.WIDTHS}")
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A pretrained ViT of any supported kind, in HF ViT's terms (see vitpod/pretrained.py)."""
+
+    path: str
+    model: dict  # the model.* keys its architecture fixes (variant, gelu, layer_norm_eps, ...)
+    labels: tuple[str, ...]  # its head's classes ("0".."N-1" when unnamed); () for no head
+    data: dict  # its eval preprocessing: data.image_size, mean, std, eval_crop_pct
+    tensors: Callable[[], dict]  # HF ViT names without "vit.", PyTorch layouts, on demand
 
 
-def _check_config(hf: dict, model_cfg, path: str) -> None:
-    shape = model.parse_variant(model_cfg.variant)
-    theirs = (hf.get("hidden_size"), hf.get("num_hidden_layers"), hf.get("num_attention_heads"),
-              hf.get("intermediate_size"), hf.get("patch_size"))
-    ours = (shape.hidden_size, shape.num_layers, shape.num_heads, shape.mlp_dim, shape.patch_size)
-    if theirs != ours:
-        raise UserError(f"{path}: checkpoint is (hidden, layers, heads, mlp, patch)={theirs} but "
-                        f"model.variant={model_cfg.variant!r} is {ours}; set the matching variant")
+_GELU = {"gelu": "exact", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
+_HF_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                    intermediate_size=3072, patch_size=16, image_size=224, num_channels=3,
+                    layer_norm_eps=1e-12, hidden_act="gelu", qkv_bias=True, model_type="vit")
+
+
+def read(path: str, hf_cfg: dict) -> Checkpoint:
+    """An HF ViT directory (config.json already parsed) as a Checkpoint."""
+    c = {**_HF_DEFAULTS, **hf_cfg}
     problems = []
-    if hf.get("hidden_act", "gelu") != "gelu":
-        problems.append(f"hidden_act={hf['hidden_act']!r} (vitpod has 'gelu')")
-    if not hf.get("qkv_bias", True):
+    if c["model_type"] != "vit":
+        problems.append(f"model_type={c['model_type']!r} (vitpod reads 'vit')")
+    if c["hidden_act"] not in _GELU:
+        problems.append(f"hidden_act={c['hidden_act']!r} (vitpod has {', '.join(_GELU)})")
+    if not c["qkv_bias"]:
         problems.append("qkv_bias=false (vitpod has biases)")
-    if abs(hf.get("layer_norm_eps", 1e-12) - model_cfg.layer_norm_eps) > 1e-15:
-        problems.append(f"layer_norm_eps={hf.get('layer_norm_eps', 1e-12)} but "
-                        f"model.layer_norm_eps={model_cfg.layer_norm_eps}; set it to match")
-    if model_cfg.pool != "cls":
-        problems.append("HF ViT pools the class token; set model.pool='cls'")
-    if model_cfg.posemb != "learn":
-        problems.append("HF ViT has learned position embeddings; set model.posemb='learn'")
+    if c["num_channels"] != 3:
+        problems.append(f"num_channels={c['num_channels']} (vitpod reads RGB)")
     if problems:
-        raise UserError(f"{path}: " + "; ".join(problems))
+        raise UserError(f"{storage.join(path, CONFIG)}: unsupported " + "; ".join(problems))
+    shape = model.ViTShape(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
+                           c["intermediate_size"], c["patch_size"])
+    data = {"image_size": c["image_size"], "eval_crop_pct": 1.0}  # HF resizes, no crop
+    processor = storage.join(path, "preprocessor_config.json")
+    if storage.exists(processor):
+        pre = json.loads(storage.read_text(processor))
+        data.update(mean=tuple(pre["image_mean"]), std=tuple(pre["image_std"]))
+    id2label = c.get("id2label") or {}
+    has_head = "ViTForImageClassification" in (c.get("architectures") or
+                                                ["ViTForImageClassification"])
+    labels = tuple(id2label[str(i)] for i in range(len(id2label))) if has_head else ()
+
+    def tensors():
+        raw = safetensors.numpy.load(storage.read_bytes(storage.join(path, WEIGHTS)))
+        return {k.removeprefix("vit."): v for k, v in raw.items()
+                if not k.startswith(("pooler.", "vit.pooler."))}  # HF classifiers skip it
+
+    return Checkpoint(path, arch(shape, c["layer_norm_eps"], _GELU[c["hidden_act"]]), labels,
+                      data, tensors)
 
 
-def load_params(init_from: str, model_cfg, image_size: int, classes: tuple[str, ...]) -> dict:
-    """Params (numpy) for vitpod's ViT from an HF checkpoint, ready for this dataset."""
-    path = resolve(init_from)
-    hf_cfg = json.loads(storage.read_text(storage.join(path, CONFIG)))
-    _check_config(hf_cfg, model_cfg, path)
-    tensors = safetensors.numpy.load(storage.read_bytes(storage.join(path, WEIGHTS)))
-    tensors = {k.removeprefix("vit."): v for k, v in tensors.items()}
+def arch(shape: model.ViTShape, layer_norm_eps: float, gelu: str) -> dict:
+    """The model.* keys of a class-token ViT with learned position embeddings."""
+    return {"variant": model.variant_name(shape), "layer_norm_eps": layer_norm_eps,
+            "gelu": gelu, "pool": "cls", "posemb": "learn"}
+
+
+def differences(theirs: dict, model_cfg) -> list[str]:
+    """'model.KEY=checkpoint value (config: value)' for each architecture key that differs."""
+    out = []
+    for key, value in theirs.items():
+        ours = model_cfg[key]
+        same = (model.parse_variant(ours) == model.parse_variant(value) if key == "variant"
+                else ours == value)
+        if not same:
+            out.append(f"model.{key}={value!r} (config: {ours!r})")
+    return out
+
+
+def load_params(ckpt: Checkpoint, model_cfg, image_size: int, classes: tuple[str, ...]) -> dict:
+    """Params (numpy) for vitpod's ViT from a checkpoint, ready for this dataset: its own
+    head when its labels are `classes`, else a zero head; position embeddings resized."""
+    mismatch = differences(ckpt.model, model_cfg)
+    if mismatch:
+        raise UserError(f"{ckpt.path}: the checkpoint has {', '.join(mismatch)}; set the "
+                        "config to match")
+    tensors = ckpt.tensors()
     _, abstract = model.abstract_model(model_cfg, image_size, len(classes))
-    id2label = hf_cfg.get("id2label") or {}
-    same_head = [id2label.get(str(i)) for i in range(len(id2label))] == list(classes)
+    same_head = ckpt.labels == tuple(classes)
     names = _hf_names(model.parse_variant(model_cfg.variant).num_layers)
     params, missing = {}, []
     for path_keys, (name, how) in names.items():
@@ -165,15 +204,15 @@ def load_params(init_from: str, model_cfg, image_size: int, classes: tuple[str, 
             if path_keys == ("pos_embed",) and value.shape != target.shape:
                 value = resize_pos_embed(value, int(round(np.sqrt(target.shape[1] - 1))))
         if value.shape != target.shape:
-            raise UserError(f"{path}: tensor {name} has shape {value.shape}, vitpod expects "
-                            f"{target.shape}")
+            raise UserError(f"{ckpt.path}: tensor {name} has shape {value.shape}, vitpod "
+                            f"expects {target.shape}")
         _put(params, path_keys, value.astype(np.float32))
     used = {n for n, _ in names.values()}
-    unexpected = sorted(k for k in tensors if k not in used and not k.startswith("pooler."))
+    unexpected = sorted(k for k in tensors if k not in used)
     if missing or unexpected:
-        raise UserError(f"{path}: missing tensors {missing or '-'}, unexpected tensors "
+        raise UserError(f"{ckpt.path}: missing tensors {missing or '-'}, unexpected tensors "
                         f"{unexpected[:10] or '-'}; is this a ViT checkpoint?")
-    logging.info("imported %s (%s head)", path, "its" if same_head else "a new zero")
+    logging.info("imported %s (%s head)", ckpt.path, "its" if same_head else "a new zero")
     return params
 
 
@@ -189,7 +228,8 @@ def export(params: dict, model_cfg, data_cfg, classes: tuple[str, ...], out: str
     ViTConfig(hidden_size=shape.hidden_size, num_hidden_layers=shape.num_layers,
               num_attention_heads=shape.num_heads, intermediate_size=shape.mlp_dim,
               patch_size=shape.patch_size, image_size=data_cfg.image_size,
-              layer_norm_eps=model_cfg.layer_norm_eps, qkv_bias=True, hidden_act="gelu",
+              layer_norm_eps=model_cfg.layer_norm_eps, qkv_bias=True,
+              hidden_act={"exact": "gelu", "tanh": "gelu_pytorch_tanh"}[model_cfg.gelu],
               id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)},
               architectures=["ViTForImageClassification"]).save_pretrained(out)
     if model_cfg.posemb != "learn":  # HF learns them; the fixed values load as a start

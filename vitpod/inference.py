@@ -1,4 +1,4 @@
-"""A trained classifier, from a workdir or a Hugging Face ViT directory, for prediction."""
+"""A trained classifier, from a workdir or any pretrained checkpoint, for prediction."""
 
 import dataclasses
 import json
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vitpod import checkpoint, config, hf, model, storage
+from vitpod import checkpoint, config, hf, model, pretrained, storage
 from vitpod.data import imagefolder
 from vitpod.errors import UserError
 
@@ -35,13 +35,15 @@ class Classifier:
 
 
 def load(path: str) -> Classifier:
-    """A workdir (latest checkpoint) or a directory with config.json + model.safetensors."""
+    """A workdir (latest checkpoint), or a checkpoint `pretrained.read` takes: an HF ViT or
+    timm directory, or a big_vision / vision_transformer .npz."""
     if storage.isdir(storage.join(path, "checkpoints")):
         return _from_workdir(path)
-    if storage.exists(storage.join(path, hf.WEIGHTS)):
-        return _from_hf(path)
-    raise UserError(f"{path!r} is neither a vitpod workdir (with checkpoints/) nor a Hugging "
-                    "Face ViT directory (with model.safetensors)")
+    if path.endswith(".npz") or storage.exists(storage.join(path, hf.CONFIG)):
+        return _from_checkpoint(pretrained.read(path))
+    raise UserError(f"{path!r} is neither a vitpod workdir (with checkpoints/), a checkpoint "
+                    "directory (config.json: Hugging Face ViT or timm save_for_hf) nor a "
+                    "big_vision / vision_transformer .npz file")
 
 
 def _from_workdir(workdir: str) -> Classifier:
@@ -51,20 +53,13 @@ def _from_workdir(workdir: str) -> Classifier:
     return Classifier(cfg.model, cfg.data, classes, params, f"{workdir} step {step}")
 
 
-def _from_hf(path: str) -> Classifier:
-    hf_cfg = json.loads(storage.read_text(storage.join(path, hf.CONFIG)))
+def _from_checkpoint(ckpt: hf.Checkpoint) -> Classifier:
+    if not ckpt.labels:
+        raise UserError(f"{ckpt.path} has no classifier head of its own; fine-tune it "
+                        "(model.init_from) to predict with it")
     cfg = config.defaults()
-    cfg.model.variant = hf.variant_of(hf_cfg, path)
-    cfg.model.layer_norm_eps = hf_cfg.get("layer_norm_eps", 1e-12)
-    cfg.data.image_size = hf_cfg.get("image_size", 224)
-    cfg.data.eval_crop_pct = 1.0
-    cfg.data.reduced_decode = False  # full-size decodes, as transformers' processor does
-    processor = storage.join(path, "preprocessor_config.json")
-    if storage.exists(processor):
-        pre = json.loads(storage.read_text(processor))
-        cfg.data.mean, cfg.data.std = tuple(pre["image_mean"]), tuple(pre["image_std"])
-    id2label = hf_cfg.get("id2label") or {"0": "0"}
-    classes = tuple(id2label[str(i)] for i in range(len(id2label)))
-    params = hf.load_params(path, cfg.model, cfg.data.image_size, classes)
-    return Classifier(cfg.model, cfg.data, classes, params, path)
-
+    cfg.model.update(ckpt.model)
+    cfg.data.update(ckpt.data)
+    cfg.data.reduced_decode = False  # full-size decodes, as transformers' and timm's
+    params = hf.load_params(ckpt, cfg.model, cfg.data.image_size, ckpt.labels)
+    return Classifier(cfg.model, cfg.data, ckpt.labels, params, ckpt.path)

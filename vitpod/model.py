@@ -4,6 +4,12 @@ Layout follows "An Image is Worth 16x16 Words" and HF's ViT (pre-norm blocks, co
 embedding, class token or global average pooling, learned or fixed 2D sincos position
 embeddings), so that HF checkpoints map onto it name by name.
 
+`model.variant` is a name from `WIDTHS` with the patch size ("B/16", "So400m/14"), or any
+shape spelled "wWIDTH-dDEPTH-hHEADS-mMLP/PATCH" ("w48-d3-h4-m96/8": width 48, 3 blocks,
+4 heads, MLP size 96, 8 px patches). `variant_name` writes a shape back, by name when the
+table has it. `model.gelu` is "exact" (erf, HF's "gelu") or "tanh" (the approximation of
+flax's `nn.gelu`, which the original ViT and big_vision use; HF's "gelu_pytorch_tanh").
+
 Dropout and stochastic depth draw their randomness from one key per example (`row_keys`),
 so a batch split over any number of devices or microbatches drops the same units; without
 `row_keys` (eval, inference) both are the identity.
@@ -21,6 +27,9 @@ from flax import nnx
 from vitpod.errors import UserError
 
 # name: (hidden_size, num_layers, num_heads, mlp_dim). Patch size comes from "NAME/PATCH".
+# Ti..H and So400m..e as big_vision's vit.py (So400m: Alabdulmohsin et al. 2023; g, G:
+# Zhai et al. 2022; e: Chen et al. 2023). The published So400m checkpoints pool with a MAP
+# head, which vitpod does not import: these names are for training from scratch.
 WIDTHS = {
     "pico": (32, 2, 2, 64),  # tests
     "mu": (64, 4, 4, 128),  # demo
@@ -30,7 +39,12 @@ WIDTHS = {
     "B": (768, 12, 12, 3072),
     "L": (1024, 24, 16, 4096),
     "H": (1280, 32, 16, 5120),
+    "So400m": (1152, 27, 16, 4304),
+    "g": (1408, 40, 16, 6144),
+    "G": (1664, 48, 16, 8192),
+    "e": (1792, 56, 16, 15360),
 }
+_FREE_FORM = re.compile(r"w(\d+)-d(\d+)-h(\d+)-m(\d+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +57,25 @@ class ViTShape:
 
 
 def parse_variant(variant: str) -> ViTShape:
-    """'S/16' -> the S widths with 16 px patches; raises UserError for unknown names."""
-    match = re.fullmatch(r"(\w+)/(\d+)", variant)
-    if not match or match.group(1) not in WIDTHS:
+    """'S/16' or 'w48-d3-h4-m96/8' -> its shape; raises UserError for anything else."""
+    name, _, patch = variant.partition("/")
+    free = _FREE_FORM.fullmatch(name)
+    widths = WIDTHS.get(name) or (free and tuple(int(g) for g in free.groups()))
+    if not widths or not patch.isdigit() or not all(widths) or not int(patch):
         raise UserError(f"config model.variant={variant!r} is unknown; use NAME/PATCH with "
-                        f"NAME one of {', '.join(WIDTHS)} (e.g. 'S/16')")
-    return ViTShape(*WIDTHS[match.group(1)], patch_size=int(match.group(2)))
+                        f"NAME one of {', '.join(WIDTHS)} (e.g. 'S/16'), or any shape as "
+                        "wWIDTH-dDEPTH-hHEADS-mMLP/PATCH (e.g. 'w48-d3-h4-m96/8')")
+    if widths[0] % widths[2]:
+        raise UserError(f"config model.variant={variant!r}: width {widths[0]} is not a "
+                        f"multiple of the {widths[2]} heads")
+    return ViTShape(*widths, patch_size=int(patch))
+
+
+def variant_name(shape: ViTShape) -> str:
+    """The `model.variant` for a shape: its table name when it has one ('B/16')."""
+    widths = (shape.hidden_size, shape.num_layers, shape.num_heads, shape.mlp_dim)
+    name = next((n for n, w in WIDTHS.items() if w == widths), None)
+    return f"{name or 'w{}-d{}-h{}-m{}'.format(*widths)}/{shape.patch_size}"
 
 
 def posemb_sincos_2d(grid: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
@@ -99,13 +126,13 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, dim: int, mlp_dim: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, mlp_dim: int, gelu: str, dtype, rngs: nnx.Rngs):
         self.fc1 = nnx.Linear(dim, mlp_dim, dtype=dtype, rngs=rngs)
         self.fc2 = nnx.Linear(mlp_dim, dim, dtype=dtype, rngs=rngs)
+        self.tanh_gelu = gelu == "tanh"
 
     def __call__(self, x):
-        # Exact (erf) GELU, as HF's "gelu" and the original ViT.
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.tanh_gelu))
 
 
 class Block(nnx.Module):
@@ -117,7 +144,7 @@ class Block(nnx.Module):
         self.norm1 = nnx.LayerNorm(d, epsilon=eps, dtype=dtype, rngs=rngs)
         self.attn = Attention(d, shape.num_heads, dtype, rngs)
         self.norm2 = nnx.LayerNorm(d, epsilon=eps, dtype=dtype, rngs=rngs)
-        self.mlp = MLP(d, shape.mlp_dim, dtype, rngs)
+        self.mlp = MLP(d, shape.mlp_dim, cfg.gelu, dtype, rngs)
 
     def __call__(self, x_bld, row_keys=None, index=None, drop_path=None):
         """`index` and `drop_path` override this block's own (the scan passes them)."""

@@ -12,6 +12,7 @@ gradient accumulation (in that order, compiled to check) that makes it fit. Then
 host must feed the chips (vitpod/input_budget.py): img/s, decode cores, bucket reads/s.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -75,19 +76,14 @@ def step_flops(config, tx, mesh, num_classes: int, batch_abstract) -> float:
     depth = model.parse_variant(config.model.variant)
     per_depth = []
     for layers in (1, 2):
-        name = f"_plan{layers}"
-        model.WIDTHS[name] = (depth.hidden_size, layers, depth.num_heads, depth.mlp_dim)
-        try:
-            small = config.copy_and_resolve_references()
-            small.update_from_flattened_dict({
-                "model.variant": f"{name}/{depth.patch_size}", "model.scan_layers": False,
-                "model.remat": "none", "grad_accum_steps": 1})
-            state = jax.eval_shape(steps.state_initializer(small, num_classes, tx, mesh), None)
-            graphdef, _ = model.abstract_model(small.model, small.data.image_size, num_classes)
-            cost = steps.make_train_step(graphdef, tx, mesh, small, pack=False).lower(
-                state, batch_abstract).compile().cost_analysis()
-        finally:
-            del model.WIDTHS[name]
+        small = config.copy_and_resolve_references()
+        small.update_from_flattened_dict({
+            "model.variant": model.variant_name(dataclasses.replace(depth, num_layers=layers)),
+            "model.scan_layers": False, "model.remat": "none", "grad_accum_steps": 1})
+        state = jax.eval_shape(steps.state_initializer(small, num_classes, tx, mesh), None)
+        graphdef, _ = model.abstract_model(small.model, small.data.image_size, num_classes)
+        cost = steps.make_train_step(graphdef, tx, mesh, small, pack=False).lower(
+            state, batch_abstract).compile().cost_analysis()
         per_depth.append(float((cost[0] if isinstance(cost, list) else cost)["flops"]))
     return per_depth[0] + (depth.num_layers - 1) * (per_depth[1] - per_depth[0])
 

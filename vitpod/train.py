@@ -25,6 +25,7 @@ from vitpod import (
     model,
     optim,
     podworker,
+    pretrained,
     steps,
     storage,
 )
@@ -65,6 +66,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
     `profile="START:COUNT"` traces steps START..START+COUNT-1 with jax.profiler.
     `start_time` (default: now) is when the launch began, for its goodput record.
     """
+    init_from = pretrained.read(config.model.init_from) if config.model.init_from else None
+    if init_from:
+        pretrained.adopt(config.model, init_from)
     model.parse_variant(config.model.variant)
     config_lib.validate(config, jax.device_count(), jax.process_count())
     tracer = metrics.Tracer(profile, workdir)
@@ -98,11 +102,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
     record.started(start, time.time() - before, jax.process_count(), jax.device_count(),
                    jax.devices()[0].platform)
     if state is None:
-        pretrained = None
-        if config.model.init_from:
-            pretrained = hf.load_params(config.model.init_from, config.model,
-                                        config.data.image_size, splits["train"].classes)
-        state = init(pretrained)
+        weights = None
+        if init_from:
+            weights = hf.load_params(init_from, config.model, config.data.image_size,
+                                     splits["train"].classes)
+        state = init(weights)
     else:
         logging.info("resuming from the checkpoint of step %d", start)
     preemption = metrics_writer = None
