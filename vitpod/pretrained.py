@@ -11,12 +11,14 @@ import json
 
 from absl import logging
 
-from vitpod import hf, storage
+from vitpod import hf, npz_import, storage
 from vitpod.errors import UserError
 
 
 def read(path: str) -> hf.Checkpoint:
     """The checkpoint at `path`, whatever its kind (UserError naming the path if none)."""
+    if path.endswith(".npz"):
+        return npz_import.read(path)
     path = hf.resolve(path)
     config_path = storage.join(path, hf.CONFIG)
     if not storage.exists(config_path):
