@@ -52,6 +52,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.crop_ratio = (3 / 4, 4 / 3)
     c.data.hflip = True
     c.data.eval_crop_pct = 0.875  # eval: resize shorter side to size / pct, center crop
+    c.data.eval_interpolation = "bilinear"  # of that resize, or "bicubic" (timm's default)
     # grain decode processes per host; 0 decodes in-process (on threads); -1 sizes them to
     # the host: its CPUs less 2, at most 16 per local device (pipeline.decode_workers)
     c.data.num_workers = -1
@@ -133,6 +134,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     _require(min(d.std) > 0, "data.std", "must be positive")
     _require(0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", "needs 0<lo<=hi<=1")
     _require(0 < d.eval_crop_pct <= 1, "data.eval_crop_pct", "must be in (0, 1]")
+    _require(d.eval_interpolation in ("bilinear", "bicubic"), "data.eval_interpolation",
+             "must be 'bilinear' or 'bicubic'")
     _require(d.num_workers >= -1, "data.num_workers", "must be >= 0, or -1 (sized to the host)")
     _require(d.read_threads >= 1, "data.read_threads", "must be >= 1")
     _require(config.model.pool in ("cls", "gap"), "model.pool", "must be 'cls' or 'gap'")
@@ -210,7 +213,8 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 # Keys added after runs were already written, with the value that reproduces those runs.
-ADDED_KEYS = {"data.reduced_decode": False, "model.gelu": "exact"}
+ADDED_KEYS = {"data.reduced_decode": False, "model.gelu": "exact",
+              "data.eval_interpolation": "bilinear"}
 
 
 def from_json(saved: dict) -> ml_collections.ConfigDict:

@@ -2,7 +2,8 @@
 
     python -m vitpod.evaluate --workdir=runs/demo --data_dir=data/digits/val
 
---workdir is a workdir, an exported directory, or a Hugging Face ViT directory.
+--workdir is a workdir, an exported directory, a Hugging Face ViT or timm `save_for_hf`
+directory, or a big_vision / vision_transformer .npz file.
 """
 
 import json
@@ -17,7 +18,7 @@ from vitpod.errors import UserError
 
 def define_flags() -> None:
     """This entrypoint's flags (defined only when run, so entrypoints import each other)."""
-    flags.DEFINE_string("workdir", None, "Workdir or Hugging Face ViT directory.")
+    flags.DEFINE_string("workdir", None, "Workdir, or checkpoint: HF ViT or timm directory, .npz.")
     flags.DEFINE_string("data_dir", None, "ImageFolder to evaluate on.")
     flags.DEFINE_integer("batch_size", 64, "Images per batch.")
 

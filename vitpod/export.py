@@ -1,6 +1,9 @@
 """Export a run's weights as a Hugging Face ViT directory that `transformers` loads.
 
     python -m vitpod.export --workdir=runs/demo --out=exported/demo
+
+--workdir may also be a timm `save_for_hf` directory or a big_vision / vision_transformer
+.npz file: the export converts it.
     # then: transformers.pipeline("image-classification", model="exported/demo")
 """
 
@@ -12,7 +15,8 @@ from vitpod.errors import UserError
 
 def define_flags() -> None:
     """This entrypoint's flags (defined only when run, so entrypoints import each other)."""
-    flags.DEFINE_string("workdir", None, "The run's workdir (its latest checkpoint).")
+    flags.DEFINE_string("workdir", None, "The run's workdir (its latest checkpoint), or a "
+                        "checkpoint: HF ViT or timm directory, .npz.")
     flags.DEFINE_string("out", None, "Directory to write the HF model to.")
 
 

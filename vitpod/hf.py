@@ -244,7 +244,8 @@ def export(params: dict, model_cfg, data_cfg, classes: tuple[str, ...], out: str
                                                              how), np.float32)
     safetensors.numpy.save_file(tensors, os.path.join(out, WEIGHTS), metadata={"format": "pt"})
     size = data_cfg.image_size
-    ViTImageProcessor(do_resize=True, size={"height": size, "width": size}, resample=2,
+    resample = {"bilinear": 2, "bicubic": 3}[data_cfg.eval_interpolation]  # PIL's numbers
+    ViTImageProcessor(do_resize=True, size={"height": size, "width": size}, resample=resample,
                       do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
                       image_mean=list(data_cfg.mean), image_std=list(data_cfg.std)
                       ).save_pretrained(out)

@@ -2,7 +2,8 @@
 
     python -m vitpod.predict --model=runs/demo data/digits/val/3 [--top_k=3] [--format=json]
 
---model is a workdir, an exported directory, or any Hugging Face ViT checkpoint directory.
+--model is a workdir, an exported directory, a Hugging Face ViT or timm `save_for_hf`
+directory, or a big_vision / vision_transformer .npz file.
 """
 
 import json
@@ -17,7 +18,7 @@ from vitpod.errors import UserError
 
 def define_flags() -> None:
     """This entrypoint's flags (defined only when run, so entrypoints import each other)."""
-    flags.DEFINE_string("model", None, "Workdir or Hugging Face ViT directory.")
+    flags.DEFINE_string("model", None, "Workdir, or checkpoint: HF ViT or timm directory, .npz.")
     flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
     flags.DEFINE_enum("format", "text", ["text", "json"], "json: one object per line.")
 
@@ -49,7 +50,7 @@ def predict(classifier: inference.Classifier, files: list[str], top_k: int) -> l
                 img = transforms.open_image(storage.read_bytes(path))
                 images.append(transforms.eval_transform(
                     img, size, classifier.data_cfg.eval_crop_pct,
-                    classifier.data_cfg.get("reduced_decode", False)))
+                    classifier.data_cfg.reduced_decode, classifier.data_cfg.eval_interpolation))
                 rows.append({"path": path})
             except Exception as e:  # noqa: BLE001
                 results.append({"path": path, "error": f"{type(e).__name__}: {e}"})

@@ -11,7 +11,7 @@ import json
 
 from absl import logging
 
-from vitpod import hf, npz_import, storage
+from vitpod import hf, npz_import, storage, timm_import
 from vitpod.errors import UserError
 
 
@@ -29,6 +29,8 @@ def read(path: str) -> hf.Checkpoint:
         config = json.loads(storage.read_text(config_path))
     except json.JSONDecodeError as e:
         raise UserError(f"{config_path}: not valid JSON ({e})") from None
+    if "architecture" in config:  # timm's save_for_hf; HF's says "architectures"
+        return timm_import.read(path, config)
     return hf.read(path, config)
 
 

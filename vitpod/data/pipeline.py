@@ -71,6 +71,7 @@ class EvalExample:
     size: int
     crop_pct: float
     reduced: bool = False
+    interpolation: str = "bilinear"  # data.eval_interpolation
 
     def __call__(self, index: int) -> dict:
         index = int(index)
@@ -79,7 +80,8 @@ class EvalExample:
         data = _read(self.split.path(index))
         try:
             img = transforms.open_image(data)
-            image = transforms.eval_transform(img, self.size, self.crop_pct, self.reduced)
+            image = transforms.eval_transform(img, self.size, self.crop_pct, self.reduced,
+                                              self.interpolation)
         except Exception:  # noqa: BLE001
             image = None
         return _example(image, self.split.labels[index], index, self.size)
@@ -134,7 +136,7 @@ def eval_batches(split: Split, data_cfg, global_batch: int, process_index: int =
     padded = math.ceil(len(split.files) / global_batch) * global_batch
     ds = grain.MapDataset.range(padded).map(
         EvalExample(split, data_cfg.image_size, data_cfg.eval_crop_pct,
-                    data_cfg.reduced_decode))
+                    data_cfg.reduced_decode, data_cfg.eval_interpolation))
     return _iterate(_host_rows(ds, global_batch, process_index, process_count),
                     data_cfg.num_workers, data_cfg.read_threads)
 

@@ -98,9 +98,10 @@ def train_transform(img: Image.Image, size: int, scale, ratio, hflip: bool,
 
 
 def eval_transform(img: Image.Image, size: int, crop_pct: float,
-                   reduced: bool = False) -> np.ndarray:
+                   reduced: bool = False, interpolation: str = "bilinear") -> np.ndarray:
     """Resize the shorter side to size / crop_pct, then take the central size x size (with
-    `reduced`, from a JPEG decoded at the smallest DCT scale still >= the resized size)."""
+    `reduced`, from a JPEG decoded at the smallest DCT scale still >= the resized size).
+    `interpolation` "bicubic" resizes as timm's eval transform does by default."""
     short = int(math.floor(size / crop_pct))
     w, h = img.width, img.height
     if w <= h:
@@ -109,5 +110,6 @@ def eval_transform(img: Image.Image, size: int, crop_pct: float,
         new_w, new_h = int(short * w / h), short
     left, top = int(round((new_w - size) / 2)), int(round((new_h - size) / 2))
     box = draft(img, (0, 0, w, h), new_w, new_h) if reduced else None
-    out = to_rgb(img).resize((new_w, new_h), Image.BILINEAR, box=box)
+    resample = Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR
+    out = to_rgb(img).resize((new_w, new_h), resample, box=box)
     return np.asarray(out.crop((left, top, left + size, top + size)), dtype=np.uint8)
