@@ -4,8 +4,10 @@
         --config.data.train_dir=gs://BUCKET/cifar10/train \
         --config.data.val_dir=gs://BUCKET/cifar10/test
 
-`model.init_from` is a hub id (downloaded when online) or a local directory holding the
-checkpoint's config.json and model.safetensors.
+`model.init_from` is a hub id (downloaded when online), a Hugging Face ViT or timm
+`save_for_hf` directory, or a big_vision / vision_transformer .npz (local or gs://). The
+checkpoint fixes the architecture (model.variant, model.gelu, model.layer_norm_eps); a value
+here that differs is replaced, with one warning line naming it.
 
 Hardware: sized for a TPU v4-8 (4 chips, batch 512 at 224 px, about 20 min for 10k steps
 at ~1k img/s per chip); on fewer chips lower batch_size and raise total_steps.
