@@ -92,7 +92,8 @@ def main() -> None:
     ev = bench("eval_throughput.py", "--data_dir=/tmp/vitpod-bench-photos-eval", "--generate=240")
     rows.append((f"eval {ev['variant']} 224px, sharded over {ev['devices']} devices",
                  f"{ev['sharded_img_per_sec']} img/s", f"{ev['speedup']}x", "",
-                 f"host-side evaluate command: {ev['host_loop_img_per_sec']} img/s"))
+                 f"host-side loop (the evaluate command before): "
+                 f"{ev['host_loop_img_per_sec']} img/s"))
     gcs = bench("gcs_read.py", "--objects=5000", "--batches=50")
     rows.append(("input pipeline from gs:// (emulator on this machine), 2 workers",
                  f"{gcs['gcs_img_per_sec']} img/s", f"{gcs['gcs_over_local']}x", "",
@@ -100,11 +101,25 @@ def main() -> None:
     rows.append((f"manifest of {gcs['objects']} gs:// objects in {gcs['classes']} classes",
                  f"{gcs['manifest_seconds']} s", f"{gcs['listing_speedup']}x", "",
                  f"one sequential listing: {gcs['sequential_listing_seconds']} s"))
+    packed_reads = {}
+    for threads in (16, 64):
+        pr = packed_reads[threads] = bench("packed_read.py", "--workers=0", "--batches=60",
+                                           f"--read_threads={threads}")
+        for fmt in ("imagefolder", "packed"):
+            r = pr[fmt]
+            rows.append((f"{fmt} in gs:// (emulator), {threads} read threads, latency "
+                         f"{'/'.join(pr['latency_ms'])} ms (median/p99) vs none",
+                         f"{r['latency']['img_per_sec']} img/s", f"{r['ratio']}x", ">= 0.8x",
+                         f"no latency: {r['zero_latency']['img_per_sec']} img/s; net of the "
+                         f"emulator's CPU {r['net_ratio']}x; pipeline CPU "
+                         f"{r['latency']['cpu_ms_per_image']} ms/img; requests per image "
+                         f"{r['first_epoch_requests_per_image']} (one epoch)"))
     table = ["| benchmark | measured | ratio | target | notes |", "|---|---|---|---|---|"]
     table += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
     results = {"rows": rows, "input_baseline": base,
                "train_step": {f"{k[0]} x{k[1]}": v for k, v in steps.items()},
                "checkpoint_stall": stall, "first_step": first, "eval": ev, "gcs": gcs,
+               "packed_read": packed_reads,
                "seconds": round(time.time() - start)}
     with open(os.path.join(HERE, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -1,14 +1,18 @@
 """A real GCS server on loopback (fake-gcs-server) behind a fault-injecting proxy of our own.
 
 Clients talk to the proxy; the proxy forwards each request to the server unless it was told to
-fail it: a 503, a dropped connection, or a fixed status (403) for one bucket. It counts requests
-by kind so tests can check, for example, that a resumed run does not list the bucket again.
+fail it: a 503, a dropped connection, or a fixed status (403) for one bucket. It can delay each
+request (lognormal latency, as a bucket's first byte) and answer 429 above a request rate, as
+a bucket that has not ramped up does. Responses are streamed, so a client that reads part of
+an open-ended range and hangs up costs what it read. It counts requests by kind so tests can
+check, for example, that a resumed run does not list the bucket again.
 Used by the tests and by `benchmarks/gcs_read.py`.
 """
 
 import collections
 import http.client
 import http.server
+import math
 import os
 import random
 import re
@@ -31,10 +35,12 @@ def free_port() -> int:
 
 
 def client_env(url: str) -> dict[str, str]:
-    """What google-cloud-storage, gcsfs (etils, orbax) and tensorstore need (ENVIRONMENT.md)."""
+    """What google-cloud-storage, gcsfs (etils, orbax), tensorstore and array-record need
+    (ENVIRONMENT.md)."""
     return {
         "STORAGE_EMULATOR_HOST": url,
         "TENSORSTORE_GCS_HTTP_URL": url,
+        "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,  # array-record's GCS reader
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "abc",
         "FSSPEC_GS_TOKEN": "anon",
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
@@ -54,6 +60,9 @@ class Faults:
         self.kinds = ("503", "drop")
         self.methods = ("GET", "POST", "PUT", "PATCH", "DELETE")
         self.forbidden_buckets: set[str] = set()
+        self.latency_ms: tuple[float, float] | None = None  # (median, p99), lognormal
+        self.max_rate = 0.0  # requests per second served; above it 429 (0: no limit)
+        self._tokens, self._refilled = 0.0, time.monotonic()
         self.rng = random.Random(0)
         self.lock = threading.Lock()
         self.counts: collections.Counter = collections.Counter()
@@ -61,6 +70,7 @@ class Faults:
 
     def reset(self):
         self.rate, self.forbidden_buckets = 0.0, set()
+        self.latency_ms, self.max_rate = None, 0.0
         self.counts.clear()
         self.requests.clear()
 
@@ -75,6 +85,26 @@ class Faults:
             count += asked == prefix if exact else asked.startswith(prefix)
         return count
 
+    def delay(self) -> float:
+        """Seconds to hold this request: lognormal with the set median and 99th percentile."""
+        if not self.latency_ms:
+            return 0.0
+        median, p99 = self.latency_ms
+        with self.lock:
+            return self.rng.lognormvariate(math.log(median), math.log(p99 / median) / 2.326) / 1e3
+
+    def _over_rate(self) -> bool:
+        """A token bucket of one second's requests (called under the lock)."""
+        if not self.max_rate:
+            return False
+        now = time.monotonic()
+        self._tokens = min(self.max_rate, self._tokens + (now - self._refilled) * self.max_rate)
+        self._refilled = now
+        if self._tokens < 1:
+            return True
+        self._tokens -= 1
+        return False
+
     def decide(self, method: str, path: str) -> str | None:
         with self.lock:
             kind = _request_kind(method, path)
@@ -83,6 +113,9 @@ class Faults:
             if any(re.search(f"/b/{re.escape(b)}([/?]|$)", path)
                    for b in self.forbidden_buckets):
                 return "403"
+            if self._over_rate():
+                self.counts["429"] += 1
+                return "429"
             if method in self.methods and self.rng.random() < self.rate:
                 self.counts["injected"] += 1
                 return self.rng.choice(self.kinds)
@@ -108,11 +141,12 @@ def _handler(upstream: tuple[str, int], faults: Faults):
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
             fault = faults.decide(self.command, self.path)
+            time.sleep(faults.delay())
             if fault == "drop":
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
-            if fault in ("503", "403"):
+            if fault in ("503", "403", "429"):
                 text = b'{"error": {"code": %s, "message": "injected"}}' % fault.encode()
                 self.send_response(int(fault))
                 self.send_header("Content-Type", "application/json")
@@ -124,16 +158,21 @@ def _handler(upstream: tuple[str, int], faults: Faults):
             headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
             conn.request(self.command, self.path, body=body, headers=headers)
             resp = conn.getresponse()
-            data = resp.read()
-            conn.close()
+            length = resp.getheader("Content-Length")
+            body = [] if length is not None else [resp.read()]  # chunked upstream: buffer it
             self.send_response(resp.status, resp.reason)
             for k, v in resp.getheaders():
                 if k.lower() not in HOP_HEADERS and k.lower() != "content-length":
                     self.send_header(k, v)
-            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Content-Length", length or str(len(body[0])))
             self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
+            try:
+                while self.command != "HEAD" and (piece := body.pop() if body
+                                                  else resp.read(1 << 16)):
+                    self.wfile.write(piece)
+            except OSError:  # the client hung up (it read what it needed)
+                self.close_connection = True
+            conn.close()
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _forward
 

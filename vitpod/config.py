@@ -60,6 +60,13 @@ def defaults() -> ml_collections.ConfigDict:
     # output size: 3x+ cheaper for camera-sized photos; changes pixels, so it is a result key
     c.data.reduced_decode = True
     c.data.read_threads = 16  # files (gs:// objects) fetched at once per decode process
+    # "global": a permutation of the split per epoch, one read per image. "blocks": runs of
+    # shuffle_block consecutive records, shuffled within windows of shuffle_window runs, so
+    # a packed dataset in a bucket is read a run per request (vitpod/data/order.py); an
+    # ImageFolder gives the same batches either way.
+    c.data.shuffle = "global"
+    c.data.shuffle_block = 32
+    c.data.shuffle_window = 1024
     c.data.eval_batch_size = 0  # global; 0 means batch_size
     c.data.max_skipped_fraction = 0.01  # unreadable images tolerated before stopping
     # RandAugment after crop and flip (0 ops: off); magnitude 0..10, as big_vision and timm.
@@ -138,6 +145,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
              "must be 'bilinear' or 'bicubic'")
     _require(d.num_workers >= -1, "data.num_workers", "must be >= 0, or -1 (sized to the host)")
     _require(d.read_threads >= 1, "data.read_threads", "must be >= 1")
+    _require(d.shuffle in ("global", "blocks"), "data.shuffle", "must be 'global' or 'blocks'")
+    _require(d.shuffle_block >= 1, "data.shuffle_block", "must be >= 1 (records per run)")
+    _require(d.shuffle_window >= 1, "data.shuffle_window", "must be >= 1 (runs per window)")
     _require(config.model.pool in ("cls", "gap"), "model.pool", "must be 'cls' or 'gap'")
     _require(config.model.dtype in ("float32", "bfloat16"), "model.dtype",
              "must be 'float32' or 'bfloat16'")
@@ -213,7 +223,8 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 # Keys added after runs were already written, with the value that reproduces those runs.
-ADDED_KEYS = {"data.reduced_decode": False, "model.gelu": "exact",
+ADDED_KEYS = {"data.reduced_decode": False, "data.shuffle": "global",
+              "data.shuffle_block": 32, "data.shuffle_window": 1024, "model.gelu": "exact",
               "data.eval_interpolation": "bilinear"}
 
 

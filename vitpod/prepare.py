@@ -13,6 +13,12 @@ OUT/train/<digit>/ and OUT/val/<digit>/, with a fixed stratified 80/20 split.
 
 `upload`: copy a local ImageFolder (or any folder) to a bucket in parallel, skipping
 objects already there with the same size and MD5, so a rerun finishes an interrupted copy.
+
+    python -m vitpod.prepare pack --src=data/digits/train --dst=gs://BUCKET/digits/train
+
+`pack`: an ImageFolder (local or gs://) as ArrayRecord shards of about --shard_mb, local or
+gs://, which data.train_dir / data.val_dir / evaluate --data_dir read like the ImageFolder
+(vitpod/pack.py; with data.shuffle=blocks a bucket serves a run of images per request).
 """
 
 import os
@@ -23,7 +29,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from vitpod import cli, storage
+from vitpod import cli, pack, storage
 from vitpod.errors import UserError
 
 
@@ -31,9 +37,11 @@ def define_flags() -> None:
     """This entrypoint's flags (defined only when run, so entrypoints import each other)."""
     flags.DEFINE_string("out", None, "Output directory of the ImageFolder.")
     flags.DEFINE_string("dataset", None, "hf: a datasets hub name or save_to_disk directory.")
-    flags.DEFINE_string("src", None, "upload: the local folder to copy.")
-    flags.DEFINE_string("dst", None, "upload: where to copy it, gs://BUCKET/PATH.")
-    flags.DEFINE_integer("threads", 32, "upload: files copied at once.")
+    flags.DEFINE_string("src", None, "upload: the local folder to copy; pack: the ImageFolder.")
+    flags.DEFINE_string("dst", None, "upload: where to copy it, gs://BUCKET/PATH; pack: where "
+                        "the shards go, a local folder or gs://BUCKET/PATH.")
+    flags.DEFINE_integer("threads", 32, "upload: files copied at once; pack: shards at once.")
+    flags.DEFINE_float("shard_mb", 128, "pack: about how many MiB each shard holds.")
 
 
 def digits(out: str, val_fraction: float = 0.2, seed: int = 0) -> dict[str, int]:
@@ -103,18 +111,19 @@ def upload(src: str, dst: str, threads: int = 32) -> dict[str, int]:
     return {"copied": copied, "already there": skipped}
 
 
-SOURCES = {"digits": digits, "hf": hf_dataset, "upload": upload}
+SOURCES = {"digits": digits, "hf": hf_dataset, "upload": upload, "pack": pack.pack}
 
 
 def main(argv) -> None:
     f = flags.FLAGS
     if len(argv) != 2 or argv[1] not in SOURCES:
         raise UserError(f"usage: python -m vitpod.prepare {{{'|'.join(SOURCES)}}} --out=DIR "
-                        "(upload: --src=DIR --dst=gs://BUCKET/PATH)")
-    if argv[1] == "upload":
+                        "(upload, pack: --src=DIR --dst=gs://BUCKET/PATH)")
+    if argv[1] in ("upload", "pack"):
         if not (f.src and f.dst):
-            raise UserError("upload needs --src=LOCAL_DIR and --dst=gs://BUCKET/PATH")
-        counts, out = upload(f.src, f.dst, f.threads), f.dst
+            raise UserError(f"{argv[1]} needs --src=DIR and --dst=DIR_OR_gs://BUCKET/PATH")
+        counts, out = (upload(f.src, f.dst, f.threads) if argv[1] == "upload"
+                       else pack.pack(f.src, f.dst, f.shard_mb, f.threads)), f.dst
     elif not f.out:
         raise UserError(f"pass --out=DIR (where the {argv[1]} ImageFolder is written)")
     elif argv[1] == "hf":

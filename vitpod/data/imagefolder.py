@@ -14,6 +14,7 @@ import time
 from absl import logging
 
 from vitpod import storage
+from vitpod.data import packed
 from vitpod.errors import UserError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -21,12 +22,16 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """One split of an ImageFolder: files relative to `root`, labels index `classes`."""
+    """One split of an ImageFolder: files relative to `root`, labels index `classes`.
+    A packed split (vitpod/data/packed.py) also names its shards."""
 
     root: str
     classes: tuple[str, ...]
     files: tuple[str, ...]
     labels: tuple[int, ...]
+    shards: tuple[str, ...] = ()
+    shard_records: int = 0
+    record_bytes: int = 0  # mean bytes per record: sizes a read of several
 
     def path(self, i: int) -> str:
         return storage.join(self.root, self.files[i])
@@ -36,7 +41,9 @@ class Split:
 
     @classmethod
     def from_json(cls, d: dict) -> "Split":
-        return cls(d["root"], tuple(d["classes"]), tuple(d["files"]), tuple(d["labels"]))
+        return cls(d["root"], tuple(d["classes"]), tuple(d["files"]), tuple(d["labels"]),
+                   tuple(d.get("shards", ())), d.get("shard_records", 0),
+                   d.get("record_bytes", 0))
 
 
 def _visible(name: str) -> bool:
@@ -50,8 +57,14 @@ def is_image(relative_path: str) -> bool:
 
 
 def scan(root: str, role: str = "train") -> Split:
-    """Scan `root` (the `role` split) into a Split; UserError if it cannot be trained on."""
+    """Scan `root` (the `role` split) into a Split; UserError if it cannot be trained on.
+    A packed dataset (packed.json in `root`) is read from its index instead."""
     started = time.perf_counter()
+    if packed.is_packed(root):
+        index = packed.load_index(root)
+        return Split(root, tuple(index["classes"]), tuple(index["files"]),
+                     tuple(index["labels"]), tuple(index["shards"]), index["shard_records"],
+                     index["record_bytes"])
     if not storage.isdir(root):
         raise UserError(f"data dir {root!r} ({role}) does not exist or is not a directory; "
                         f"set --config.data.{role}_dir to an ImageFolder (one folder per class)")

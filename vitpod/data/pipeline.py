@@ -16,17 +16,26 @@ import numpy as np
 from absl import logging
 
 from vitpod import storage
-from vitpod.data import transforms
+from vitpod.data import order, packed, transforms
 from vitpod.data.imagefolder import Split
 
 
-def _read(path: str) -> bytes:
-    """The file's bytes; a file gone since the scan reads as empty (skipped like a corrupt one).
-    Other storage errors, after storage's retries, stop the run rather than change its data."""
-    try:
-        return storage.read_bytes(path)
-    except storage.NotFound:
-        return b""
+def read_example(split: Split, index: int, run: int = 1) -> bytes:
+    """Example `index`'s file bytes, from its file or its packed record (reading `run` records
+    ahead). A file gone since the scan reads as empty (skipped like a corrupt one). Other
+    storage errors, after the retries, stop the run rather than change its data."""
+    if not split.shards:
+        try:
+            return storage.read_bytes(split.path(index))
+        except storage.NotFound:
+            return b""
+    reader = packed.reader_for(split.root, split.shards, split.shard_records, split.record_bytes)
+    _, relative_path, data = packed.decode(
+        reader.record(int(order.pack_position(len(split.files))[index]), run))
+    if relative_path != split.files[index]:
+        raise RuntimeError(f"{split.root}: record of {split.files[index]} holds "
+                           f"{relative_path}; the shards do not match {packed.INDEX}")
+    return data
 
 
 def _example(image: np.ndarray | None, label: int, index: int, size: int) -> dict:
@@ -50,10 +59,11 @@ class TrainExample:
     hflip: bool
     randaug: tuple[int, float] = (0, 0)  # (num_ops, magnitude); 0 ops: off
     reduced: bool = False  # JPEG DCT scaling (data.reduced_decode)
+    run: int = 1  # packed records read at once (data.shuffle_block with the blocks order)
 
     def __call__(self, index: int, rng: np.random.Generator) -> dict:
         index = int(index)
-        data = _read(self.split.path(index))
+        data = read_example(self.split, index, self.run)
         try:
             img = transforms.open_image(data)
             image = transforms.train_transform(img, self.size, self.scale, self.ratio,
@@ -65,7 +75,8 @@ class TrainExample:
 
 @dataclasses.dataclass(frozen=True)
 class EvalExample:
-    """Position -> eval example; positions past the split are padding with valid=0."""
+    """Position -> eval example; positions past the split are padding with valid=0. Packed
+    splits are read in pack order (a run of records per request); sums do not care."""
 
     split: Split
     size: int
@@ -77,7 +88,10 @@ class EvalExample:
         index = int(index)
         if index >= len(self.split.files):
             return _example(None, 0, -1, self.size)
-        data = _read(self.split.path(index))
+        run = 1
+        if self.split.shards:
+            index, run = int(order.pack_order(len(self.split.files))[index]), EVAL_RUN
+        data = read_example(self.split, index, run)
         try:
             img = transforms.open_image(data)
             image = transforms.eval_transform(img, self.size, self.crop_pct, self.reduced,
@@ -85,6 +99,9 @@ class EvalExample:
         except Exception:  # noqa: BLE001
             image = None
         return _example(image, self.split.labels[index], index, self.size)
+
+
+EVAL_RUN = 32  # packed records per request in evaluation
 
 
 def _host_rows(ds: grain.MapDataset, global_batch: int, process_index: int,
@@ -120,11 +137,17 @@ def train_batches(split: Split, data_cfg, seed: int, global_batch: int, start_st
     """Iterator over this host's rows of the global batches for steps start_step..total-1."""
     n = len(split.files)
     epochs = math.ceil(total_steps * global_batch / n) + 1
-    ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(epochs)
+    run = 1
+    if data_cfg.shuffle == "blocks":
+        run = data_cfg.shuffle_block
+        ds = grain.MapDataset.range(n * epochs).map(
+            order.BlockOrder(n, seed, run, data_cfg.shuffle_window))
+    else:
+        ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(epochs)
     ds = ds.random_map(TrainExample(split, data_cfg.image_size, tuple(data_cfg.crop_scale),
                                     tuple(data_cfg.crop_ratio), data_cfg.hflip,
                                     (data_cfg.randaug_num_ops, data_cfg.randaug_magnitude),
-                                    data_cfg.reduced_decode),
+                                    data_cfg.reduced_decode, run if split.shards else 1),
                       seed=seed)
     ds = _host_rows(ds, global_batch, process_index, process_count)[start_step:total_steps]
     return _iterate(ds, data_cfg.num_workers, data_cfg.read_threads)
