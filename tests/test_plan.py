@@ -75,3 +75,15 @@ def test_plan_says_what_each_host_must_feed_the_chips(colors):
     unreachable = plan.plan(load_config("tiny", batch_size=64, data__train_dir="/no/such"),
                             "v4:2x2x1", 5)
     assert "representative 300-500 px JPEGs" in unreachable["input"]["measured_on"]
+
+
+def test_plan_counts_a_request_per_run_for_packed_data_read_in_blocks(colors, tmp_path):
+    from vitpod import pack
+
+    pack.pack(str(colors / "train"), str(tmp_path / "packed"))
+    config = load_config("tiny", batch_size=64, data__train_dir=str(tmp_path / "packed"),
+                         data__shuffle="blocks", data__shuffle_block=32)
+    budget = plan.plan(config, "v4:2x2x4", 5)["input"]
+    assert f"images of {tmp_path / 'packed'}" in budget["measured_on"]
+    assert budget["reads_per_sec"] == math.ceil(
+        4 * budget["img_per_sec_per_host_at_60pct_mfu"] / 32)

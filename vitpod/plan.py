@@ -142,7 +142,8 @@ def plan(config, topology: str, num_classes: int, input_budget: bool = True) -> 
         hosts = len({d.process_index for d in tpu_devices(topology)})
         ms, where = budget_lib.cpu_ms_per_image(config.data)
         result["input"] = budget_lib.budget({**rates, "chips": result["chips"]}, hosts,
-                                            topology.split(":")[0], ms, where)
+                                            topology.split(":")[0], ms, where,
+                                            budget_lib.reads_per_image(config.data))
     return result
 
 
