@@ -95,3 +95,27 @@ def test_decode_workers_default_is_sized_to_the_host():
     assert pipeline.decode_workers(-1, cpus=240, local_devices=4) == 64  # v4 host
     assert pipeline.decode_workers(3, cpus=240, local_devices=4) == 3  # explicit counts stay
     assert pipeline.decode_workers(0, cpus=240, local_devices=4) == 0
+
+
+def test_read_ahead_holds_only_what_the_read_threads_work_on(split, data_cfg, monkeypatch):
+    """grain's default buffer would decode 500 host batches ahead of the step: tens of GB at
+    ImageNet sizes in every decode process."""
+    import threading
+    import time
+
+    from vitpod.data import transforms
+
+    decoded, lock, real = [0], threading.Lock(), transforms.train_transform
+
+    def counting(*args, **kwargs):
+        with lock:
+            decoded[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transforms, "train_transform", counting)
+    data_cfg.num_workers, data_cfg.read_threads = 0, 2
+    it = pipeline.train_batches(split, data_cfg, seed=3, global_batch=4, start_step=0,
+                                total_steps=100)
+    next(it)
+    time.sleep(1.0)  # time enough to decode all 400 rows, were they asked for
+    assert decoded[0] <= (1 + 2) * 4

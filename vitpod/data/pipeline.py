@@ -124,8 +124,12 @@ def decode_workers(num_workers: int, cpus: int | None = None,
 
 
 def _iterate(ds: grain.MapDataset, num_workers: int, read_threads: int):
-    # grain's read threads bound how many files (objects on gs://) are fetched at once.
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads))
+    # Each read thread builds one whole host batch, so the threads bound how many batches
+    # are read at once, and grain's read-ahead buffer (500 elements by default) how many are
+    # held: 500 host batches per decode process would be tens of GB at ImageNet sizes, so
+    # the buffer holds what the threads work on.
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                              prefetch_buffer_size=read_threads))
     num_workers = decode_workers(num_workers)
     if num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
