@@ -45,21 +45,33 @@ def test_unpacked_gradient_sum_matches_1_device():
 
 
 def test_eval_step_sums_only_valid_rows():
+    """Loss, top-1, top-5 and per-class sums, over the valid rows only; 9 classes so that
+    top-5 is not every row."""
     config = load_config("tiny")
     mesh = _mesh(8)
     tx = optim.make(config.optim, 10)
-    params = steps.state_initializer(config, 5, tx, mesh)(None)["params"]
-    graphdef, _ = model.abstract_model(config.model, 8, 5)
+    params = steps.state_initializer(config, 9, tx, mesh)(None)["params"]
+    head = params["head"]["kernel"]  # zeros at init: every class would tie
+    params["head"]["kernel"] = jax.device_put(
+        np.random.default_rng(1).normal(size=head.shape).astype(np.float32), head.sharding)
+    graphdef, _ = model.abstract_model(config.model, 8, 9)
     valid = np.array([1, 1, 0] * 5 + [1], np.float32)
     out = steps.make_eval_step(graphdef, mesh, config.data)(params, _batch(mesh, valid=valid))
     host = {k: np.asarray(v) for k, v in _batch(_mesh(1)).items()}
     x = (host["image"] / 255.0 - 0.5) / 0.5
     logits = np.asarray(model.apply(graphdef, jax.device_get(params), x))
-    keep = valid == 1
+    keep, labels = valid == 1, host["label"]
+    hits = logits.argmax(-1) == labels
     assert float(out["count"]) == keep.sum()
-    assert float(out["correct"]) == (logits.argmax(-1) == host["label"])[keep].sum()
+    assert float(out["correct"]) == hits[keep].sum()
+    top5 = (logits > logits[np.arange(16), labels][:, None]).sum(-1) < 5
+    assert 0 < top5[keep].sum() < keep.sum()  # the check below can tell top-5 from all rows
+    assert float(out["top5"]) == top5[keep].sum()
+    np.testing.assert_array_equal(out["class_count"], np.bincount(labels[keep], minlength=9))
+    np.testing.assert_array_equal(out["class_correct"],
+                                  np.bincount(labels[keep & hits], minlength=9))
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    expected = -log_probs[np.arange(16), host["label"]][keep].sum()
+    expected = -log_probs[np.arange(16), labels][keep].sum()
     np.testing.assert_allclose(float(out["loss"]), expected, rtol=1e-5)
 
 

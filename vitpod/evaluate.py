@@ -8,11 +8,14 @@ directory, or a big_vision / vision_transformer .npz file.
 
 import json
 
-import numpy as np
-from absl import flags
+import jax
+from absl import flags, logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from vitpod import cli, inference
-from vitpod.data import imagefolder, pipeline
+from vitpod import cli, inference, steps, storage
+from vitpod.data import imagefolder
+from vitpod.distributed import BATCH_AXES
 from vitpod.errors import UserError
 
 
@@ -20,40 +23,43 @@ def define_flags() -> None:
     """This entrypoint's flags (defined only when run, so entrypoints import each other)."""
     flags.DEFINE_string("workdir", None, "Workdir, or checkpoint: HF ViT or timm directory, .npz.")
     flags.DEFINE_string("data_dir", None, "ImageFolder to evaluate on.")
-    flags.DEFINE_integer("batch_size", 64, "Images per batch.")
+    flags.DEFINE_integer("batch_size", 64, "Images per batch (rounded up to a multiple of the "
+                         "devices).")
+
+
+def _check_flags(data_dir: str, batch_size: int) -> None:
+    """Before the model loads: --data_dir named as such (not as a training key)."""
+    if batch_size < 1:
+        raise UserError(f"--batch_size={batch_size} must be >= 1")
+    if not storage.isdir(data_dir):
+        raise UserError(f"--data_dir={data_dir} does not exist or is not a directory; pass an "
+                        "ImageFolder (one folder per class) or a packed dataset")
 
 
 def evaluate(classifier: inference.Classifier, data_dir: str, batch_size: int) -> dict:
+    """Training's sharded evaluation over all of this host's devices (params replicated,
+    rows split): accuracy, loss, top-5, count, skipped and per-class accuracy."""
+    _check_flags(data_dir, batch_size)
     split = imagefolder.scan(data_dir, "val")
     if split.classes != classifier.classes:
         raise UserError(f"classes of {data_dir!r} {list(split.classes)[:5]}... differ from the "
                         f"model's {list(classifier.classes)[:5]}...; evaluate on the same classes")
-    loss, correct, top5, count = 0.0, 0, 0, 0
-    per_class = np.zeros((len(split.classes), 2))  # correct, total
-    for batch in pipeline.eval_batches(split, classifier.data_cfg, batch_size):
-        keep = batch["valid"] == 1
-        logits = classifier.logits(batch["image"])[keep].astype(np.float64)
-        labels = batch["label"][keep]
-        log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(
-            -1, keepdims=True)) - logits.max(-1, keepdims=True)
-        loss -= log_probs[np.arange(len(labels)), labels].sum()
-        hits = logits.argmax(-1) == labels
-        correct += int(hits.sum())
-        ranks = (logits > logits[np.arange(len(labels)), labels][:, None]).sum(-1)
-        top5 += int((ranks < 5).sum())
-        count += len(labels)
-        np.add.at(per_class, labels, np.stack([hits, np.ones_like(hits)], -1))
-    n = max(count, 1)
-    return {"accuracy": correct / n, "loss": loss / n, "top5_accuracy": top5 / n,
-            "count": count, "skipped": len(split.files) - count,
-            "per_class_accuracy": {c: per_class[i, 0] / max(per_class[i, 1], 1)
-                                   for i, c in enumerate(split.classes)}}
+    devices = jax.device_count()
+    global_batch = -(-batch_size // devices) * devices
+    if global_batch != batch_size:
+        logging.info("batch size %d rounded up to %d, a multiple of the %d devices", batch_size,
+                     global_batch, devices)
+    mesh = jax.make_mesh((devices, 1), BATCH_AXES)
+    params = jax.device_put(classifier.params, NamedSharding(mesh, P()))
+    eval_step = steps.make_eval_step(classifier.graphdef, mesh, classifier.data_cfg)
+    return inference.evaluate(eval_step, params, split, classifier.data_cfg, global_batch, mesh)
 
 
 def main(argv) -> None:
     if not flags.FLAGS.workdir or not flags.FLAGS.data_dir:
         raise UserError("pass --workdir=DIR and --data_dir=IMAGEFOLDER")
     f = flags.FLAGS
+    _check_flags(f.data_dir, f.batch_size)
     print(json.dumps(evaluate(inference.load(f.workdir), f.data_dir, f.batch_size), indent=1))
 
 

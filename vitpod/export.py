@@ -9,7 +9,7 @@
 
 from absl import flags
 
-from vitpod import cli, hf, inference
+from vitpod import cli, hf, inference, storage
 from vitpod.errors import UserError
 
 
@@ -21,6 +21,12 @@ def define_flags() -> None:
 
 
 def run(workdir: str, out: str) -> str:
+    """Export `workdir` (or a checkpoint) to `out`; returns what was exported."""
+    if storage.exists(out) and not storage.isdir(out):
+        raise UserError(f"--out={out} is a file; pass a directory for the HF model")
+    if storage.exists(storage.join(out, "manifest.json")):
+        raise UserError(f"--out={out} is a vitpod workdir (its config.json would be replaced); "
+                        "pass another directory")
     classifier = inference.load(workdir)
     hf.export(classifier.params, classifier.model_cfg, classifier.data_cfg, classifier.classes,
               out)

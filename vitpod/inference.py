@@ -1,4 +1,5 @@
-"""A trained classifier, from a workdir or any pretrained checkpoint, for prediction."""
+"""A trained classifier, from a workdir or any pretrained checkpoint, for prediction; and
+the one evaluation loop (the sharded eval step over a split), for training and `evaluate`."""
 
 import dataclasses
 import json
@@ -8,8 +9,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vitpod import checkpoint, config, hf, model, pretrained, storage
-from vitpod.data import imagefolder
+from vitpod import checkpoint, config, distributed, hf, model, pretrained, steps, storage
+from vitpod.data import imagefolder, pipeline
 from vitpod.errors import UserError
 
 
@@ -24,6 +25,7 @@ class Classifier:
     def __post_init__(self):
         graphdef, _ = model.abstract_model(self.model_cfg, self.data_cfg.image_size,
                                            len(self.classes))
+        self.graphdef = graphdef  # for the sharded eval step (evaluate)
         mean = jnp.asarray(self.data_cfg.mean, jnp.float32)
         std = jnp.asarray(self.data_cfg.std, jnp.float32)
         self._logits = jax.jit(lambda p, u8: model.apply(
@@ -34,11 +36,37 @@ class Classifier:
         return np.asarray(self._logits(self.params, images_u8))
 
 
+def evaluate(eval_step, params, split: imagefolder.Split, data_cfg: ml_collections.ConfigDict,
+             global_batch: int, mesh: jax.sharding.Mesh) -> dict:
+    """Exact metrics over every readable image of `split` (padding and skips masked out),
+    from `steps.make_eval_step`'s sums: loss, accuracy, top-5, count, skipped, per class."""
+    sums: dict[str, np.ndarray] = {}
+    sharding = steps.batch_sharding(mesh)
+    batches = pipeline.eval_batches(split, data_cfg, global_batch,
+                                    *distributed.host_block(sharding, global_batch))
+    warn = pipeline.SkipWarner(split)
+    for host_batch in batches:
+        warn(host_batch)
+        out = jax.device_get(eval_step(params, pipeline.to_global(host_batch, sharding)))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0) + np.asarray(v, np.float64)
+    count = int(sums["count"])
+    n = max(count, 1)
+    return {"loss": float(sums["loss"]) / n, "accuracy": float(sums["correct"]) / n,
+            "top5_accuracy": float(sums["top5"]) / n, "count": count,
+            "skipped": len(split.files) - count,
+            "per_class_accuracy": {c: float(sums["class_correct"][i] / max(
+                sums["class_count"][i], 1)) for i, c in enumerate(split.classes)}}
+
+
 def load(path: str) -> Classifier:
     """A workdir (latest checkpoint), or a checkpoint `pretrained.read` takes: an HF ViT or
     timm directory, or a big_vision / vision_transformer .npz."""
     if storage.isdir(storage.join(path, "checkpoints")):
         return _from_workdir(path)
+    if storage.exists(storage.join(path, "manifest.json")):  # a run with no checkpoint yet
+        raise UserError(f"no checkpoint in {storage.join(path, 'checkpoints')}; train first "
+                        "(python -m vitpod.train)")
     if path.endswith(".npz") or storage.exists(storage.join(path, hf.CONFIG)):
         return _from_checkpoint(pretrained.read(path))
     raise UserError(f"{path!r} is neither a vitpod workdir (with checkpoints/), a checkpoint "

@@ -120,8 +120,9 @@ def main(argv: list[str]) -> None:
     if not args:
         raise UserError("pass the train flags after --, e.g. -- --config=configs/demo.py "
                         "--workdir=runs/x")
-    if flags.FLAGS.num_processes < 1 or flags.FLAGS.devices_per_process < 1:
-        raise UserError("--num_processes and --devices_per_process must be >= 1")
+    for name in ("num_processes", "devices_per_process"):
+        if flags.FLAGS[name].value < 1:
+            raise UserError(f"--{name}={flags.FLAGS[name].value} must be >= 1")
     job = Job(flags.FLAGS.module, args, flags.FLAGS.num_processes, flags.FLAGS.devices_per_process)
 
     def forward(signum, _frame):

@@ -31,8 +31,12 @@ def image_files(paths: list[str]) -> list[str]:
     files = []
     for path in paths:
         if storage.isdir(path):
-            files += [storage.join(path, f) for f in storage.files_below(path)
-                      if imagefolder.is_image(f)]
+            found = [storage.join(path, f) for f in storage.files_below(path)
+                     if imagefolder.is_image(f)]
+            if not found:
+                raise UserError(f"no images below {path} (files ending in "
+                                f"{'/'.join(imagefolder.IMG_EXTENSIONS)}, hidden ones skipped)")
+            files += found
         elif storage.exists(path):
             files.append(path)
         else:

@@ -12,7 +12,7 @@ import sys
 
 from absl import flags
 
-from vitpod import cli, goodput
+from vitpod import cli, goodput, storage
 from vitpod.errors import UserError
 
 
@@ -57,6 +57,8 @@ def render(workdir: str, records: list[dict], summary: dict, price: float) -> st
 def main(argv: list[str]) -> None:
     if not flags.FLAGS.workdir:
         raise UserError("pass --workdir=DIR (the run's workdir)")
+    if not storage.isdir(flags.FLAGS.workdir):
+        raise UserError(f"--workdir={flags.FLAGS.workdir} does not exist or is not a directory")
     records = goodput.read_records(flags.FLAGS.workdir)
     if not records:
         raise UserError(f"no launch records in {flags.FLAGS.workdir}/launches: is it a "

@@ -163,16 +163,24 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: jax.shardi
 
 
 def make_eval_step(graphdef, mesh: jax.sharding.Mesh, data_cfg: ml_collections.ConfigDict):
-    """jit(params, batch) -> sums of loss, correct and count over valid rows of the batch."""
+    """jit(params, batch) -> sums over the valid rows of the batch: loss, correct (top-1),
+    top5 (label among the 5 highest logits, ties counted for the label) and count, and per
+    class (vectors indexed by label) class_correct and class_count."""
     fsdp = mesh.shape["fsdp"]
 
     def local_eval(param_specs, params, images, labels, valid):
         gather = _gatherer(param_specs) if fsdp > 1 else None
         logits = model.apply(graphdef, params, _normalize(images, data_cfg.mean, data_cfg.std),
-                             gather=gather)
+                             gather=gather).astype(jnp.float32)
+        hits = (logits.argmax(-1) == labels) * valid
+        label_logit = jnp.take_along_axis(logits, labels[:, None], -1)
+        above = (logits > label_logit).sum(-1)  # classes ranked strictly above the label
+        per_class = functools.partial(jax.ops.segment_sum, segment_ids=labels,
+                                      num_segments=logits.shape[-1])
         sums = {"loss": (_cross_entropy(logits, labels) * valid).sum(),
-                "correct": ((logits.argmax(-1) == labels) * valid).sum(),
-                "count": valid.sum()}
+                "correct": hits.sum(), "top5": ((above < 5) * valid).sum(),
+                "count": valid.sum(), "class_correct": per_class(hits),
+                "class_count": per_class(valid)}
         return jax.lax.psum(sums, BATCH_AXES)
 
     @jax.jit

@@ -12,7 +12,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from vitpod import (
@@ -21,6 +21,7 @@ from vitpod import (
     distributed,
     goodput,
     hf,
+    inference,
     metrics,
     model,
     optim,
@@ -37,21 +38,11 @@ from vitpod.preemption import Preemption, SaveClock
 
 
 def evaluate(eval_step, params, split: imagefolder.Split, config, mesh) -> dict:
-    """Exact metrics over every readable image of `split` (padding and skips masked out)."""
-    sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    global_batch = config_lib.eval_batch_size(config)
-    sharding = steps.batch_sharding(mesh)
-    batches = pipeline.eval_batches(split, config.data, global_batch,
-                                    *distributed.host_block(sharding, global_batch))
-    warn = pipeline.SkipWarner(split)
-    for host_batch in batches:
-        warn(host_batch)
-        out = eval_step(params, pipeline.to_global(host_batch, sharding))
-        for k, v in jax.device_get(out).items():
-            sums[k] += float(v)
-    count = sums["count"]
-    return {"eval/loss": sums["loss"] / max(count, 1), "eval/accuracy": sums["correct"] / max(
-        count, 1), "eval/count": int(count), "eval/skipped": len(split.files) - int(count)}
+    """The eval row: exact metrics over every readable image of `split` (inference.evaluate)."""
+    result = inference.evaluate(eval_step, params, split, config.data,
+                                config_lib.eval_batch_size(config), mesh)
+    return {f"eval/{k}": result[k] for k in ("loss", "accuracy", "top5_accuracy", "count",
+                                            "skipped")}
 
 
 _PROCESS_START = time.time()  # this module's import: a launch's start, before JAX's start-up
@@ -259,7 +250,8 @@ def define_flags() -> None:
 
 def main(argv) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}; train takes only flags "
+                        "(--config=FILE --workdir=DIR --config.KEY=VALUE ...)")
     config = cli.config(flags.FLAGS.config)
     if not flags.FLAGS.workdir:
         raise UserError("pass --workdir=DIR (where checkpoints and metrics go)")
