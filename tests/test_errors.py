@@ -117,10 +117,23 @@ ROWS = [
     ("export-out-is-a-workdir", "export", f"--workdir={TIMM} --out={{d}}/unfinished",
      "error: --out={d}/unfinished is a vitpod workdir (its config.json would be replaced); "
      "pass another directory"),
+    ("prepare-unknown-source", "prepare", "foo --out={d}/out", "error: usage: python -m "
+     "vitpod.prepare {digits|hf|upload|pack} --out=DIR (upload, pack: --src=DIR "
+     "--dst=gs://BUCKET/PATH)"),
     ("prepare-no-out", "prepare", "digits",
      "error: pass --out=DIR (where the digits ImageFolder is written)"),
     ("prepare-hf-no-dataset", "prepare", "hf --out={d}/out",
      "error: pass --dataset=NAME_OR_DIR (a hub name or a save_to_disk directory)"),
+    ("prepare-upload-no-src", "prepare", "upload --dst=gs://bucket/x",
+     "error: upload needs --src=DIR and --dst=DIR_OR_gs://BUCKET/PATH"),
+    ("prepare-pack-no-dst", "prepare", "pack --src={d}/colors/train",
+     "error: pack needs --src=DIR and --dst=DIR_OR_gs://BUCKET/PATH"),
+    ("prepare-pack-over-another-dataset", "prepare",
+     "pack --src={d}/other/val --dst={d}/packed", "error: {d}/packed holds another packed "
+     "dataset (6 images, see {d}/packed/packed.json); choose another --dst or delete it"),
+    ("prepare-pack-into-other-files", "prepare", "pack --src={d}/other/val --dst={d}/notes",
+     "error: {d}/notes is not empty (it holds readme.txt, ...) and is no packed dataset "
+     "of this source; choose an empty or new --dst"),
     ("plan-bad-topology", "plan", f"--config={CONFIGS}/tiny.py --topology=v9:2x2",
      "error: --topology='v9:2x2': write GEN:AxB[xC] with GEN one of v4, v5e, v5, v6e "
      "(v4:2x2x4 is a v4-32, v5e:2x4 a v5e-8)"),
@@ -149,7 +162,9 @@ IN_SUBPROCESSES = ("train-positional-argument", "predict-folder-without-images",
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> pathlib.Path:
-    """Every path the rows name: data sets, a run with no checkpoint, odd folders."""
+    """Every path the rows name: data sets, a run with no checkpoint, a packed dataset."""
+    from vitpod import pack
+
     d = tmp_path_factory.mktemp("bad_inputs")
     make_imagefolder(d / "colors" / "train", {"a": 3, "b": 3})
     make_imagefolder(d / "other" / "val", {"a": 3, "c": 3}, seed=1)
@@ -162,6 +177,9 @@ def inputs(tmp_path_factory) -> pathlib.Path:
     for name in ("config.json", "manifest.json"):
         (d / "unfinished" / name).write_text("{}")
     (d / "a_file").write_text("a file")
+    (d / "notes").mkdir()
+    (d / "notes" / "readme.txt").write_text("not a dataset")
+    pack.pack(str(d / "colors" / "train"), str(d / "packed"))
     return d
 
 
