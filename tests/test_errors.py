@@ -117,9 +117,12 @@ ROWS = [
     ("export-out-is-a-workdir", "export", f"--workdir={TIMM} --out={{d}}/unfinished",
      "error: --out={d}/unfinished is a vitpod workdir (its config.json would be replaced); "
      "pass another directory"),
-    ("prepare-unknown-source", "prepare", "foo --out={d}/out", "error: usage: python -m "
-     "vitpod.prepare {digits|hf|upload|pack} --out=DIR (upload, pack: --src=DIR "
-     "--dst=gs://BUCKET/PATH)"),
+    ("prepare-unknown-source", "prepare", "foo --out={d}/out", "error: unknown source 'foo'; "
+     "usage: python -m vitpod.prepare {digits|hf|upload|pack} --out=DIR (upload, pack: "
+     "--src=DIR --dst=gs://BUCKET/PATH)"),
+    ("prepare-pack-missing-src", "prepare", "pack --src={d}/nowhere --dst={d}/out",
+     "error: --src={d}/nowhere does not exist or is not a directory; pass an ImageFolder "
+     "(one folder per class)"),
     ("prepare-no-out", "prepare", "digits",
      "error: pass --out=DIR (where the digits ImageFolder is written)"),
     ("prepare-hf-no-dataset", "prepare", "hf --out={d}/out",

@@ -66,6 +66,7 @@ def test_pack_writes_shards_in_pack_order_with_every_file_unchanged(hostile, pac
     split = imagefolder.scan(str(hostile))
     index = json.loads((packed_hostile / packed.INDEX).read_text())
     assert index["files"] == list(split.files) and index["labels"] == list(split.labels)
+    assert index["counts"] == {"a": 13, "b": 12, "c": 14}
     assert len(index["shards"]) == -(-len(split.files) // index["shard_records"]) > 1
     from array_record.python import array_record_module
 

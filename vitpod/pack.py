@@ -39,8 +39,10 @@ def _plan(split: imagefolder.Split, shard_mb: float) -> dict:
     mean = max(1, sum(len(_read(storage.join(split.root, f))) for f in sample) // len(sample))
     records = max(RUN, round(shard_mb * 2**20 / mean / RUN) * RUN)
     count = -(-len(split.files) // records)
-    return {"format": packed.FORMAT, "classes": list(split.classes), "files": list(split.files),
-            "labels": list(split.labels), "shard_records": records, "record_bytes": mean,
+    counts = {name: split.labels.count(label) for label, name in enumerate(split.classes)}
+    return {"format": packed.FORMAT, "classes": list(split.classes), "counts": counts,
+            "files": list(split.files), "labels": list(split.labels),
+            "shard_records": records, "record_bytes": mean,
             "shards": [f"shard-{k:05d}-of-{count:05d}.arrayrecord" for k in range(count)]}
 
 
@@ -88,6 +90,9 @@ def pack(src: str, dst: str, shard_mb: float = 128, threads: int = 8) -> dict[st
     """Pack the ImageFolder `src` into `dst` (see the module doc); returns counts."""
     if packed.is_packed(src):
         raise UserError(f"{src} is already a packed dataset; --src takes an ImageFolder")
+    if not storage.isdir(src):
+        raise UserError(f"--src={src} does not exist or is not a directory; pass an "
+                        "ImageFolder (one folder per class)")
     split = imagefolder.scan(src, "train")
     plan = _plan(split, shard_mb)
     done = set(_check_destination(dst, plan))

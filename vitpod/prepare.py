@@ -117,8 +117,9 @@ SOURCES = {"digits": digits, "hf": hf_dataset, "upload": upload, "pack": pack.pa
 def main(argv) -> None:
     f = flags.FLAGS
     if len(argv) != 2 or argv[1] not in SOURCES:
-        raise UserError(f"usage: python -m vitpod.prepare {{{'|'.join(SOURCES)}}} --out=DIR "
-                        "(upload, pack: --src=DIR --dst=gs://BUCKET/PATH)")
+        unknown = f"unknown source {argv[1]!r}; " if len(argv) == 2 else ""
+        raise UserError(f"{unknown}usage: python -m vitpod.prepare {{{'|'.join(SOURCES)}}} "
+                        "--out=DIR (upload, pack: --src=DIR --dst=gs://BUCKET/PATH)")
     if argv[1] in ("upload", "pack"):
         if not (f.src and f.dst):
             raise UserError(f"{argv[1]} needs --src=DIR and --dst=DIR_OR_gs://BUCKET/PATH")
