@@ -216,3 +216,18 @@ def test_packed_data_in_a_bucket_reads_a_run_per_request_through_faults(gcs, dig
     gcs.faults.max_rate = 20.0  # a bucket that has not ramped up: 429s, retried
     read_and_compare()
     assert gcs.faults.counts["429"] > 0
+
+
+@pytest.mark.slow
+def test_an_imagefolder_in_a_bucket_rides_out_429s_too(gcs, colors):
+    gcs.create_bucket("vitpod-throttled")
+    storage.upload_tree(str(colors / "train"), "gs://vitpod-throttled/train")
+    cfg = data_cfg(read_threads=8)
+    expected = batches(imagefolder.scan(str(colors / "train")), cfg, steps=4, batch=16)
+    split = imagefolder.scan("gs://vitpod-throttled/train")
+    gcs.faults.reset()
+    gcs.faults.max_rate = 20.0
+    for x, y in zip(expected, batches(split, cfg, steps=4, batch=16), strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["valid"], y["valid"])
+    assert gcs.faults.counts["429"] > 0
