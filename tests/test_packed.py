@@ -148,6 +148,16 @@ def test_training_on_packed_digits_gives_the_same_losses(digits, tmp_path, shuff
         losses[fmt] = (read_losses(tmp_path / fmt), result["eval/accuracy"])
     assert len(losses["folder"][0]) == 8
     assert losses["folder"] == losses["packed"]
+    # the evaluate command takes a packed --data_dir as it takes the ImageFolder
+    from vitpod import evaluate, inference
+
+    classifier = inference.load(str(tmp_path / "folder"))
+    on_folder = evaluate.evaluate(classifier, str(digits / "val"), 64)
+    on_packed = evaluate.evaluate(classifier, str(tmp_path / "packed" / "val"), 64)
+    assert on_folder["count"] == on_packed["count"] == 360
+    assert on_folder["accuracy"] == on_packed["accuracy"] == losses["folder"][1]
+    assert on_folder["loss"] == pytest.approx(on_packed["loss"], rel=1e-6)  # summed in
+    # another order: the packed split is read in pack order
 
 
 def test_pack_refuses_a_destination_holding_something_else(hostile, packed_hostile, tmp_path):
