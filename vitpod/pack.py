@@ -19,24 +19,17 @@ import threading
 from absl import logging
 from array_record.python import array_record_module
 
-from vitpod import storage
-from vitpod.data import imagefolder, order, packed
+from vitpod import config, storage
+from vitpod.data import imagefolder, order, packed, pipeline
 from vitpod.errors import UserError
 
 PLAN = "packing.json"
-RUN = 32  # shards hold whole runs of the default data.shuffle_block
-
-
-def _read(path: str) -> bytes:
-    try:
-        return storage.read_bytes(path)
-    except storage.NotFound:  # gone since the scan: packed empty, skipped like in training
-        return b""
+RUN = config.defaults().data.shuffle_block  # shards hold whole runs of the default
 
 
 def _plan(split: imagefolder.Split, shard_mb: float) -> dict:
-    sample = split.files[:: max(1, len(split.files) // 64)][:64]
-    mean = max(1, sum(len(_read(storage.join(split.root, f))) for f in sample) // len(sample))
+    sample = range(0, len(split.files), max(1, len(split.files) // 64))[:64]
+    mean = max(1, sum(len(pipeline.read_example(split, i)) for i in sample) // len(sample))
     records = max(RUN, round(shard_mb * 2**20 / mean / RUN) * RUN)
     count = -(-len(split.files) // records)
     counts = {name: split.labels.count(label) for label, name in enumerate(split.classes)}
@@ -46,8 +39,9 @@ def _plan(split: imagefolder.Split, shard_mb: float) -> dict:
             "shards": [f"shard-{k:05d}-of-{count:05d}.arrayrecord" for k in range(count)]}
 
 
-def _check_destination(dst: str, plan: dict) -> list[str]:
-    """Shards already there for this plan; UserError if dst holds anything else."""
+def _check_destination(dst: str, plan: dict) -> list[str] | None:
+    """Shards already there for this plan (None: the dataset is complete); UserError if dst
+    holds anything else."""
     for name in (packed.INDEX, PLAN):
         path = storage.join(dst, name)
         if storage.exists(path):
@@ -56,7 +50,7 @@ def _check_destination(dst: str, plan: dict) -> list[str]:
                 raise UserError(f"{dst} holds another packed dataset ({len(there['files'])} "
                                 f"images, see {path}); choose another --dst or delete it")
             if name == packed.INDEX:
-                return plan["shards"]
+                return None
     present = storage.files_below(dst) if storage.isdir(dst) else []
     foreign = [f for f in present if f not in plan["shards"] and f != PLAN
                and not f.endswith(".tmp")]
@@ -75,7 +69,8 @@ def _write_shard(split, plan: dict, k: int, dst: str, progress) -> None:
     final = os.path.join(local_dir, plan["shards"][k])
     writer = array_record_module.ArrayRecordWriter(final + ".tmp", "group_size:1")
     for i in map(int, positions):
-        writer.write(packed.encode(split.labels[i], split.files[i], _read(split.path(i))))
+        writer.write(packed.encode(split.labels[i], split.files[i],
+                                   pipeline.read_example(split, i)))
         progress(1)
     writer.close()
     os.replace(final + ".tmp", final)  # a shard under its own name is whole
@@ -95,9 +90,10 @@ def pack(src: str, dst: str, shard_mb: float = 128, threads: int = 8) -> dict[st
                         "ImageFolder (one folder per class)")
     split = imagefolder.scan(src, "train")
     plan = _plan(split, shard_mb)
-    done = set(_check_destination(dst, plan))
-    if len(done) == len(plan["shards"]) and packed.is_packed(dst):
-        return {"images": len(split.files), "shards": len(done), "already there": len(done)}
+    done = _check_destination(dst, plan)
+    if done is None:
+        shards = len(plan["shards"])
+        return {"images": len(split.files), "shards": shards, "already there": shards}
     storage.write_text(storage.join(dst, PLAN), json.dumps(plan))
     todo = [k for k, name in enumerate(plan["shards"]) if name not in done]
     total = sum(min(plan["shard_records"], len(split.files) - k * plan["shard_records"])

@@ -60,6 +60,7 @@ class TrainExample:
     randaug: tuple[int, float] = (0, 0)  # (num_ops, magnitude); 0 ops: off
     reduced: bool = False  # JPEG DCT scaling (data.reduced_decode)
     run: int = 1  # packed records read at once (data.shuffle_block with the blocks order)
+    # (an ImageFolder reads one file per example whatever `run` says)
 
     def __call__(self, index: int, rng: np.random.Generator) -> dict:
         index = int(index)
@@ -88,10 +89,9 @@ class EvalExample:
         index = int(index)
         if index >= len(self.split.files):
             return _example(None, 0, -1, self.size)
-        run = 1
         if self.split.shards:
-            index, run = int(order.pack_order(len(self.split.files))[index]), EVAL_RUN
-        data = read_example(self.split, index, run)
+            index = int(order.pack_order(len(self.split.files))[index])
+        data = read_example(self.split, index, EVAL_RUN)
         try:
             img = transforms.open_image(data)
             image = transforms.eval_transform(img, self.size, self.crop_pct, self.reduced,
@@ -151,7 +151,7 @@ def train_batches(split: Split, data_cfg, seed: int, global_batch: int, start_st
     ds = ds.random_map(TrainExample(split, data_cfg.image_size, tuple(data_cfg.crop_scale),
                                     tuple(data_cfg.crop_ratio), data_cfg.hflip,
                                     (data_cfg.randaug_num_ops, data_cfg.randaug_magnitude),
-                                    data_cfg.reduced_decode, run if split.shards else 1),
+                                    data_cfg.reduced_decode, run),
                       seed=seed)
     ds = _host_rows(ds, global_batch, process_index, process_count)[start_step:total_steps]
     return _iterate(ds, data_cfg.num_workers, data_cfg.read_threads)
