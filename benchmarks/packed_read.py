@@ -29,6 +29,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.input_pipeline import make_photos  # noqa: E402
+from tests import gcs_emulator  # noqa: E402
 
 # --data_dir, --generate, --image_size, --batch_size, --batches, --workers: input_pipeline's.
 flags.DEFINE_integer("read_threads", 16, "data.read_threads.")
@@ -39,8 +40,6 @@ FLAGS = flags.FLAGS
 
 def serve() -> None:
     """The child: emulator + proxy; one command per stdin line, one JSON line back."""
-    from tests import gcs_emulator
-
     root = tempfile.mkdtemp(prefix="vitpod-bench-packed-")
     emulator = gcs_emulator.Emulator(root=root)
     emulator.create_bucket("bench-packed")
@@ -147,7 +146,7 @@ def main(argv) -> None:
         make_photos(FLAGS.data_dir, FLAGS.generate)
     server = Server()
     _reaped_children_cpu()  # the server child's, once it exits, is not the pipeline's
-    os.environ.update({k: v for k, v in _client_env(server.url).items()})
+    os.environ.update(gcs_emulator.client_env(server.url))
     try:
         from vitpod import pack, storage
         from vitpod.data import imagefolder
@@ -169,12 +168,6 @@ def main(argv) -> None:
     finally:
         server.stop()
     print(json.dumps(result))
-
-
-def _client_env(url: str) -> dict:
-    from tests import gcs_emulator
-
-    return gcs_emulator.client_env(url)
 
 
 if __name__ == "__main__":
