@@ -31,7 +31,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
     elif img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # PIL warns when a palette with transparency goes to RGB
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert would copy an RGB image
 
 
 def decode_rgb(data: bytes) -> Image.Image:
