@@ -87,3 +87,21 @@ def test_plan_counts_a_request_per_run_for_packed_data_read_in_blocks(colors, tm
     assert f"images of {tmp_path / 'packed'}" in budget["measured_on"]
     assert budget["reads_per_sec"] == math.ceil(
         4 * budget["img_per_sec_per_host_at_60pct_mfu"] / 32)
+
+
+def test_plan_plans_the_init_from_checkpoints_architecture_as_train_does(tmp_path):
+    """A run with model.init_from trains the checkpoint's shape whatever model.variant says:
+    the plan compiles that shape, and says so; an unreadable checkpoint leaves the variant."""
+    from tests.test_hf import _hf_model
+
+    _hf_model(tmp_path / "hf", variant="w48-d3-h4-m96/4")
+    config = load_config("tiny", batch_size=64, model__init_from=str(tmp_path / "hf"))
+    result = plan.plan(config, "v4:2x2x1", 5, input_budget=False)
+    assert result["model"] == f"w48-d3-h4-m96/4 (from model.init_from={tmp_path / 'hf'})"
+    assert config.model.variant == "pico/4"  # the caller's config is left as it was
+    adopted = load_config("tiny", model__variant="w48-d3-h4-m96/4")
+    assert result["collective_bytes_per_step"]["all-reduce"] == pytest.approx(
+        param_bytes(adopted, 5), rel=0.05)
+    offline = plan.plan(load_config("tiny", batch_size=64, model__init_from="/no/such/ckpt"),
+                        "v4:2x2x1", 5, input_budget=False)
+    assert offline["model"].startswith("pico/4 (model.variant: model.init_from cannot be read")

@@ -134,7 +134,8 @@ def _short(x: float) -> float:
 def plan(config, topology: str, num_classes: int, input_budget: bool = True) -> dict:
     """The plan for `config` on `topology`, with what its hosts must feed it (`input`).
     When it does not fit, also the first remedy that does, found by compiling."""
-    result = _fit(config, topology, num_classes)
+    config, model_line = _architecture(config)
+    result = {"model": model_line, **_fit(config, topology, num_classes)}
     rates = result.get("with_remedy", result)
     if input_budget and rates.get("img_per_sec_per_chip_at_60pct_mfu"):
         from vitpod import input_budget as budget_lib
@@ -145,6 +146,24 @@ def plan(config, topology: str, num_classes: int, input_budget: bool = True) -> 
                                             topology.split(":")[0], ms, where,
                                             budget_lib.reads_per_image(config.data))
     return result
+
+
+def _architecture(config):
+    """(config, what is planned): a run with `model.init_from` trains the checkpoint's
+    architecture whatever `model.variant` says (train.py adopts it), so the plan does too;
+    when the checkpoint cannot be read here (a hub id offline), model.variant, said so."""
+    from vitpod import pretrained
+
+    if not config.model.init_from:
+        return config, config.model.variant
+    try:
+        ckpt = pretrained.read(config.model.init_from)
+    except UserError as e:
+        return config, (f"{config.model.variant} (model.variant: model.init_from cannot be "
+                        f"read here: {e})")
+    config = config.copy_and_resolve_references()
+    pretrained.adopt(config.model, ckpt)
+    return config, f"{config.model.variant} (from model.init_from={config.model.init_from})"
 
 
 def _fit(config, topology: str, num_classes: int) -> dict:
