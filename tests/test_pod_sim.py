@@ -98,7 +98,7 @@ def test_pod_sim_comes_back_on_a_smaller_slice_and_reports_its_goodput(tmp_path)
     report = [line for line in out.splitlines() if line.startswith("[w0]")]
     # the report, run on worker 0 at the end
     assert any("2 launch(es) (preempted, done)" in line for line in report), (
-        "\n".join(report) or out[-3000:])
+        "\n".join(report) or out[-3000:]) + "\n" + (sim_dir / "cloud.log").read_text()
     assert "on v4-32 (4 workers) then v4-16 (2 workers)" in out
     records = [json.loads((p / "record.json").read_text())
                for p in sorted((sim_dir / "workdir" / "launches").iterdir())]
