@@ -10,8 +10,9 @@ import pytest
 import safetensors.numpy
 import torch
 import transformers
+from google.cloud import storage as gcs_client
 
-from tests.conftest import load_config
+from tests.conftest import assert_params_close, load_config, read_params
 from vitpod import hf, inference, pretrained, storage, train
 from vitpod.errors import UserError
 
@@ -169,3 +170,12 @@ def test_fine_tunes_from_an_npz_in_a_bucket(gcs, tmp_path, colors):
     assert final["eval/count"] == 37
     ours = inference.load(str(tmp_path / "run"))
     assert (ours.model_cfg.variant, ours.model_cfg.gelu) == ("w48-d3-h4-m96/4", "tanh")
+    # A resume takes the architecture from the workdir and never reads the checkpoint again
+    # (on a pod, every host of every relaunch would download it): gone, the run still ends
+    # where the uninterrupted one did.
+    resumed = str(tmp_path / "resumed")
+    assert train.run(config, resumed, stop_after=3)["stopped"] == "stopped as asked"
+    gcs_client.Client(project="test-project").bucket("vitpod-npz").blob("augreg/vit.npz").delete()
+    assert train.run(config, resumed)["step"] == final["step"]
+    assert_params_close(read_params(tmp_path / "run", final["step"]),
+                        read_params(resumed, final["step"]), atol=0)

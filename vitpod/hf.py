@@ -162,6 +162,9 @@ def read(path: str, hf_cfg: dict) -> Checkpoint:
                       data, tensors)
 
 
+ARCH_KEYS = ("variant", "layer_norm_eps", "gelu", "pool", "posemb")  # what a checkpoint fixes
+
+
 def arch(shape: model.ViTShape, layer_norm_eps: float, gelu: str) -> dict:
     """The model.* keys of a class-token ViT with learned position embeddings."""
     return {"variant": model.variant_name(shape), "layer_norm_eps": layer_norm_eps,

@@ -57,9 +57,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
     `profile="START:COUNT"` traces steps START..START+COUNT-1 with jax.profiler.
     `start_time` (default: now) is when the launch began, for its goodput record.
     """
-    init_from = pretrained.read(config.model.init_from) if config.model.init_from else None
-    if init_from:
-        pretrained.adopt(config.model, init_from)
+    init_from = None  # the pretrained checkpoint, read when its shape or weights are needed
+    if config.model.init_from:
+        recorded = workdir_lib.recorded_architecture(workdir, config.model.init_from)
+        if recorded:  # a resume: the shape adopted at the first launch, no download again
+            config.model.update(recorded)
+            logging.info("model.init_from: the architecture recorded in %s/config.json (%s)",
+                         workdir, config.model.variant)
+        else:
+            init_from = pretrained.read(config.model.init_from)
+            pretrained.adopt(config.model, init_from)
     model.parse_variant(config.model.variant)
     config_lib.validate(config, jax.device_count(), jax.process_count())
     tracer = metrics.Tracer(profile, workdir)
@@ -94,7 +101,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
                    jax.devices()[0].platform)
     if state is None:
         weights = None
-        if init_from:
+        if config.model.init_from:
+            init_from = init_from or pretrained.read(config.model.init_from)
             weights = hf.load_params(init_from, config.model, config.data.image_size,
                                      splits["train"].classes)
         state = init(weights)

@@ -35,6 +35,21 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, manifest_path: str)
         imagefolder.save(manifest_path, splits)
 
 
+def recorded_architecture(workdir: str, init_from: str) -> dict | None:
+    """The model keys this workdir's run adopted from `init_from` at its first launch (its
+    config.json is written after adopting), or None if it recorded none from that checkpoint.
+    A resume takes the architecture from here instead of reading the checkpoint again."""
+    from vitpod import hf
+
+    path = storage.join(workdir, "config.json")
+    if not storage.exists(path):
+        return None
+    model_cfg = json.loads(storage.read_text(path)).get("model", {})
+    if model_cfg.get("init_from") != init_from:
+        return None
+    return {k: model_cfg[k] for k in hf.ARCH_KEYS if k in model_cfg} or None
+
+
 def enable_compile_cache(config: ml_collections.ConfigDict, workdir: str) -> None:
     """JAX's persistent cache in the workdir, unless off or already set (env or a shared dir).
     JAX opens its cache once per process, at the first compile after this."""
