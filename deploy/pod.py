@@ -137,9 +137,30 @@ class Pod(WatchedSlice):
         log(f"follow with: make pod-logs WORKER=all; logs also go to "
             f"{self.s['WORKDIR']}/logs/{self.launch_id}/")
 
+    def preflight(self) -> None:
+        """The config against every slice type's device count (vitpod.preflight, in the local
+        venv) before a slice is created: a fallback that cannot run it would be billed to fail."""
+        root = os.path.dirname(HERE)
+        python = os.path.join(root, ".venv", "bin", "python")
+        counts = [(t, slice_devices(t)) for t, _ in self.types]
+        if not os.path.exists(python) or not all(n for _, n in counts):
+            log("config not checked against the slice types (no .venv here: make install; or "
+                "a type whose device count is unknown)")
+            return
+        flags = [f for f in shlex.split(self.s.get("TRAIN_FLAGS", "")) if f.startswith("--config.")]
+        check = [python, "-m", "vitpod.preflight", f"--config={self.s['CONFIG']}",
+                 "--slices=" + ",".join(f"{t}={n}" for t, n in counts), *flags]
+        done = subprocess.run(check, capture_output=True, text=True, timeout=300)
+        for line in done.stdout.splitlines():
+            log(f"preflight: {line}")
+        if done.returncode:
+            why = last_line(done.stderr).removeprefix("error: ") or f"exit {done.returncode}"
+            raise PodError(f"preflight: {why} (nothing created)")
+
     def run(self) -> None:
         """Create, set up, launch, watch; replace a lost slice and resume; delete when DONE."""
         self.need("PROJECT", "ZONE", "NAME", "TPU_TYPE", "WORKDIR", "CONFIG")
+        self.preflight()
         retries, lost = int(self.num("MAX_RETRIES")), 0
         while True:
             if self.create():  # a new slice: its workers are bare

@@ -311,6 +311,25 @@ def test_bad_settings_fail_in_one_line(cloud):
                                      "disk dies with the slice")
 
 
+def test_pod_run_checks_the_config_on_every_slice_type_before_creating_any(cloud):
+    """A batch that the fallback's device count does not divide would be found only after
+    that slice was created, set up and billed: pod-run refuses before calling gcloud."""
+    result = cloud.pod("run", TPU_TYPES="v4-16,v4-32", TRAIN_FLAGS="--config.batch_size=24 "
+                       "--config.data.train_dir=gs://bkt/data --profile=1:2")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "error: preflight: the config does not fit v4-32 (16 devices): config batch_size=24 is "
+        "not divisible by the 16 devices of the mesh; use a multiple of 16 (nothing created)")
+    assert "preflight: v4-16: ok on 8 devices (mesh data=8 x fsdp=1), 3 rows per device per " \
+        "step" in result.stdout
+    assert cloud.state()["calls"] == []
+    fits = cloud.pod("run", DRY_RUN="1", TPU_TYPES="v4-16,v4-32",
+                     TRAIN_FLAGS="--config.batch_size=32 --config.data.train_dir=gs://bkt/data")
+    assert fits.returncode == 0, fits.stderr
+    assert "preflight: v4-32: ok on 16 devices (mesh data=16 x fsdp=1), 2 rows per device " \
+        "per step" in fits.stdout
+
+
 def test_slice_types_imply_their_device_counts():
     sys.path.insert(0, str(ROOT / "deploy"))
     from tpu_slice import slice_devices

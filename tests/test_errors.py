@@ -23,7 +23,7 @@ from vitpod import cli
 
 CONFIGS = ROOT / "configs"
 TIMM = ROOT / "tests" / "fixtures" / "timm" / "vit_small_imagenet_norm"  # classes "0".."9"
-ON_THE_DEVICES = "is not divisible by the 8 devices of the mesh and the 1 process(es)"
+ON_THE_DEVICES = "is not divisible by the 8 devices of the mesh"
 NOT_A_MODEL = ("is neither a vitpod workdir (with checkpoints/), a checkpoint directory "
                "(config.json: Hugging Face ViT or timm save_for_hf) nor a big_vision / "
                "vision_transformer .npz file")
@@ -158,6 +158,15 @@ ROWS = [
     ("report-workdir-missing", "report", "--workdir={d}/nope",
      "error: --workdir={d}/nope does not exist or is not a directory"),
     ("report-no-workdir", "report", "", "error: pass --workdir=DIR (the run's workdir)"),
+    ("preflight-batch-on-a-fallback", "preflight", f"--config={CONFIGS}/tiny.py "
+     "--slices=v4-16=8,v4-32=16,v5litepod-4=4 --config.batch_size=24 --config.data.train_dir=x",
+     "error: the config does not fit v4-32 (16 devices): config batch_size=24 is not divisible "
+     "by the 16 devices of the mesh; use a multiple of 16"),
+    ("preflight-no-train-dir", "preflight", f"--config={CONFIGS}/tiny.py --slices=v4-16=8 "
+     "--config.data.train_dir=", "error: the config does not fit v4-16 (8 devices): config "
+     "data.train_dir is empty; pass --config.data.train_dir=DIR"),
+    ("preflight-bad-slices", "preflight", f"--config={CONFIGS}/tiny.py --slices=v4-16",
+     "error: --slices='v4-16': write NAME=DEVICES,... (e.g. v4-32=16,v4-16=8)"),
 ]
 IN_SUBPROCESSES = ("train-positional-argument", "predict-folder-without-images",
                    "export-out-is-a-file", "launch-no-processes")

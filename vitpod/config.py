@@ -183,7 +183,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         if value % (data * fsdp) or value % num_processes:
             raise UserError(
                 f"config {key}={value} is not divisible by the {data * fsdp} devices "
-                f"of the mesh and the {num_processes} process(es); use a multiple of "
+                f"of the mesh" + (f" and the {num_processes} processes" if num_processes > 1
+                                  else "") + f"; use a multiple of "
                 f"{_lcm(data * fsdp, num_processes)}")
     _require(config.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
     per_device = config.batch_size // (data * fsdp)
