@@ -12,10 +12,12 @@ that failed. Standard library only: this runs on any machine with Python 3.11 an
 """
 
 import glob
+import json
 import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 
 from gcloud_cli import PodError, StateUnreadable, for_each_worker, last_line, log
@@ -101,8 +103,9 @@ class Pod(WatchedSlice):
         log(f"pod-check: all {n} worker(s) ok" + (f", {local} {self.s['PLATFORM']} devices "
                                                   "each" if local else ""))
 
-    def launch(self) -> None:
-        """Start the trainer on every worker, then wait until all report ready."""
+    def launch(self, timeline: dict | None = None) -> None:
+        """Start the trainer on every worker, then wait until all report ready. `timeline`
+        (from `run`: when the slice was asked for, ACTIVE, set up) goes to the workdir."""
         self.need("PROJECT", "ZONE", "NAME", "WORKDIR", "CONFIG", "TPU_TYPE")
         n = 1 if self.dry_run else self.workers()
         config_file, _, arg = self.s["CONFIG"].partition(":")
@@ -127,6 +130,8 @@ class Pod(WatchedSlice):
                             f"--sync_seconds={shlex.quote(self.s['LOG_SYNC_SECONDS'])} -- "
                             f"{shlex.join(train)}")
 
+        if timeline is not None:
+            self.write_timeline({**timeline, "launched": time.time()})
         try:
             self.on_workers("starting the trainer", start, n)
             if not self.dry_run:
@@ -163,9 +168,13 @@ class Pod(WatchedSlice):
         self.preflight()
         retries, lost = int(self.num("MAX_RETRIES")), 0
         while True:
-            if self.create():  # a new slice: its workers are bare
+            asked = time.time()
+            new = self.create()
+            active = time.time()
+            if new:  # a new slice: its workers are bare
                 self.setup()
-            self.launch()
+            self.launch({"slice": self.s["TPU_TYPE"], "asked": asked, "active": active,
+                         "set_up": time.time(), "new_slice": new})
             if self.dry_run:
                 return
             try:
@@ -193,6 +202,20 @@ class Pod(WatchedSlice):
             else:
                 log(f"slice lost ({outcome}); replacing it ({lost}/{retries})")
                 self.delete()
+
+    def write_timeline(self, timeline: dict) -> None:
+        """WORKDIR/launches/LAUNCH/pod.json: how long this launch waited for its slice and its
+        set-up, which the trainers cannot see (vitpod.goodput splits the gap with it)."""
+        url = f"{self.s['WORKDIR'].rstrip('/')}/launches/{self.launch_id}/pod.json"
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(timeline, f)
+        try:
+            code, _, err = self.g.call("storage", "cp", f.name, url, retries=2, timeout=120)
+        finally:
+            os.remove(f.name)
+        if code:
+            log(f"warning: could not write {url} ({last_line(err) or code}); the report will "
+                "not split the time between launches")
 
     def report(self) -> None:
         """The run's goodput (python -m vitpod.report), computed on worker 0."""

@@ -108,3 +108,12 @@ def test_pod_sim_comes_back_on_a_smaller_slice_and_reports_its_goodput(tmp_path)
     done = json.loads((sim_dir / "workdir" / "DONE").read_text())
     assert done["step"] == 60 and done["goodput"]["launches"] == 2
     assert done["goodput"]["between_launches_seconds"] >= 5  # the wait for the v4-32
+    # pod-run's own timeline splits that gap: the 5 s queue, then the v4-16's set-up
+    timeline = json.loads((sim_dir / "workdir" / "launches" / sorted(
+        p.name for p in (sim_dir / "workdir" / "launches").iterdir())[1] / "pod.json").read_text())
+    assert timeline["slice"] == "v4-16" and timeline["new_slice"]
+    assert done["goodput"]["waiting_for_slice_seconds"] >= 5
+    assert done["goodput"]["setting_up_seconds"] > 0
+    assert (done["goodput"]["waiting_for_slice_seconds"] + done["goodput"]["setting_up_seconds"]
+            <= done["goodput"]["between_launches_seconds"])
+    assert any("of which waiting for a slice" in line for line in report), "\n".join(report)

@@ -203,3 +203,26 @@ def test_launch_records_account_for_a_kill_a_preemption_and_the_finish(colors, t
     cost = goodput.summarize(records, 2)["cost"]
     assert cost == pytest.approx(2 * summary["chip_hours"], abs=2e-4)  # both rounded to 1e-4
     assert f"cost {cost:.2f} at 2 per chip-hour" in report.stdout
+
+
+def test_pod_timelines_split_the_time_between_launches():
+    """pod-run's pod.json says when it asked for the next slice, when that was ACTIVE and set
+    up: the gap between two launches splits into those parts, each clipped to the gap."""
+    from vitpod import goodput
+
+    def record(start, end, pod=None):
+        return {"launch": str(start), "start_time": start, "start_step": 0, "devices": 8,
+                "first_step_seconds": 1, "end": {"how": "preempted", "step": 10, "time": end},
+                **({"pod": pod} if pod else {})}
+
+    first = record(0, 100)
+    asked_late = record(160, 200, {"asked": 110, "active": 140, "set_up": 150, "launched": 155})
+    summary = goodput.summarize([first, asked_late])
+    assert summary["between_launches_seconds"] == 60
+    assert (summary["waiting_for_slice_seconds"], summary["setting_up_seconds"]) == (30, 10)
+    # A request sent before the previous launch ended (pod-create, then pod-launch) counts
+    # from that end; a set-up longer than the gap is clipped to what is left of it.
+    early = record(160, 200, {"asked": 50, "active": 120, "set_up": 400, "launched": 155})
+    summary = goodput.summarize([first, early])
+    assert (summary["waiting_for_slice_seconds"], summary["setting_up_seconds"]) == (20, 40)
+    assert goodput.summarize([first, record(160, 200)])["waiting_for_slice_seconds"] == 0

@@ -5,7 +5,9 @@ launch: a bucket object cannot be appended to): when it started, on what (hosts,
 platform, slice type), the step it resumed from, seconds to restore and to its first step,
 the steps it redoes (logged by an earlier launch past the checkpoint it resumed from), its
 progress (rewritten at every log row) and how it ended. A launch killed outright cannot write
-its end: the next launch marks it `killed` at its last progress.
+its end: the next launch marks it `killed` at its last progress. On a pod, `pod-run` writes
+`pod.json` beside it (when it asked for the slice, when it was ACTIVE and set up), which
+splits the time between launches into waiting for a slice, setting it up, and the rest.
 """
 
 import json
@@ -31,6 +33,9 @@ def read_records(workdir: str) -> list[dict]:
         path = storage.join(root, name, "record.json")
         if storage.exists(path):
             records.append(json.loads(storage.read_text(path)))
+            pod = storage.join(root, name, "pod.json")
+            if storage.exists(pod):
+                records[-1]["pod"] = json.loads(storage.read_text(pod))
     return sorted(records, key=lambda r: r["start_time"])
 
 
@@ -92,8 +97,8 @@ def summarize(records: list[dict], price_per_chip_hour: float = 0.0) -> dict:
     """Where the run's wall time and chip time went, from its launch records."""
     out = {"launches": len(records), "wall_seconds": 0.0, "productive_seconds": 0.0,
            "startup_seconds": 0.0, "redone_seconds": 0.0, "between_launches_seconds": 0.0,
-           "chip_hours": 0.0, "ended": [r["end"]["how"] if r["end"] else "running"
-                                        for r in records]}
+           "waiting_for_slice_seconds": 0.0, "setting_up_seconds": 0.0, "chip_hours": 0.0,
+           "ended": [r["end"]["how"] if r["end"] else "running" for r in records]}
     previous_end = None
     for r in records:
         end = r["end"] or r.get("progress") or {"step": r.get("start_step", 0),
@@ -108,7 +113,13 @@ def summarize(records: list[dict], price_per_chip_hour: float = 0.0) -> dict:
         out["productive_seconds"] += duration - startup - redone
         out["chip_hours"] += duration * r.get("devices", 0) / 3600
         if previous_end is not None:
-            out["between_launches_seconds"] += max(0.0, r["start_time"] - previous_end)
+            gap = max(0.0, r["start_time"] - previous_end)
+            out["between_launches_seconds"] += gap
+            if r.get("pod"):  # parts of the gap, each clipped to it
+                p = r["pod"]
+                wait = min(gap, max(0.0, p["active"] - max(p["asked"], previous_end)))
+                out["waiting_for_slice_seconds"] += wait
+                out["setting_up_seconds"] += min(gap - wait, max(0.0, p["set_up"] - p["active"]))
         previous_end = end["time"]
     if records:
         out["wall_seconds"] = previous_end - records[0]["start_time"]

@@ -2,8 +2,9 @@
 
 Adds up the workdir's launch records (vitpod/goodput.py): wall time, the productive share,
 the time lost to start-ups, to steps redone after a crash or kill, and between launches
-(waiting for capacity, re-creating and setting up a slice), chip-hours and, with a price, the
-cost. A finished run has the same figures in DONE under `goodput`.
+(on a pod split into waiting for a slice, setting it up, and the rest: noticing the loss,
+deleting), chip-hours and, with a price, the cost. A finished run has the same figures in
+DONE under `goodput`.
 """
 
 import json
@@ -38,6 +39,11 @@ def render(workdir: str, records: list[dict], summary: dict, price: float) -> st
                        ("steps redone after a crash or kill", "redone_seconds"),
                        ("between launches (capacity, set-up)", "between_launches_seconds")):
         lines.append(f"  {label:<38} {_hms(summary[key]):>10}  {100 * summary[key] / wall:5.1f} %")
+    if any(r.get("pod") for r in records[1:]):  # pod-run wrote when it asked and set up
+        for label, key in (("of which waiting for a slice", "waiting_for_slice_seconds"),
+                           ("of which setting up its workers", "setting_up_seconds")):
+            lines.append(f"    {label:<36} {_hms(summary[key]):>10}  "
+                         f"{100 * summary[key] / wall:5.1f} %")
     cost = f", cost {summary['cost']:.2f} at {price:g} per chip-hour" if price else ""
     lines.append(f"  goodput {summary['goodput']:.3f}; {summary['chip_hours']:.3f} chip-hours "
                  f"(JAX devices x hours){cost}")

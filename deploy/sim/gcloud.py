@@ -5,9 +5,9 @@ Queued resources move through their documented states (one state per `describe`,
 rehearsal is deterministic); an ACTIVE slice has one worker per host, each a home directory
 under $SIM_DIR/nodes whose `python3` is a Python 3.10 stand-in without venv, as on Google's
 TPU images. `tpu-vm scp` copies into those homes, `tpu-vm ssh --command` runs the command with
-bash in them, `storage ls|cat` read the bucket of a GCS server on loopback. Worker processes
-carry VITPOD_SIM_NODE in their environment, which is how the simulated preemption and
-`delete` find them. Knobs for a rehearsal or a test: $SIM_DIR/scenario.json (see
+bash in them, `storage ls|cat|cp` read and write the bucket of a GCS server on loopback.
+Worker processes carry VITPOD_SIM_NODE in their environment, which is how the simulated
+preemption and `delete` find them. Knobs for a rehearsal or a test: $SIM_DIR/scenario.json (see
 cloud_state.SCENARIO).
 """
 
@@ -229,7 +229,7 @@ def storage(verb: str, args: list[str]) -> None:
         print(json.dumps({"name": positional(args)[1].removeprefix("gs://"),
                           "location": scenario()["bucket_location"]}))
         return
-    url = positional(args)[0]
+    url = positional(args)[-1]
     bucket, _, prefix = url.removeprefix("gs://").partition("/")
     client = gcs.Client(project="test-project")
     if verb == "ls":
@@ -245,6 +245,9 @@ def storage(verb: str, args: list[str]) -> None:
             fail(f"ERROR: (gcloud.storage.cat) The following URLs matched no objects or "
                  f"files:\n-{url}")
         sys.stdout.buffer.write(blob.download_as_bytes())
+        return
+    if verb == "cp":  # cp LOCAL_FILE gs://BUCKET/OBJECT
+        client.bucket(bucket).blob(prefix).upload_from_filename(positional(args)[0])
         return
     fail(f"sim gcloud: storage {verb} is not simulated", 2)
 
