@@ -8,7 +8,7 @@ import jax
 import ml_collections
 
 from vitpod import config as config_lib
-from vitpod import storage
+from vitpod import hf, storage
 from vitpod.data import imagefolder
 from vitpod.errors import UserError
 
@@ -39,8 +39,6 @@ def recorded_architecture(workdir: str, init_from: str) -> dict | None:
     """The model keys this workdir's run adopted from `init_from` at its first launch (its
     config.json is written after adopting), or None if it recorded none from that checkpoint.
     A resume takes the architecture from here instead of reading the checkpoint again."""
-    from vitpod import hf
-
     path = storage.join(workdir, "config.json")
     if not storage.exists(path):
         return None
