@@ -97,6 +97,29 @@ def test_decode_workers_default_is_sized_to_the_host():
     assert pipeline.decode_workers(0, cpus=240, local_devices=4) == 0
 
 
+def test_input_budget_counts_the_decoded_batches_the_decode_workers_hold():
+    """Each decode worker holds up to read_threads + 1 host batches (the bound the next test
+    measures): at ImageNet sizes on a v5e host (192 GB) the default would hold most of it."""
+    from tests.conftest import load_config
+    from vitpod import input_budget
+
+    data = load_config("tiny", data__image_size=224, data__num_workers=-1).data
+    rates = {"chips": 16, "img_per_sec_per_chip_at_40pct_mfu": 900,
+             "img_per_sec_per_chip_at_60pct_mfu": 1300}
+    v5e = input_budget.budget(rates, 4, "v5e", 3.0, "here", 1.0, data, batch_size=4096)
+    host_batch_gib = 1024 * 224 * 224 * 3 / 2**30
+    assert v5e["decode_workers"] == 64  # min(112 vCPUs - 2, 16 per chip x 4)
+    assert v5e["input_memory_gib_per_host"] == round(64 * 17 * host_batch_gib, 1)
+    assert "64 decode workers would hold ~156 GiB of decoded images, over half the host's " \
+        "192 GB: lower data.read_threads" in v5e["verdict"]
+    data.read_threads = 2
+    fewer = input_budget.budget(rates, 4, "v5e", 3.0, "here", 1.0, data, batch_size=4096)
+    assert fewer["input_memory_gib_per_host"] == round(64 * 3 * host_batch_gib, 1)
+    assert "decode workers would hold" not in fewer["verdict"]
+    v4 = input_budget.budget(rates, 4, "v4", 3.0, "here", 1.0, data, batch_size=4096)
+    assert v4["decode_workers"] == 64 and "would hold" not in v4["verdict"]  # RAM unknown
+
+
 def test_read_ahead_holds_only_what_the_read_threads_work_on(split, data_cfg, monkeypatch):
     """grain's default buffer would decode 500 host batches ahead of the step: tens of GB at
     ImageNet sizes in every decode process."""

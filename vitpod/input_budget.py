@@ -23,6 +23,16 @@ from vitpod.data import imagefolder, packed, pipeline
 BUCKET_READS_PER_SEC = 5000
 # vCPUs of TPU VM hosts where Google documents them, by (generation, chips per host).
 HOST_CPUS = {("v5e", 1): 24, ("v5e", 4): 112, ("v5e", 8): 224}
+HOST_RAM_GB = {("v5e", 1): 48, ("v5e", 4): 192, ("v5e", 8): 384}  # same doc
+
+
+def input_memory_gib(data_cfg, host_batch: int, local_devices: int, cpus: int | None) -> tuple:
+    """(decode workers, GiB of decoded images they hold): each worker keeps up to
+    data.read_threads host batches in flight plus one handed over, uint8 at image_size.
+    Workers sized to the host (-1) assume the cap of 16 per device when its CPUs are unknown."""
+    workers = pipeline.decode_workers(data_cfg.num_workers, cpus or 10**6, local_devices)
+    batch_bytes = host_batch * data_cfg.image_size ** 2 * 3
+    return workers, max(workers, 1) * (data_cfg.read_threads + 1) * batch_bytes / 2**30
 
 
 def representative_jpegs(root: str, count: int, lo: int = 300, hi: int = 500,
@@ -97,8 +107,9 @@ def reads_per_image(data_cfg) -> float:
 
 
 def budget(result: dict, hosts: int, generation: str, cpu_ms: float, measured: str,
-           reads_per_image: float = 1.0) -> dict:
-    """The `input` object of a plan: per-host rates at 40/60 % MFU, cores, bucket reads."""
+           reads_per_image: float = 1.0, data_cfg=None, batch_size: int = 0) -> dict:
+    """The `input` object of a plan: per-host rates at 40/60 % MFU, cores, bucket reads and,
+    with the config's data keys, the host memory its decode workers hold."""
     chips_per_host = result["chips"] // max(hosts, 1)
     out = {"hosts": hosts, "cpu_ms_per_image": round(cpu_ms, 2), "measured_on": measured}
     for pct in (40, 60):
@@ -119,5 +130,14 @@ def budget(result: dict, hosts: int, generation: str, cpu_ms: float, measured: s
                     "vitpod.prepare pack`) and set data.shuffle=blocks (a request per "
                     "data.shuffle_block images), or let the bucket ramp up (it doubles at most "
                     "every 20 minutes)")
+    if data_cfg is not None:
+        workers, gib = input_memory_gib(data_cfg, batch_size // max(hosts, 1), chips_per_host,
+                                        cpus)
+        out["decode_workers"], out["input_memory_gib_per_host"] = workers, round(gib, 1)
+        ram = HOST_RAM_GB.get((generation, chips_per_host))
+        if ram and gib * 2**30 > 0.5 * ram * 1e9:
+            verdict += (f"; its {workers} decode workers would hold ~{gib:.0f} GiB of decoded "
+                        f"images, over half the host's {ram} GB: lower data.read_threads (each "
+                        "worker holds that many host batches) or data.num_workers")
     out["verdict"] = verdict
     return out

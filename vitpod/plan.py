@@ -144,7 +144,8 @@ def plan(config, topology: str, num_classes: int, input_budget: bool = True) -> 
         ms, where = budget_lib.cpu_ms_per_image(config.data)
         result["input"] = budget_lib.budget({**rates, "chips": result["chips"]}, hosts,
                                             topology.split(":")[0], ms, where,
-                                            budget_lib.reads_per_image(config.data))
+                                            budget_lib.reads_per_image(config.data),
+                                            config.data, config.batch_size)
     return result
 
 
