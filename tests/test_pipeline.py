@@ -47,6 +47,36 @@ def test_hosts_read_disjoint_rows_that_rebuild_the_global_batch(split, data_cfg,
         np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), whole["image"])
 
 
+@pytest.mark.parametrize("shuffle,hosts", [("global", 1), ("global", 2), ("blocks", 2)])
+def test_batches_equal_grains_random_map_then_batch(split, data_cfg, shuffle, hosts):
+    """HostBatch reads a batch's files together and gives example p the generator grain's
+    random_map gives element p: the batches are those of random_map(...).batch(b)[h::H],
+    which earlier versions trained on, bit for bit (augmentation included)."""
+    import grain
+
+    data_cfg.shuffle, data_cfg.shuffle_block, data_cfg.randaug_num_ops = shuffle, 4, 2
+    data_cfg.fetch_threads = 8
+    n, epochs, seed = len(split.files), 8 * 8 // len(split.files) + 2, 3
+    if shuffle == "blocks":
+        positions = grain.MapDataset.range(n * epochs).map(
+            pipeline.order.BlockOrder(n, seed, 4, data_cfg.shuffle_window))
+    else:
+        positions = grain.MapDataset.range(n).shuffle(seed=seed).repeat(epochs)
+    example = pipeline.TrainExample(
+        split, positions, data_cfg.image_size, tuple(data_cfg.crop_scale),
+        tuple(data_cfg.crop_ratio), data_cfg.hflip, (2, data_cfg.randaug_magnitude),
+        data_cfg.reduced_decode, 4 if shuffle == "blocks" else 1)
+    examples = positions.random_map(  # the reference: grain's own random_map, then batch
+        lambda i, rng: example.decode(int(i), pipeline.read_example(split, int(i)), rng),
+        seed=seed)
+    for host in range(hosts):
+        ours = _steps(split, data_cfg, start=2, total=8, hosts=hosts, host=host)
+        reference = examples.batch(8 // hosts, drop_remainder=True)[host::hosts]
+        for step, batch in enumerate(ours, start=2):
+            for key in ("index", "image", "label", "valid"):
+                np.testing.assert_array_equal(batch[key], reference[step][key], err_msg=key)
+
+
 def test_each_epoch_is_a_fresh_full_permutation(split, data_cfg):
     n = len(split.files)  # 20 examples, batch 4 -> epochs of 5 steps
     order = np.concatenate([b["index"] for b in _steps(split, data_cfg, total=10, batch=4)])

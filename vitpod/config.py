@@ -17,7 +17,8 @@ from vitpod.errors import UserError
 RESULT_NEUTRAL_KEYS = frozenset({
     "log_every", "eval_every", "save_every", "save_every_minutes", "keep_checkpoints",
     "compile_cache", "grad_accum_steps", "model.scan_layers", "model.remat",
-    "data.val_dir", "data.num_workers", "data.read_threads", "data.eval_batch_size",
+    "data.val_dir", "data.num_workers", "data.read_threads", "data.fetch_threads",
+    "data.eval_batch_size",
     # The layout: every layout computes the same steps (tested), and orbax restores into
     # whatever shardings the new mesh asks for, so a run may resume on another slice.
     "mesh.data", "mesh.fsdp",
@@ -59,7 +60,8 @@ def defaults() -> ml_collections.ConfigDict:
     # JPEGs decoded at 1/2, 1/4 or 1/8 scale (DCT scaling) when the crop still covers the
     # output size: 3x+ cheaper for camera-sized photos; changes pixels, so it is a result key
     c.data.reduced_decode = True
-    c.data.read_threads = 16  # files (gs:// objects) fetched at once per decode process
+    c.data.read_threads = 16  # host batches read and decoded at once per decode process
+    c.data.fetch_threads = 32  # a host batch's ImageFolder files fetched at once per process
     # "global": a permutation of the split per epoch, one read per image. "blocks": runs of
     # shuffle_block consecutive records, shuffled within windows of shuffle_window runs, so
     # a packed dataset in a bucket is read a run per request (vitpod/data/order.py); an
@@ -145,6 +147,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
              "must be 'bilinear' or 'bicubic'")
     _require(d.num_workers >= -1, "data.num_workers", "must be >= 0, or -1 (sized to the host)")
     _require(d.read_threads >= 1, "data.read_threads", "must be >= 1")
+    _require(d.fetch_threads >= 1, "data.fetch_threads", "must be >= 1")
     _require(d.shuffle in ("global", "blocks"), "data.shuffle", "must be 'global' or 'blocks'")
     _require(d.shuffle_block >= 1, "data.shuffle_block", "must be >= 1 (records per run)")
     _require(d.shuffle_window >= 1, "data.shuffle_window", "must be >= 1 (runs per window)")

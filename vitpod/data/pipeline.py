@@ -9,6 +9,7 @@ only the step, and a different host count sees the same global batches.
 import dataclasses
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import grain
 import jax
@@ -50,9 +51,11 @@ def _example(image: np.ndarray | None, label: int, index: int, size: int) -> dic
 
 @dataclasses.dataclass(frozen=True)
 class TrainExample:
-    """Manifest index -> augmented example; an unreadable file gives valid=0 (same each time)."""
+    """Position -> (manifest index, its augmented example); an unreadable file gives valid=0
+    (the same each time)."""
 
     split: Split
+    order: grain.MapDataset  # position -> manifest index (the epochs' shuffle)
     size: int
     scale: tuple[float, float]
     ratio: tuple[float, float]
@@ -62,9 +65,10 @@ class TrainExample:
     run: int = 1  # packed records read at once (data.shuffle_block with the blocks order)
     # (an ImageFolder reads one file per example whatever `run` says)
 
-    def __call__(self, index: int, rng: np.random.Generator) -> dict:
-        index = int(index)
-        data = read_example(self.split, index, self.run)
+    def index(self, position: int) -> int:
+        return int(self.order[position])
+
+    def decode(self, index: int, data: bytes, rng: np.random.Generator) -> dict:
         try:
             img = transforms.open_image(data)
             image = transforms.train_transform(img, self.size, self.scale, self.ratio,
@@ -76,22 +80,27 @@ class TrainExample:
 
 @dataclasses.dataclass(frozen=True)
 class EvalExample:
-    """Position -> eval example; positions past the split are padding with valid=0. Packed
-    splits are read in pack order (a run of records per request); sums do not care."""
+    """Position -> (manifest index, eval example); positions past the split are padding
+    (index -1, valid=0). Packed splits are read in pack order (a run of records per request);
+    sums do not care."""
 
     split: Split
     size: int
     crop_pct: float
     reduced: bool = False
     interpolation: str = "bilinear"  # data.eval_interpolation
+    run: int = 32  # packed records per request in evaluation
 
-    def __call__(self, index: int) -> dict:
-        index = int(index)
-        if index >= len(self.split.files):
-            return _example(None, 0, -1, self.size)
+    def index(self, position: int) -> int:
+        if position >= len(self.split.files):
+            return -1
         if self.split.shards:
-            index = int(order.pack_order(len(self.split.files))[index])
-        data = read_example(self.split, index, EVAL_RUN)
+            return int(order.pack_order(len(self.split.files))[position])
+        return position
+
+    def decode(self, index: int, data: bytes, rng=None) -> dict:
+        if index < 0:
+            return _example(None, 0, -1, self.size)
         try:
             img = transforms.open_image(data)
             image = transforms.eval_transform(img, self.size, self.crop_pct, self.reduced,
@@ -101,14 +110,48 @@ class EvalExample:
         return _example(image, self.split.labels[index], index, self.size)
 
 
-EVAL_RUN = 32  # packed records per request in evaluation
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
-def _host_rows(ds: grain.MapDataset, global_batch: int, process_index: int,
-               process_count: int) -> grain.MapDataset:
-    """Cut global batches in order and keep this host's contiguous block of each."""
-    local = global_batch // process_count
-    return ds.batch(local, drop_remainder=True)[process_index::process_count]
+def read_all(split: Split, indices: list[int], run: int, threads: int) -> list[bytes]:
+    """The bytes of a host batch's examples (-1: padding, none). ImageFolder files are fetched
+    `threads` at a time (a pool per process): one GET per file at tens of ms, in series,
+    would make a 256-image batch wait seconds. Packed runs are read in order: a run already
+    serves its neighbours, and concurrent misses of one run would each fetch it."""
+    def one(i: int) -> bytes:
+        return b"" if i < 0 else read_example(split, i, run)
+
+    if split.shards or threads <= 1:
+        return [one(i) for i in indices]
+    key = (os.getpid(), threads)  # pools do not survive a fork
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="vitpod-fetch")
+    return list(_POOLS[key].map(one, indices))
+
+
+@dataclasses.dataclass(frozen=True)
+class HostBatch:
+    """Step -> this host's rows of the global batch: positions [(s*H + h)*b, ...+b), their
+    bytes read together (read_all), then decoded in order. Example p gets the generator
+    grain's `random_map(fn, seed)` gives element p (Philox(seed) at counter [0, 0, 0, p]),
+    so the batches equal `random_map(...).batch(b)[h::H]` bit for bit (tested)."""
+
+    example: TrainExample | EvalExample
+    local: int
+    process_index: int
+    process_count: int
+    fetch_threads: int
+    seed: int | None = None  # None: no augmentation randomness (eval)
+
+    def __call__(self, step: int) -> dict:
+        first = (int(step) * self.process_count + self.process_index) * self.local
+        positions = range(first, first + self.local)
+        indices = [self.example.index(p) for p in positions]
+        datas = read_all(self.example.split, indices, self.example.run, self.fetch_threads)
+        rows = [self.example.decode(i, d, None if self.seed is None else np.random.Generator(
+            np.random.Philox(self.seed, counter=[0, 0, 0, p])))
+            for i, d, p in zip(indices, datas, positions, strict=True)]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def decode_workers(num_workers: int, cpus: int | None = None,
@@ -144,28 +187,29 @@ def train_batches(split: Split, data_cfg, seed: int, global_batch: int, start_st
     run = 1
     if data_cfg.shuffle == "blocks":
         run = data_cfg.shuffle_block
-        ds = grain.MapDataset.range(n * epochs).map(
+        positions = grain.MapDataset.range(n * epochs).map(
             order.BlockOrder(n, seed, run, data_cfg.shuffle_window))
     else:
-        ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(epochs)
-    ds = ds.random_map(TrainExample(split, data_cfg.image_size, tuple(data_cfg.crop_scale),
-                                    tuple(data_cfg.crop_ratio), data_cfg.hflip,
-                                    (data_cfg.randaug_num_ops, data_cfg.randaug_magnitude),
-                                    data_cfg.reduced_decode, run),
-                      seed=seed)
-    ds = _host_rows(ds, global_batch, process_index, process_count)[start_step:total_steps]
+        positions = grain.MapDataset.range(n).shuffle(seed=seed).repeat(epochs)
+    example = TrainExample(split, positions, data_cfg.image_size, tuple(data_cfg.crop_scale),
+                           tuple(data_cfg.crop_ratio), data_cfg.hflip,
+                           (data_cfg.randaug_num_ops, data_cfg.randaug_magnitude),
+                           data_cfg.reduced_decode, run)
+    batch = HostBatch(example, global_batch // process_count, process_index, process_count,
+                      data_cfg.fetch_threads, seed)
+    ds = grain.MapDataset.range(total_steps)[start_step:].map(batch)
     return _iterate(ds, data_cfg.num_workers, data_cfg.read_threads)
 
 
 def eval_batches(split: Split, data_cfg, global_batch: int, process_index: int = 0,
                  process_count: int = 1):
     """Every example once, padded to whole global batches (padding has valid=0)."""
-    padded = math.ceil(len(split.files) / global_batch) * global_batch
-    ds = grain.MapDataset.range(padded).map(
-        EvalExample(split, data_cfg.image_size, data_cfg.eval_crop_pct,
-                    data_cfg.reduced_decode, data_cfg.eval_interpolation))
-    return _iterate(_host_rows(ds, global_batch, process_index, process_count),
-                    data_cfg.num_workers, data_cfg.read_threads)
+    example = EvalExample(split, data_cfg.image_size, data_cfg.eval_crop_pct,
+                          data_cfg.reduced_decode, data_cfg.eval_interpolation)
+    batch = HostBatch(example, global_batch // process_count, process_index, process_count,
+                      data_cfg.fetch_threads)
+    ds = grain.MapDataset.range(math.ceil(len(split.files) / global_batch)).map(batch)
+    return _iterate(ds, data_cfg.num_workers, data_cfg.read_threads)
 
 
 def to_global(host_batch: dict, sharding: jax.sharding.Sharding) -> dict:
