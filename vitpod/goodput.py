@@ -24,18 +24,21 @@ def launches_dir(workdir: str) -> str:
 
 
 def read_records(workdir: str) -> list[dict]:
-    """Every launch's record, oldest first."""
+    """Every launch's record (with pod-run's pod.json beside it, if any), oldest first; one
+    listing finds them, not an existence check per launch and file."""
     root = launches_dir(workdir)
     if not storage.isdir(root):
         return []
+    present = set(storage.files_below(root))
     records = []
-    for name in storage.subdirs(root):
-        path = storage.join(root, name, "record.json")
-        if storage.exists(path):
-            records.append(json.loads(storage.read_text(path)))
-            pod = storage.join(root, name, "pod.json")
-            if storage.exists(pod):
-                records[-1]["pod"] = json.loads(storage.read_text(pod))
+    for rel in sorted(present):
+        launch, _, leaf = rel.rpartition("/")
+        if leaf != "record.json" or "/" in launch:
+            continue
+        records.append(json.loads(storage.read_text(storage.join(root, rel))))
+        if f"{launch}/pod.json" in present:
+            records[-1]["pod"] = json.loads(storage.read_text(storage.join(root, launch,
+                                                                           "pod.json")))
     return sorted(records, key=lambda r: r["start_time"])
 
 
