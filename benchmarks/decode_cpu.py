@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vitpod import config as config_lib  # noqa: E402
 from vitpod.data import pipeline, transforms  # noqa: E402
 from vitpod.data.imagefolder import scan_splits  # noqa: E402
-from vitpod.input_budget import representative_jpegs  # noqa: E402
+from vitpod.planning.input_budget import representative_jpegs  # noqa: E402
 
 flags.DEFINE_enum("kind", "camera", ["camera", "photo"], "camera: 1,600-3,000 px sides; photo: "
                   "300-500 px.")

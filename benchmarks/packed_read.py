@@ -148,11 +148,11 @@ def main(argv) -> None:
     _reaped_children_cpu()  # the server child's, once it exits, is not the pipeline's
     os.environ.update(gcs_emulator.client_env(server.url))
     try:
-        from vitpod import pack, storage
-        from vitpod.data import imagefolder
+        from vitpod import storage
+        from vitpod.data import imagefolder, packing
 
         storage.upload_tree(FLAGS.data_dir, "gs://bench-packed/folder")
-        pack.pack(FLAGS.data_dir, "gs://bench-packed/packed", shard_mb=8)
+        packing.pack(FLAGS.data_dir, "gs://bench-packed/packed", shard_mb=8)
         splits = {"imagefolder": imagefolder.scan("gs://bench-packed/folder"),
                   "packed": imagefolder.scan("gs://bench-packed/packed")}
         result = {"workers": FLAGS.workers, "read_threads": FLAGS.read_threads,

@@ -205,7 +205,7 @@ class Pod(WatchedSlice):
 
     def write_timeline(self, timeline: dict) -> None:
         """WORKDIR/launches/LAUNCH/pod.json: how long this launch waited for its slice and its
-        set-up, which the trainers cannot see (vitpod.goodput splits the gap with it)."""
+        set-up, which the trainers cannot see (vitpod.workdir.goodput splits the gap with it)."""
         url = f"{self.s['WORKDIR'].rstrip('/')}/launches/{self.launch_id}/pod.json"
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(timeline, f)

@@ -43,7 +43,8 @@ def check(python: str, want_platform: str, local_devices: int) -> tuple[list[str
         problems.append(f"JAX could not start the {want_platform} backend ({_last_line(e)})")
     if not problems:  # what decoding costs on this host: plan measured it on another machine
         try:
-            from vitpod import config, input_budget
+            from vitpod import config
+            from vitpod.planning import input_budget
 
             ms, _ = input_budget.cpu_ms_per_image(config.defaults().data)
             found.append(f"{ms:.1f} CPU ms per 224 px training image, {os.cpu_count()} CPUs")

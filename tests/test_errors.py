@@ -175,7 +175,7 @@ IN_SUBPROCESSES = ("train-positional-argument", "predict-folder-without-images",
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> pathlib.Path:
     """Every path the rows name: data sets, a run with no checkpoint, a packed dataset."""
-    from vitpod import pack
+    from vitpod.data import packing
 
     d = tmp_path_factory.mktemp("bad_inputs")
     make_imagefolder(d / "colors" / "train", {"a": 3, "b": 3})
@@ -191,7 +191,7 @@ def inputs(tmp_path_factory) -> pathlib.Path:
     (d / "a_file").write_text("a file")
     (d / "notes").mkdir()
     (d / "notes" / "readme.txt").write_text("not a dataset")
-    pack.pack(str(d / "colors" / "train"), str(d / "packed"))
+    packing.pack(str(d / "colors" / "train"), str(d / "packed"))
     return d
 
 

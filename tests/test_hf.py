@@ -13,8 +13,9 @@ import transformers
 from PIL import Image
 
 from tests.conftest import ROOT, load_config
-from vitpod import config, export, hf, inference, model, predict, pretrained, train
+from vitpod import config, export, inference, model, predict, train
 from vitpod.errors import UserError
+from vitpod.formats import detect, hf
 
 # vitpod variant -> the HF shape of a random checkpoint built here (no hub). The last
 # three have no name: the architecture comes from the checkpoint's config.json.
@@ -103,7 +104,7 @@ def test_export_run_converts_a_checkpoint_directory(tmp_path):
 def test_position_embeddings_resize_like_interpolate_pos_encoding(tmp_path):
     m = _hf_model(tmp_path, "pico/4", image_size=8)  # 2x2 patch grid -> 4x4 at 16 px
     cfg = _model_cfg("pico/4")
-    params = hf.load_params(pretrained.read(str(tmp_path)), cfg, 16, ("a", "b", "c", "d"))
+    params = hf.load_params(detect.read(str(tmp_path)), cfg, 16, ("a", "b", "c", "d"))
     assert params["pos_embed"].shape == (1, 17, 32)
     graphdef, _ = model.abstract_model(cfg, 16, 4)
     x = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
@@ -113,7 +114,7 @@ def test_position_embeddings_resize_like_interpolate_pos_encoding(tmp_path):
 
 def test_other_classes_get_a_zero_head(tmp_path):
     _hf_model(tmp_path)
-    params = hf.load_params(pretrained.read(str(tmp_path)), _model_cfg("pico/4"), 8, ("x", "y"))
+    params = hf.load_params(detect.read(str(tmp_path)), _model_cfg("pico/4"), 8, ("x", "y"))
     assert params["head"]["kernel"].shape == (32, 2) and not params["head"]["kernel"].any()
 
 
@@ -121,7 +122,7 @@ def test_init_from_says_in_one_line_which_keys_the_checkpoint_changes(tmp_path, 
     _hf_model(tmp_path, "w48-d3-h4-m96/4", hidden_act="gelu_new")
     cfg = load_config("tiny").model  # pico/4, exact GELU, eps 1e-6
     with caplog.at_level(logging.WARNING):
-        pretrained.adopt(cfg, pretrained.read(str(tmp_path)))
+        detect.adopt(cfg, detect.read(str(tmp_path)))
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(lines) == 1
     assert "model.variant='w48-d3-h4-m96/4' (config: 'pico/4')" in lines[0]
@@ -131,7 +132,7 @@ def test_init_from_says_in_one_line_which_keys_the_checkpoint_changes(tmp_path, 
     caplog.clear()
     with caplog.at_level(logging.WARNING):  # the same spelled otherwise: nothing to say
         cfg.variant = "w48-d3-h4-m96/4"
-        pretrained.adopt(cfg, pretrained.read(str(tmp_path)))
+        detect.adopt(cfg, detect.read(str(tmp_path)))
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
@@ -151,7 +152,7 @@ def test_variant_names_and_free_form_shapes():
 def test_mismatched_checkpoints_are_refused_in_one_line(tmp_path):
     _hf_model(tmp_path)
     with pytest.raises(UserError, match=r"has model.variant='pico/4' \(config: 'mu/4'\)"):
-        hf.load_params(pretrained.read(str(tmp_path)), _model_cfg("mu/4"), 8, ("a",))
+        hf.load_params(detect.read(str(tmp_path)), _model_cfg("mu/4"), 8, ("a",))
     weights = tmp_path / hf.WEIGHTS
     import safetensors.numpy
 
@@ -161,11 +162,11 @@ def test_mismatched_checkpoints_are_refused_in_one_line(tmp_path):
     safetensors.numpy.save_file(tensors, weights)
     with pytest.raises(UserError, match=r"missing tensors \['layernorm.weight'\], unexpected "
                                         r"tensors \['extra.weight'\]"):
-        hf.load_params(pretrained.read(str(tmp_path)), _model_cfg("pico/4"), 8, ("a",))
+        hf.load_params(detect.read(str(tmp_path)), _model_cfg("pico/4"), 8, ("a",))
     config = json.loads((tmp_path / hf.CONFIG).read_text())
     (tmp_path / hf.CONFIG).write_text(json.dumps({**config, "hidden_act": "relu"}))
     with pytest.raises(UserError, match=r"config.json: unsupported hidden_act='relu'"):
-        pretrained.read(str(tmp_path))
+        detect.read(str(tmp_path))
 
 
 def test_hub_id_without_internet_names_the_id_and_the_way_out(monkeypatch):

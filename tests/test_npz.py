@@ -13,8 +13,9 @@ import transformers
 from google.cloud import storage as gcs_client
 
 from tests.conftest import assert_params_close, load_config, read_params
-from vitpod import hf, inference, pretrained, storage, train
+from vitpod import inference, storage, train
 from vitpod.errors import UserError
+from vitpod.formats import detect, hf
 
 _SHAPE = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
               patch_size=4)  # "w48-d3-h4-m96/4": no name
@@ -113,9 +114,9 @@ def test_npz_layouts_give_pytorch_logits(tmp_path, layout, scanned, prefix):
 
 def test_npz_position_embeddings_resize_and_new_classes_get_a_zero_head(tmp_path):
     m = _torch_vit()
-    ckpt = pretrained.read(_write(tmp_path / "vit.npz", _flax_arrays(m, "big_vision")))
+    ckpt = detect.read(_write(tmp_path / "vit.npz", _flax_arrays(m, "big_vision")))
     cfg = load_config("tiny").model
-    pretrained.adopt(cfg, ckpt)
+    detect.adopt(cfg, ckpt)
     params = hf.load_params(ckpt, cfg, 16, ckpt.labels)  # 2x2 patch grid -> 4x4
     classifier = inference.Classifier(cfg, load_config("tiny", data__image_size=16).data,
                                       ckpt.labels, params, "resized")
@@ -133,10 +134,10 @@ def test_a_head_on_pre_logits_is_dropped_for_fine_tuning_and_refused_for_predict
     arrays["pre_logits/kernel"], arrays["pre_logits/bias"] = np.eye(48), np.zeros(48)
     path = _write(tmp_path / "vit.npz", arrays)
     with caplog.at_level(logging.WARNING):
-        ckpt = pretrained.read(path)
+        ckpt = detect.read(path)
     assert ckpt.labels == () and "pre_logits" in caplog.text
     cfg = load_config("tiny").model
-    pretrained.adopt(cfg, ckpt)
+    detect.adopt(cfg, ckpt)
     assert not hf.load_params(ckpt, cfg, 8, ("a", "b"))["head"]["kernel"].any()
     with pytest.raises(UserError, match="has no classifier head of its own"):
         inference.load(path)
@@ -154,7 +155,7 @@ def test_unsupported_npz_checkpoints_are_refused_in_one_line(tmp_path, change, m
     change(arrays)
     path = _write(tmp_path / "vit.npz", arrays, "params/")
     with pytest.raises(UserError, match=message) as error:
-        pretrained.read(path)
+        detect.read(path)
     assert str(error.value).startswith(path) and "\n" not in str(error.value)
 
 

@@ -8,8 +8,8 @@ from absl import logging
 from PIL import Image
 
 from tests.conftest import load_config, make_imagefolder, read_losses
-from vitpod import pack, storage, train
-from vitpod.data import imagefolder, order, packed, pipeline
+from vitpod import storage, train
+from vitpod.data import imagefolder, order, packed, packing, pipeline
 from vitpod.errors import UserError
 
 
@@ -29,7 +29,7 @@ def hostile(tmp_path_factory):
 @pytest.fixture(scope="module")
 def packed_hostile(hostile, tmp_path_factory):
     dst = tmp_path_factory.mktemp("packed") / "train"
-    pack.pack(str(hostile), str(dst), shard_mb=0.002)  # shards of 32 records: two
+    packing.pack(str(hostile), str(dst), shard_mb=0.002)  # shards of 32 records: two
     return dst
 
 
@@ -140,7 +140,7 @@ def test_training_on_packed_digits_gives_the_same_losses(digits, tmp_path, shuff
         if fmt == "packed":
             data = tmp_path / "packed"
             for split in ("train", "val"):
-                pack.pack(str(digits / split), str(data / split), shard_mb=0.02)
+                packing.pack(str(digits / split), str(data / split), shard_mb=0.02)
         config = load_config("tiny", data__train_dir=str(data / "train"),
                              data__val_dir=str(data / "val"), data__image_size=8,
                              total_steps=8, batch_size=32, eval_every=8, data__shuffle=shuffle)
@@ -163,35 +163,35 @@ def test_training_on_packed_digits_gives_the_same_losses(digits, tmp_path, shuff
 def test_pack_refuses_a_destination_holding_something_else(hostile, packed_hostile, tmp_path):
     other = make_imagefolder(tmp_path / "other", {"x": 3, "y": 3})
     with pytest.raises(UserError, match=r"holds another packed dataset \(39 images"):
-        pack.pack(str(other), str(packed_hostile))
+        packing.pack(str(other), str(packed_hostile))
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match=r"busy is not empty \(it holds notes.txt"):
-        pack.pack(str(other), str(tmp_path / "busy"))
+        packing.pack(str(other), str(tmp_path / "busy"))
     with pytest.raises(UserError, match="already a packed dataset"):
-        pack.pack(str(packed_hostile), str(tmp_path / "again"))
+        packing.pack(str(packed_hostile), str(tmp_path / "again"))
 
 
 def test_an_interrupted_pack_resumes_and_keeps_the_shards_it_wrote(hostile, packed_hostile,
                                                                     tmp_path, monkeypatch):
     dst = tmp_path / "resumed"
-    real_write = pack._write_shard
+    real_write = packing._write_shard
 
     def fail_on_the_last_shard(split, plan, k, dst, progress):
         if k == len(plan["shards"]) - 1:
             raise KeyboardInterrupt
         real_write(split, plan, k, dst, progress)
 
-    monkeypatch.setattr(pack, "_write_shard", fail_on_the_last_shard)
+    monkeypatch.setattr(packing, "_write_shard", fail_on_the_last_shard)
     monkeypatch.setattr(storage, "parallel_map", lambda fn, items, threads=1: list(map(fn, items)))
     with pytest.raises(KeyboardInterrupt):
-        pack.pack(str(hostile), str(dst), shard_mb=0.002)
+        packing.pack(str(hostile), str(dst), shard_mb=0.002)
     assert not packed.is_packed(str(dst))
     written = {p.name: p.stat().st_mtime_ns for p in dst.glob("*.arrayrecord")}
     shards = len(json.loads((packed_hostile / packed.INDEX).read_text())["shards"])
     assert len(written) == shards - 1 >= 1
-    monkeypatch.setattr(pack, "_write_shard", real_write)
-    counts = pack.pack(str(hostile), str(dst), shard_mb=0.002)
+    monkeypatch.setattr(packing, "_write_shard", real_write)
+    counts = packing.pack(str(hostile), str(dst), shard_mb=0.002)
     assert counts["already there"] == shards - 1 and packed.is_packed(str(dst))
     assert all((dst / n).stat().st_mtime_ns == t for n, t in written.items())
     for name in json.loads((dst / packed.INDEX).read_text())["shards"]:
@@ -202,7 +202,7 @@ def test_an_interrupted_pack_resumes_and_keeps_the_shards_it_wrote(hostile, pack
 def test_packed_data_in_a_bucket_reads_a_run_per_request_through_faults(gcs, digits):
     gcs.create_bucket("vitpod-packed")
     dst = "gs://vitpod-packed/digits/train"
-    pack.pack(str(digits / "train"), dst, shard_mb=0.05)  # written locally, uploaded
+    packing.pack(str(digits / "train"), dst, shard_mb=0.05)  # written locally, uploaded
     folder, split = imagefolder.scan(str(digits / "train")), imagefolder.scan(dst)
     assert len(split.shards) > 1
     cfg = data_cfg(shuffle="blocks", image_size=8, read_threads=4)

@@ -131,7 +131,7 @@ def test_input_budget_counts_the_decoded_batches_the_decode_workers_hold():
     """Each decode worker holds up to read_threads + 1 host batches (the bound the next test
     measures): at ImageNet sizes on a v5e host (192 GB) the default would hold most of it."""
     from tests.conftest import load_config
-    from vitpod import input_budget
+    from vitpod.planning import input_budget
 
     data = load_config("tiny", data__image_size=224, data__num_workers=-1).data
     rates = {"chips": 16, "img_per_sec_per_chip_at_40pct_mfu": 900,

@@ -78,9 +78,9 @@ def test_plan_says_what_each_host_must_feed_the_chips(colors):
 
 
 def test_plan_counts_a_request_per_run_for_packed_data_read_in_blocks(colors, tmp_path):
-    from vitpod import pack
+    from vitpod.data import packing
 
-    pack.pack(str(colors / "train"), str(tmp_path / "packed"))
+    packing.pack(str(colors / "train"), str(tmp_path / "packed"))
     config = load_config("tiny", batch_size=64, data__train_dir=str(tmp_path / "packed"),
                          data__shuffle="blocks", data__shuffle_block=32)
     budget = plan.plan(config, "v4:2x2x4", 5)["input"]

@@ -156,7 +156,7 @@ def test_wall_clock_interval_saves_between_step_intervals(colors, tmp_path):
 
 @pytest.mark.slow
 def test_launch_records_account_for_a_kill_a_preemption_and_the_finish(colors, tmp_path):
-    from vitpod import goodput
+    from vitpod.workdir import goodput
 
     command = [sys.executable, "-m", "vitpod.train", *_flags(tmp_path, colors)]
     killed = _start(command)
@@ -208,7 +208,7 @@ def test_launch_records_account_for_a_kill_a_preemption_and_the_finish(colors, t
 def test_pod_timelines_split_the_time_between_launches():
     """pod-run's pod.json says when it asked for the next slice, when that was ACTIVE and set
     up: the gap between two launches splits into those parts, each clipped to the gap."""
-    from vitpod import goodput
+    from vitpod.workdir import goodput
 
     def record(start, end, pod=None):
         return {"launch": str(start), "start_time": start, "start_step": 0, "devices": 8,

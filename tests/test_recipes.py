@@ -10,9 +10,10 @@ import transformers
 from PIL import Image
 
 from tests.conftest import load_config, read_losses
-from vitpod import hf, mixing, model, optim, pretrained, steps, train
+from vitpod import mixing, model, optim, steps, train
 from vitpod.data import randaugment, transforms
 from vitpod.errors import UserError
+from vitpod.formats import detect, hf
 
 
 def _mix(seed, cfg_overrides, n=8, size=8, k=5):
@@ -195,7 +196,7 @@ def test_sincos_position_embeddings_are_fixed_and_export_to_transformers(tmp_pat
         theirs = hf_model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).logits.numpy()
     np.testing.assert_allclose(model.apply(graphdef, params, x), theirs, atol=1e-4)
     with pytest.raises(UserError, match="model.posemb='learn'"):
-        hf.load_params(pretrained.read(str(tmp_path)), config.model, 8, classes)
+        hf.load_params(detect.read(str(tmp_path)), config.model, 8, classes)
 
 
 @pytest.mark.slow

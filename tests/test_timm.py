@@ -11,9 +11,10 @@ import transformers
 from PIL import Image
 
 from tests.conftest import ROOT, load_config
-from vitpod import evaluate, export, inference, model, predict, pretrained, train
+from vitpod import evaluate, export, inference, model, predict, train
 from vitpod.data import transforms
 from vitpod.errors import UserError
+from vitpod.formats import detect
 
 FIXTURES = ROOT / "tests" / "fixtures" / "timm"
 IMPORTED = {"vit_tiny_labels": ("w48-d2-h4-m96/8", 32, ("cat", "dog", "fish", "bird", "frog")),
@@ -102,7 +103,7 @@ def test_pytorch_model_bin_without_torch_says_how_to_convert(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch fails
     with pytest.raises(UserError, match=r"pytorch_model.bin needs torch to read; convert it "
                                         r"once .*save_file"):
-        pretrained.read(str(FIXTURES / "vit_base_bin"))
+        detect.read(str(FIXTURES / "vit_base_bin"))
 
 
 @pytest.mark.parametrize("name,message", [
@@ -128,4 +129,4 @@ def test_unsupported_timm_tensors_are_refused_even_when_the_config_is_silent(tmp
             (FIXTURES / name / "model.safetensors").read_bytes())
         with pytest.raises(UserError, match="unsupported timm model: .*(register tokens|layer "
                                             "scale|a distillation token)"):
-            pretrained.read(str(tmp_path / name))
+            detect.read(str(tmp_path / name))

@@ -9,8 +9,9 @@
 
 from absl import flags
 
-from vitpod import cli, hf, inference, storage
+from vitpod import cli, inference, storage
 from vitpod.errors import UserError
+from vitpod.formats import hf
 
 
 def define_flags() -> None:

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vitpod import checkpoint, config, distributed, hf, model, pretrained, steps, storage
+from vitpod import checkpoint, config, distributed, model, steps, storage
 from vitpod.data import imagefolder, pipeline
 from vitpod.errors import UserError
+from vitpod.formats import detect, hf
 
 
 @dataclasses.dataclass
@@ -60,7 +61,7 @@ def evaluate(eval_step, params, split: imagefolder.Split, data_cfg: ml_collectio
 
 
 def load(path: str) -> Classifier:
-    """A workdir (latest checkpoint), or a checkpoint `pretrained.read` takes: an HF ViT or
+    """A workdir (latest checkpoint), or a checkpoint `detect.read` takes: an HF ViT or
     timm directory, or a big_vision / vision_transformer .npz."""
     if storage.isdir(storage.join(path, "checkpoints")):
         return _from_workdir(path)
@@ -68,7 +69,7 @@ def load(path: str) -> Classifier:
         raise UserError(f"no checkpoint in {storage.join(path, 'checkpoints')}; train first "
                         "(python -m vitpod.train)")
     if path.endswith(".npz") or storage.exists(storage.join(path, hf.CONFIG)):
-        return _from_checkpoint(pretrained.read(path))
+        return _from_checkpoint(detect.read(path))
     raise UserError(f"{path!r} is neither a vitpod workdir (with checkpoints/), a checkpoint "
                     "directory (config.json: Hugging Face ViT or timm save_for_hf) nor a "
                     "big_vision / vision_transformer .npz file")

@@ -9,7 +9,7 @@ topology (`gen:AxB[xC]`: `v4:2x2x4` is a v4-32, `v5e:2x4` a v5e-8, `v5:2x2x1` a 
 step, the step time and img/s per chip implied at 40 % and 60 % MFU, the collective bytes
 per step, and whether it fits; if not, the first of FSDP over all chips, full remat and
 gradient accumulation (in that order, compiled to check) that makes it fit. Then what each
-host must feed the chips (vitpod/input_budget.py): img/s, decode cores, bucket reads/s.
+host must feed the chips (vitpod/planning/input_budget.py): img/s, decode cores, bucket reads/s.
 """
 
 import dataclasses
@@ -22,7 +22,7 @@ from absl import flags
 
 from vitpod import cli
 from vitpod.errors import UserError
-from vitpod.hlo import collective_bytes
+from vitpod.planning.hlo import collective_bytes
 
 # Per chip: peak bf16 FLOP/s, HBM bytes, and the chip config get_topology_desc needs.
 CHIPS = {
@@ -138,7 +138,7 @@ def plan(config, topology: str, num_classes: int, input_budget: bool = True) -> 
     result = {"model": model_line, **_fit(config, topology, num_classes)}
     rates = result.get("with_remedy", result)
     if input_budget and rates.get("img_per_sec_per_chip_at_60pct_mfu"):
-        from vitpod import input_budget as budget_lib
+        from vitpod.planning import input_budget as budget_lib
 
         hosts = len({d.process_index for d in tpu_devices(topology)})
         ms, where = budget_lib.cpu_ms_per_image(config.data)
@@ -153,17 +153,17 @@ def _architecture(config):
     """(config, what is planned): a run with `model.init_from` trains the checkpoint's
     architecture whatever `model.variant` says (train.py adopts it), so the plan does too;
     when the checkpoint cannot be read here (a hub id offline), model.variant, said so."""
-    from vitpod import pretrained
+    from vitpod.formats import detect
 
     if not config.model.init_from:
         return config, config.model.variant
     try:
-        ckpt = pretrained.read(config.model.init_from)
+        ckpt = detect.read(config.model.init_from)
     except UserError as e:
         return config, (f"{config.model.variant} (model.variant: model.init_from cannot be "
                         f"read here: {e})")
     config = config.copy_and_resolve_references()
-    pretrained.adopt(config.model, ckpt)
+    detect.adopt(config.model, ckpt)
     return config, f"{config.model.variant} (from model.init_from={config.model.init_from})"
 
 

@@ -18,7 +18,7 @@ objects already there with the same size and MD5, so a rerun finishes an interru
 
 `pack`: an ImageFolder (local or gs://) as ArrayRecord shards of about --shard_mb, local or
 gs://, which data.train_dir / data.val_dir / evaluate --data_dir read like the ImageFolder
-(vitpod/pack.py; with data.shuffle=blocks a bucket serves a run of images per request).
+(vitpod/data/packing.py; with data.shuffle=blocks a bucket serves a run of images per request).
 """
 
 import os
@@ -29,7 +29,8 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from vitpod import cli, pack, storage
+from vitpod import cli, storage
+from vitpod.data import packing
 from vitpod.errors import UserError
 
 
@@ -111,7 +112,7 @@ def upload(src: str, dst: str, threads: int = 32) -> dict[str, int]:
     return {"copied": copied, "already there": skipped}
 
 
-SOURCES = {"digits": digits, "hf": hf_dataset, "upload": upload, "pack": pack.pack}
+SOURCES = {"digits": digits, "hf": hf_dataset, "upload": upload, "pack": packing.pack}
 
 
 def main(argv) -> None:
@@ -124,7 +125,7 @@ def main(argv) -> None:
         if not (f.src and f.dst):
             raise UserError(f"{argv[1]} needs --src=DIR and --dst=DIR_OR_gs://BUCKET/PATH")
         counts, out = (upload(f.src, f.dst, f.threads) if argv[1] == "upload"
-                       else pack.pack(f.src, f.dst, f.shard_mb, f.threads)), f.dst
+                       else packing.pack(f.src, f.dst, f.shard_mb, f.threads)), f.dst
     elif not f.out:
         raise UserError(f"pass --out=DIR (where the {argv[1]} ImageFolder is written)")
     elif argv[1] == "hf":

@@ -1,6 +1,6 @@
 """Where a run's time and chips went: `python -m vitpod.report --workdir=DIR`.
 
-Adds up the workdir's launch records (vitpod/goodput.py): wall time, the productive share,
+Adds up the workdir's launch records (vitpod/workdir/goodput.py): wall time, the productive share,
 the time lost to start-ups, to steps redone after a crash or kill, and between launches
 (on a pod split into waiting for a slice, setting it up, and the rest: noticing the loss,
 deleting), chip-hours and, with a price, the cost. A finished run has the same figures in
@@ -13,8 +13,9 @@ import sys
 
 from absl import flags
 
-from vitpod import cli, goodput, storage
+from vitpod import cli, storage
 from vitpod.errors import UserError
+from vitpod.workdir import goodput
 
 
 def define_flags() -> None:

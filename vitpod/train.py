@@ -19,22 +19,21 @@ from vitpod import (
     checkpoint,
     cli,
     distributed,
-    goodput,
-    hf,
     inference,
     metrics,
     model,
     optim,
     podworker,
-    pretrained,
     steps,
     storage,
 )
 from vitpod import config as config_lib
-from vitpod import workdir as workdir_lib
 from vitpod.data import imagefolder, pipeline
 from vitpod.errors import UserError
+from vitpod.formats import detect, hf
 from vitpod.preemption import Preemption, SaveClock
+from vitpod.workdir import files as workdir_files
+from vitpod.workdir import goodput
 
 
 def evaluate(eval_step, params, split: imagefolder.Split, config, mesh) -> dict:
@@ -59,14 +58,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
     """
     init_from = None  # the pretrained checkpoint, read when its shape or weights are needed
     if config.model.init_from:
-        recorded = workdir_lib.recorded_architecture(workdir, config.model.init_from)
+        recorded = workdir_files.recorded_architecture(workdir, config.model.init_from)
         if recorded:  # a resume: the shape adopted at the first launch, no download again
             config.model.update(recorded)
             logging.info("model.init_from: the architecture recorded in %s/config.json (%s)",
                          workdir, config.model.variant)
         else:
-            init_from = pretrained.read(config.model.init_from)
-            pretrained.adopt(config.model, init_from)
+            init_from = detect.read(config.model.init_from)
+            detect.adopt(config.model, init_from)
     model.parse_variant(config.model.variant)
     config_lib.validate(config, jax.device_count(), jax.process_count())
     tracer = metrics.Tracer(profile, workdir)
@@ -77,10 +76,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
                      final.get("step", config.total_steps))
         return final
     distributed.check_same_config(config, workdir)
-    workdir_lib.enable_compile_cache(config, workdir)
+    workdir_files.enable_compile_cache(config, workdir)
     manifest_path = storage.join(workdir, "manifest.json")
 
-    distributed.primary_first(lambda: workdir_lib.prepare(config, workdir, manifest_path),
+    distributed.primary_first(lambda: workdir_files.prepare(config, workdir, manifest_path),
                               "prepare the workdir")
     splits = imagefolder.load(manifest_path)
     logging.info("train: %d images in %d classes from %s", len(splits["train"].files),
@@ -102,7 +101,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
     if state is None:
         weights = None
         if config.model.init_from:
-            init_from = init_from or pretrained.read(config.model.init_from)
+            init_from = init_from or detect.read(config.model.init_from)
             weights = hf.load_params(init_from, config.model, config.data.image_size,
                                      splits["train"].classes)
         state = init(weights)

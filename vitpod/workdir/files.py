@@ -8,9 +8,10 @@ import jax
 import ml_collections
 
 from vitpod import config as config_lib
-from vitpod import hf, storage
+from vitpod import storage
 from vitpod.data import imagefolder
 from vitpod.errors import UserError
+from vitpod.formats import hf
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str, manifest_path: str):

@@ -15,8 +15,9 @@ import re
 import numpy as np
 import safetensors.numpy
 
-from vitpod import hf, model, storage
+from vitpod import model, storage
 from vitpod.errors import UserError
+from vitpod.formats import hf
 
 _BIN = "pytorch_model.bin"
 # timm's size words -> heads, for configs without model_args.num_heads (timm's defaults).

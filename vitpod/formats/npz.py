@@ -17,8 +17,9 @@ import math
 import numpy as np
 from absl import logging
 
-from vitpod import hf, model, storage
+from vitpod import model, storage
 from vitpod.errors import UserError
+from vitpod.formats import hf
 
 _PREFIXES = ("params/img/", "params/", "opt/target/")
 _POS = ("pos_embedding", "Transformer/pos_embedding", "Transformer/posembed_input/pos_embedding")

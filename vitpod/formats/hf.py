@@ -1,7 +1,7 @@
 """Hugging Face ViT checkpoints in and out: `config.json` + `model.safetensors`.
 
 HF ViT's tensor names are also the common form of every import: timm and big_vision
-readers return a `Checkpoint` in these names (vitpod/pretrained.py picks the reader).
+readers return a `Checkpoint` in these names (vitpod/formats/detect.py picks the reader).
 Names map one to one onto vitpod's ViT (see `_hf_names`). Importing checks every shape,
 reports missing and unexpected tensors in one message, gives a zero head when the classes
 differ, and resizes position embeddings with the bicubic interpolation HF's
@@ -112,7 +112,7 @@ def resolve(init_from: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
-    """A pretrained ViT of any supported kind, in HF ViT's terms (see vitpod/pretrained.py)."""
+    """A pretrained ViT of any supported kind, in HF ViT's terms (see vitpod/formats/detect.py)."""
 
     path: str
     model: dict  # the model.* keys its architecture fixes (variant, gelu, layer_norm_eps, ...)

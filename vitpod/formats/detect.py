@@ -11,14 +11,15 @@ import json
 
 from absl import logging
 
-from vitpod import hf, npz_import, storage, timm_import
+from vitpod import storage
 from vitpod.errors import UserError
+from vitpod.formats import hf, npz, timm
 
 
 def read(path: str) -> hf.Checkpoint:
     """The checkpoint at `path`, whatever its kind (UserError naming the path if none)."""
     if path.endswith(".npz"):
-        return npz_import.read(path)
+        return npz.read(path)
     path = hf.resolve(path)
     config_path = storage.join(path, hf.CONFIG)
     if not storage.exists(config_path):
@@ -30,7 +31,7 @@ def read(path: str) -> hf.Checkpoint:
     except json.JSONDecodeError as e:
         raise UserError(f"{config_path}: not valid JSON ({e})") from None
     if "architecture" in config:  # timm's save_for_hf; HF's says "architectures"
-        return timm_import.read(path, config)
+        return timm.read(path, config)
     return hf.read(path, config)
 
 
