@@ -11,12 +11,7 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
-from vitpod.errors import UserError
-
-
-def _one_line(text: str) -> str:
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return lines[-1] if lines else "unknown error"
+from vitpod.errors import UserError, one_line
 
 
 def _fail(message: str) -> None:
@@ -35,7 +30,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        _fail(f"{_one_line(e)} (see --helpfull)")
+        _fail(f"{one_line(e)} (see --helpfull)")
     except (KeyError, AttributeError) as e:  # ml_collections: an override of an unknown key
         # e.args[0] reads "'batch_sise'\nDid you mean "batch_size" instead of "batch_sise"?"
         text = str(e.args[0]) if e.args else str(e)
@@ -48,7 +43,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(f"{where}: unknown config key '{key}'{hint} (every key a config can set is in "
               "vitpod/config.py)")
     except (OSError, ValueError, TypeError, SyntaxError) as e:  # unreadable or broken config
-        _fail(f"cannot load the --config file: {_one_line(e)}")
+        _fail(f"cannot load the --config file: {one_line(e)}")
 
 
 def config(value) -> "ml_collections.ConfigDict":  # noqa: F821
@@ -58,7 +53,7 @@ def config(value) -> "ml_collections.ConfigDict":  # noqa: F821
     try:
         value.get("seed")  # a file that failed to load raises on first use
     except OSError as e:
-        raise UserError(f"cannot load the --config file: {_one_line(e)}") from None
+        raise UserError(f"cannot load the --config file: {one_line(e)}") from None
     return value
 
 

@@ -21,7 +21,7 @@ import re
 from absl import flags
 
 from vitpod import cli
-from vitpod.errors import UserError
+from vitpod.errors import UserError, one_line
 from vitpod.planning.hlo import collective_bytes
 
 # Per chip: peak bf16 FLOP/s, HBM bytes, and the chip config get_topology_desc needs.
@@ -234,7 +234,7 @@ def _plan_once(config, devices, topology: str, num_classes: int) -> dict:
         return {"topology": topology, "chips": len(devices), "mesh": {"data": data, "fsdp": fsdp},
                 "batch_size": config.batch_size, "grad_accum_steps": config.grad_accum_steps,
                 "fits": False, "_need": need,
-                "verdict": f"does not fit: {cli._one_line(text)[:200]}"}
+                "verdict": f"does not fit: {one_line(text)[:200]}"}
     mem = compiled.memory_analysis()
     per_chip_batch = config.batch_size / len(devices)
     used = (mem.argument_size_in_bytes + mem.temp_size_in_bytes
