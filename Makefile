@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 # 8 fake CPU devices: the laptop stand-in for a TPU host.
 FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 # glibc backs large allocations with transparent huge pages: XLA:CPU takes fresh memory for
-# every step's buffers, and with 4 KiB pages the faults cost 10-25 % of a ViT-S/16 step
-# (DESIGN.md, issue 10). Ignored where glibc is older than 2.35 or THP is off.
+# every step's buffers, and with 4 KiB pages the faults cost 10-30 % of a ViT-S/16 step
+# (DESIGN.md, Performance). Ignored where glibc is older than 2.35 or THP is off.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 DIGITS := data/digits
 DEMO_WORKDIR ?= runs/demo
@@ -86,11 +86,11 @@ bench: install
 # Rehearse pod-run on localhost first: a simulated v4-16 (2 workers x 4 fake devices),
 # preempted at step PREEMPT_AT_STEP, to DONE. Takes TPU_TYPE, CONFIG, TRAIN_FLAGS as pod-run.
 pod-sim: install $(DIGITS)/.done
-	$(BIN)/python deploy/sim/podsim.py
+	$(BIN)/python -m deploy.sim.podsim
 
 # Cloud TPU slices: settings in deploy/pod.env, overridable here (make pod-run TPU_TYPE=v4-32).
-# DRY_RUN=1 prints the gcloud commands instead of running them.
-POD := $(PYTHON) deploy/pod.py
+# DRY_RUN=1 prints the gcloud commands instead of running them. Plain python3, no venv needed.
+POD := $(PYTHON) -m deploy.pod
 pod-create:
 	$(POD) create
 pod-setup:

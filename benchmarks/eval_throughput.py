@@ -4,10 +4,10 @@ host-side loop.
     python benchmarks/eval_throughput.py [--variant=Ti/16 --image_size=224 --devices=8]
 
 Both evaluate the same params on the same ImageFolder of photo-sized JPEGs (made by
-input_pipeline.py's generator) with the same grain eval pipeline: `inference.evaluate` runs
-the `shard_map` eval step over all devices and sums on the device; the baseline is what the
-evaluate command did before it used that path (one device, logits copied to the host, sums
-in numpy). Each is timed on its second pass (the first compiles). Prints one JSON line.
+input_pipeline.py's generator) with the same grain eval pipeline: `evaluation.eval_split`
+runs the `shard_map` eval step over all devices and sums on the device; the baseline is a
+host-side loop (one device, logits copied to the host, sums in numpy). Each is timed on its
+second pass (the first compiles). Prints one JSON line.
 """
 
 import json
@@ -57,7 +57,7 @@ def main(argv) -> None:
         make_photos(FLAGS.data_dir, FLAGS.generate)
     import jax
 
-    from vitpod import config, distributed, inference, model, optim, steps
+    from vitpod import config, distributed, evaluation, inference, model, optim, steps
     from vitpod.data import imagefolder
 
     cfg = config.defaults()
@@ -69,8 +69,8 @@ def main(argv) -> None:
     state = steps.state_initializer(cfg, classes, optim.make(cfg.optim, 10), mesh)(None)
     graphdef, _ = model.abstract_model(cfg.model, cfg.data.image_size, classes)
     eval_step = steps.make_eval_step(graphdef, mesh, cfg.data)
-    sharded, out = timed(lambda: inference.evaluate(eval_step, state["params"], split, cfg.data,
-                                                    FLAGS.batch_size, mesh))
+    sharded, out = timed(lambda: evaluation.eval_split(eval_step, state["params"], split,
+                                                       cfg.data, FLAGS.batch_size, mesh))
     params = jax.device_put(jax.device_get(state["params"]), jax.devices()[0])
     classifier = inference.Classifier(cfg.model, cfg.data, split.classes, params, "bench")
     host, base = timed(lambda: host_loop(classifier, split, cfg.data, FLAGS.batch_size))

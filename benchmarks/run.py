@@ -6,6 +6,7 @@ puts ratios next to their baselines and targets, and prints the markdown table.
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -82,7 +83,8 @@ def main() -> None:
                          f"MFU {r['mfu']:.2f}", target, verdict +
                          f"matmul peak {r['matmul_peak_flops_per_sec'] / 1e9:.0f} GFLOP/s"))
     # What 4 KiB pages cost (`make` turns on glibc's transparent huge pages) and what the
-    # layer scan costs: `train_step.py` run with GLIBC_TUNABLES= or --scan_layers=true (README).
+    # layer scan costs: `train_step.py` with GLIBC_TUNABLES= or --scan_layers=true
+    # (docs/benchmarks.md).
     stall = bench("checkpoint_stall.py", "--variant=S/16", "--global_batch=8")
     rows.append(("checkpoint stall S/16 (async save)", f"{stall['save_blocking_seconds']} s",
                  f"{stall['stall_in_steps']} steps", "< 1 step",
@@ -99,7 +101,7 @@ def main() -> None:
     ev = bench("eval_throughput.py", "--data_dir=/tmp/vitpod-bench-photos-eval", "--generate=240")
     rows.append((f"eval {ev['variant']} 224px, sharded over {ev['devices']} devices",
                  f"{ev['sharded_img_per_sec']} img/s", f"{ev['speedup']}x", "",
-                 f"host-side loop (the evaluate command before): "
+                 f"host-side loop (a plain loop of jitted forward passes): "
                  f"{ev['host_loop_img_per_sec']} img/s"))
     gcs = bench("gcs_read.py", "--objects=5000", "--batches=50")
     rows.append(("input pipeline from gs:// (emulator on this machine), 2 workers",
@@ -130,10 +132,21 @@ def main() -> None:
                "seconds": round(time.time() - start)}
     with open(os.path.join(HERE, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    with open(os.path.join(HERE, "results.md"), "w") as f:
-        f.write("\n".join(table) + f"\n\n`make bench` took {results['seconds']} s.\n")
+    machine = (f"**Machine of the table below:** {platform.machine()}, {os.cpu_count()} CPUs, "
+               f"{platform.platform()}, {time.strftime('%Y-%m-%d')}; `make bench` took "
+               f"{results['seconds']} s.")
+    write_table(os.path.join(HERE, "results.md"), machine, table)
     print("\n".join(table))
     print(f"\n(benchmarks took {results['seconds']} s)")
+
+
+def write_table(path: str, machine: str, table: list[str]) -> None:
+    """Replace the machine line and the table of results.md; the other sections stay."""
+    lines = open(path).read().splitlines() if os.path.exists(path) else ["# Benchmark results"]
+    start = next((i for i, line in enumerate(lines) if line.startswith("**Machine")), len(lines))
+    rest = next((i for i, line in enumerate(lines) if line.startswith("## ")), len(lines))
+    with open(path, "w") as f:
+        f.write("\n".join([*lines[:start], machine, "", *table, "", *lines[rest:]]) + "\n")
 
 
 if __name__ == "__main__":

@@ -33,13 +33,14 @@ SLICE_NAMES = {"v4:2x2x1": "v4-8", "v4:2x2x4": "v4-32", "v5e:4x4": "v5e-16", "v5
 def row(variant: str, topology: str) -> dict:
     from tests.conftest import load_config
     from vitpod import plan
+    from vitpod.planning.compile import CHIPS, tpu_devices
 
-    chips = len(plan.tpu_devices(topology))
+    chips = len(tpu_devices(topology))
     config = load_config("vit_b16_i1k", model__variant=variant,
                          batch_size=FLAGS.per_chip_batch * chips, mesh__data=1,
                          mesh__fsdp=-1)
     result = plan.plan(config, topology, 1000)
-    peak = plan.CHIPS[topology.split(":")[0]][0]
+    peak = CHIPS[topology.split(":")[0]][0]
     best = result.get("with_remedy", result)  # the remedy's figures when one was needed
     out = {"variant": variant, "slice": SLICE_NAMES.get(topology, topology),
            "topology": topology, "chips": chips, "batch_size": config.batch_size,

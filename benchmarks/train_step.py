@@ -62,7 +62,8 @@ def main(argv) -> None:
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tests.conftest import load_config
-    from vitpod import model, optim, plan, steps
+    from vitpod import model, optim, steps
+    from vitpod.planning.compile import step_flops
 
     model.WIDTHS["bench"] = (FLAGS.hidden_size, FLAGS.num_layers, FLAGS.num_heads,
                              FLAGS.mlp_dim)
@@ -82,8 +83,8 @@ def main(argv) -> None:
     batch = {k: jax.device_put(v, steps.batch_sharding(mesh)) for k, v in batch.items()}
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                            sharding=x.sharding), batch)
-    flops = FLAGS.flops_per_step or plan.step_flops(config, tx, mesh, FLAGS.num_classes,
-                                                    abstract) * FLAGS.devices
+    flops = FLAGS.flops_per_step or step_flops(config, tx, mesh, FLAGS.num_classes,
+                                               abstract) * FLAGS.devices
     peak = matmul_peak()
     state, metrics = train_step(state, batch)
     jax.block_until_ready(metrics)

@@ -21,7 +21,7 @@ Input: that is ~21k img/s for the slice, ~5.2k per host; this recipe's decode + 
 RandAugment(2, 9) costs ~2.0 CPU ms per 300-500 px JPEG (measured on a 2-core VM; `plan`'s
 `input.` lines and `make pod-check` measure it again): ~11 decode cores per host, which
 data.num_workers=-1 provides. One GET per image would be 21k requests/s, ~4x what a fresh
-bucket serves: pack the data (`python -m vitpod.prepare pack`, README "Packed data") and
+bucket serves: pack the data (`python -m vitpod.prepare pack`, docs/data.md, "Packed data") and
 add --config.data.shuffle=blocks, a request per 32 images (~660/s).
 Expected: DeiT-B reports 81.8 % top-1 on the ImageNet-1k validation set; with the
 differences above, about 79-81 % (our estimate, not yet reproduced by vitpod on a TPU).

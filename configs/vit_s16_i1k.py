@@ -20,7 +20,7 @@ costs ~2.2 CPU ms per 300-500 px JPEG (measured on a 2-core VM; `plan`'s `input.
 measure it again, `make pod-check` on a worker): ~10 cores at 4.6k img/s, ~45 at 20k.
 data.num_workers=-1 starts up to 64 decode processes on a 4-chip host. Read one GET per
 image, 20k img/s is 4x what a fresh bucket serves (~5k requests/s): pack the data
-(`python -m vitpod.prepare pack`, README "Packed data") and add
+(`python -m vitpod.prepare pack`, docs/data.md, "Packed data") and add
 --config.data.shuffle=blocks, a request per 32 images (~600/s).
 Expected: 76.5 % top-1 on the ImageNet-1k validation set after 90 epochs (the paper's
 Table 1 / Figure 1; 78.5 % at 150 and 80.0 % at 300 epochs with `total_steps` scaled).

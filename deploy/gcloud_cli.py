@@ -1,5 +1,5 @@
-"""gcloud for deploy/pod.py: calls with retries and timeouts, resources read as JSON, per-worker
-calls in parallel. Standard library only.
+"""gcloud for deploy/: calls with retries and timeouts, resources read as JSON, the bucket's
+objects, per-worker calls in parallel. Standard library only.
 
 A gcloud error is NOT_FOUND only when gcloud says so; any other failure (network, quota,
 auth) is retried and, if it persists, reported, never taken for a preemption.
@@ -12,14 +12,17 @@ import os
 import shlex
 import signal
 import subprocess
+import tempfile
 import threading
 import time
+
+from vitpod.errors import one_line
 
 _print_lock = threading.Lock()
 
 
 class PodError(Exception):
-    """A problem to report in one line."""
+    """A problem to report: one line, or one line per bad setting."""
 
 
 class StateUnreadable(PodError):
@@ -37,9 +40,9 @@ def is_not_found(stderr: str) -> bool:
     return any(s in stderr for s in ("NOT_FOUND", "was not found", "matched no objects"))
 
 
-def last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+def reason(output: str, otherwise: object) -> str:
+    """The last line a command printed, or `otherwise` when it printed nothing."""
+    return one_line(output) if output.strip() else str(otherwise)
 
 
 class Gcloud:
@@ -60,7 +63,7 @@ class Gcloud:
             code, out, err = self._once(cmd, timeout or self.timeout, prefix, stream)
             if code == 0 or is_not_found(err) or attempt == retries:
                 return code, out, err
-            log(f"{prefix}gcloud {' '.join(args[2:4])} failed ({last_line(err) or code}); "
+            log(f"{prefix}gcloud {' '.join(args[2:4])} failed ({reason(err, code)}); "
                 f"retry {attempt}/{retries - 1}")
             self.sleep(min(60, 2 ** attempt))
         raise AssertionError("unreachable")
@@ -108,12 +111,13 @@ class Gcloud:
             try:
                 return json.loads(out or "{}")
             except ValueError:
-                err = f"gcloud printed no JSON: {last_line(out)}"
+                err = f"gcloud printed no JSON: {one_line(out)}"
         elif is_not_found(err):
             return None
         raise StateUnreadable(f"cannot read the state of {args[4]} after {retries} tries "
-                       f"({last_line(err) or f'gcloud exit {code}'}); the slice is left as "
-                       "it is (not treated as preempted): check gcloud, then make pod-status")
+                              f"({reason(err, f'gcloud exit {code}')}); the slice is left as "
+                              "it is (not treated as preempted): check gcloud, then make "
+                              "pod-status")
 
 
 def for_each_worker(workers: int, fn, threads: int = 32) -> dict[int, object]:
@@ -127,3 +131,32 @@ def for_each_worker(workers: int, fn, threads: int = 32) -> dict[int, object]:
         except Exception as e:  # noqa: BLE001 - reported per worker by the caller
             results[i] = e
     return results
+
+
+class Bucket:
+    """The workdir's objects, read and written with `gcloud storage` (no client library)."""
+
+    def __init__(self, gcloud: Gcloud):
+        self.g = gcloud
+
+    def list(self, url: str) -> list[str] | None:
+        """The objects (and folders) `gcloud storage ls` shows under url; None when unreadable."""
+        code, out, _ = self.g.call("storage", "ls", url, retries=2, timeout=120)
+        return out.splitlines() if code == 0 else None
+
+    def exists(self, url: str) -> bool:
+        return self.list(url) is not None
+
+    def read(self, url: str) -> str | None:
+        code, out, _ = self.g.call("storage", "cat", url, retries=2)
+        return out if code == 0 else None
+
+    def write_json(self, url: str, value: object) -> str:
+        """'' when written, else why not."""
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(value, f)
+        try:
+            code, _, err = self.g.call("storage", "cp", f.name, url, retries=2, timeout=120)
+        finally:
+            os.remove(f.name)
+        return reason(err, code) if code else ""

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# What deploy/pod.py runs on each TPU worker (copied there as ~/vitpod-worker.sh):
-#   bash vitpod-worker.sh setup WHEEL   uv, a Python of its own, the wheel with pinned deps
-#   bash vitpod-worker.sh check         Python, vitpod and the devices JAX sees (one line)
-# Settings come from the environment pod.py sets: PYTHON_VERSION, UV_VERSION, PLATFORM,
-# LOCAL_DEVICES, and optionally PYPI_MIRROR (a package index URL) and PYTHON_MIRROR (where uv
-# downloads interpreters from, for VMs without internet).
+# What `make pod-setup` / `pod-check` run on each TPU worker (deploy/worker_setup.py copies it
+# into the worker's home):
+#   bash WORKER_SCRIPT setup WHEEL   uv, a Python of its own, the wheel with pinned deps
+#   bash WORKER_SCRIPT check         Python, vitpod and the devices JAX sees (one line)
+# Settings come from the environment worker_setup.py sets: PYTHON_VERSION, UV_VERSION,
+# PLATFORM, LOCAL_DEVICES, and optionally PYPI_MIRROR (a package index URL) and PYTHON_MIRROR
+# (where uv downloads interpreters from, for VMs without internet). So do the names of the
+# files in the home (vitpod.workdir.protocol's): VENV, CONFIGS, CONSTRAINTS, CHECK_SCRIPT.
 # The TPU images' python3 is Ubuntu 22.04's 3.10, often without venv/ensurepip, and vitpod
 # needs >= 3.11: the system Python only installs uv, which brings the interpreter.
 set -euo pipefail
 cd "$HOME"
-VENV=vitpod-venv
 UV="$HOME/.local/bin/uv"  # not on PATH in a non-interactive ssh session: called by path
 
 retry() {  # retry CMD...: up to 4 tries, backing off 2, 4, 8 s
@@ -38,15 +39,15 @@ setup() {
   if [[ -n "${PYTHON_MIRROR:-}" ]]; then export UV_PYTHON_INSTALL_MIRROR="$PYTHON_MIRROR"; fi
   retry "$UV" venv --quiet --clear --python "$PYTHON_VERSION" "$VENV"
   retry "$UV" pip install --quiet --python "$VENV/bin/python" \
-    --constraint vitpod-constraints.txt "$wheel[tpu]"
-  mkdir -p vitpod-configs
+    --constraint "$CONSTRAINTS" "$wheel[tpu]"
+  mkdir -p "$CONFIGS"
 }
 
 check() {
   if [[ ! -x "$VENV/bin/python" ]]; then
     echo "FAILED: no ~/$VENV: run make pod-setup"; exit 1
   fi
-  JAX_PLATFORMS="$PLATFORM" "$VENV/bin/python" vitpod-check.py --python="$PYTHON_VERSION" \
+  JAX_PLATFORMS="$PLATFORM" "$VENV/bin/python" "$CHECK_SCRIPT" --python="$PYTHON_VERSION" \
     --platform="$PLATFORM" --local_devices="$LOCAL_DEVICES"
 }
 

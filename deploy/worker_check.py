@@ -1,4 +1,4 @@
-"""`make pod-check` on one worker (copied there as ~/vitpod-check.py, run by the venv's Python).
+"""`make pod-check` on one worker (copied into its home, run by the venv's Python).
 
 Prints one line: `ok: Python 3.11.7, vitpod 0.1.0, jax 0.10.2, 4 tpu devices`, or `FAILED: `
 and every problem found (exit 1). Standard library only until it imports what it checks.
@@ -9,10 +9,16 @@ import os
 import platform
 import sys
 
+try:
+    from vitpod.errors import one_line
+except ImportError:  # no vitpod here (what this reports): the message's last line, as one_line
+    def one_line(text: object) -> str:
+        lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+        return lines[-1] if lines else "unknown error"
 
-def _last_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+
+def _why(error: BaseException) -> str:
+    return f"{type(error).__name__}: {one_line(error)}"
 
 
 def check(python: str, want_platform: str, local_devices: int) -> tuple[list[str], list[str]]:
@@ -27,7 +33,7 @@ def check(python: str, want_platform: str, local_devices: int) -> tuple[list[str
 
         found.append(f"vitpod {version('vitpod')}")
     except Exception as e:  # noqa: BLE001 - any failure is the answer
-        problems.append(f"cannot import vitpod ({_last_line(e)}): make pod-setup")
+        problems.append(f"cannot import vitpod ({_why(e)}): make pod-setup")
     try:
         import jax
 
@@ -40,7 +46,7 @@ def check(python: str, want_platform: str, local_devices: int) -> tuple[list[str
             problems.append(f"JAX sees {len(devices)} local devices, the slice implies "
                             f"{local_devices} per worker")
     except Exception as e:  # noqa: BLE001
-        problems.append(f"JAX could not start the {want_platform} backend ({_last_line(e)})")
+        problems.append(f"JAX could not start the {want_platform} backend ({_why(e)})")
     if not problems:  # what decoding costs on this host: plan measured it on another machine
         try:
             from vitpod import config
@@ -49,7 +55,7 @@ def check(python: str, want_platform: str, local_devices: int) -> tuple[list[str
             ms, _ = input_budget.cpu_ms_per_image(config.defaults().data)
             found.append(f"{ms:.1f} CPU ms per 224 px training image, {os.cpu_count()} CPUs")
         except Exception as e:  # noqa: BLE001
-            problems.append(f"the decode measurement failed ({_last_line(e)})")
+            problems.append(f"the decode measurement failed ({_why(e)})")
     return found, problems
 
 

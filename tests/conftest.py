@@ -20,7 +20,8 @@ import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
-# grain reads absl flags; outside app.run they must be marked parsed (ENVIRONMENT.md).
+# grain's options are absl flags (grain/_src/core/config.py) and reading one before absl
+# parsed the command line raises UnparsedFlagAccessError: outside app.run, mark them parsed.
 if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -129,9 +130,9 @@ def assert_params_close(reference: dict, other: dict, atol: float = 1e-5) -> Non
 @pytest.fixture(scope="session")
 def gcs_server():
     """fake-gcs-server on loopback behind the fault proxy; the clients' env points at it."""
-    from tests import gcs_emulator
+    from deploy.sim import gcs
 
-    emulator = gcs_emulator.Emulator()
+    emulator = gcs.Emulator()
     saved = {k: os.environ.get(k) for k in emulator.env()}
     os.environ.update(emulator.env())
     yield emulator

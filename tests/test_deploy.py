@@ -1,4 +1,4 @@
-"""deploy/pod.py against the simulated gcloud (deploy/sim/gcloud.py), which plays the cloud's
+"""deploy.pod against the simulated gcloud (deploy/sim/gcloud.py), which plays the cloud's
 control plane and executes what real gcloud would: copies into worker homes, runs commands
 there with bash, reads the bucket. The whole pod-run is rehearsed in tests/test_pod_sim.py."""
 
@@ -12,10 +12,10 @@ import time
 
 import pytest
 
+from deploy.settings import slice_devices
+from deploy.sim import gcloud as sim_gcloud
+from deploy.sim import image
 from tests.conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "deploy" / "sim"))
-import image  # noqa: E402
 
 BASE = {"PROJECT": "proj", "ZONE": "us-central2-b", "NAME": "vp", "TPU_TYPE": "v4-16",
         "CAPACITY": "spot", "WORKDIR": "gs://bkt/run", "CONFIG": "configs/tiny.py",
@@ -33,10 +33,7 @@ class Cloud:
         image_bin, downloads = image.make(str(self.dir), platform.python_version())
         self.scenario = {"image_bin": image_bin, "downloads_bin": downloads,
                          "cache_dir": str(root / "cache")}
-        (self.bin / "gcloud").write_text(
-            f"#!/bin/sh\nexec {shlex.quote(sys.executable)} "
-            f"{shlex.quote(str(ROOT / 'deploy' / 'sim' / 'gcloud.py'))} \"$@\"\n")
-        (self.bin / "gcloud").chmod(0o755)
+        sim_gcloud.install(str(self.bin))
         self.set()
 
     def set(self, **scenario):
@@ -48,8 +45,9 @@ class Cloud:
                 "POD_ENV": os.devnull, **BASE, **settings}
 
     def pod(self, verb, timeout=300, **settings):
-        return subprocess.run([sys.executable, "deploy/pod.py", verb], cwd=ROOT, timeout=timeout,
-                              env=self.env(**settings), capture_output=True, text=True)
+        return subprocess.run([sys.executable, "-m", "deploy.pod", verb], cwd=ROOT,
+                              timeout=timeout, env=self.env(**settings), capture_output=True,
+                              text=True)
 
     def gcloud(self, *args):
         return subprocess.run(["gcloud", *args], env=self.env(), capture_output=True, text=True,
@@ -331,9 +329,6 @@ def test_pod_run_checks_the_config_on_every_slice_type_before_creating_any(cloud
 
 
 def test_slice_types_imply_their_device_counts():
-    sys.path.insert(0, str(ROOT / "deploy"))
-    from tpu_slice import slice_devices
-
     assert [slice_devices(t) for t in ("v4-8", "v4-32", "v5p-8", "v5litepod-16", "v6e-8",
                                        "v3-8", "v9-8")] == [4, 16, 4, 16, 8, 8, None]
 

@@ -1,6 +1,6 @@
 """Data and workdirs on gs://, against a real GCS server (fake-gcs-server) on loopback.
 
-Requests pass through the project's fault proxy (tests/gcs_emulator.py), which can fail a
+Requests pass through the project's fault proxy (deploy/sim/gcs.py), which can fail a
 fraction of them (503s and dropped connections) or answer 403 for a bucket.
 """
 

@@ -8,6 +8,7 @@ from absl import logging
 from PIL import Image
 
 from tests.conftest import load_config, make_imagefolder, read_losses
+from vitpod import config as config_lib
 from vitpod import storage, train
 from vitpod.data import imagefolder, order, packed, packing, pipeline
 from vitpod.errors import UserError
@@ -60,6 +61,14 @@ def test_blocks_order_is_a_permutation_of_shuffled_runs_that_changes_each_epoch(
     assert not np.array_equal(epochs[0], epochs[1])
     np.testing.assert_array_equal(epochs[2], order.block_epoch(n, 1, 2, block, window))
     assert sorted(order.pack_order(n)) == list(range(n))
+
+
+def test_shards_hold_whole_runs_of_the_formats_run_length(packed_hostile):
+    """The run length is the packed format's own (recorded in its index); the default
+    shuffle_block reads a run per request."""
+    index = json.loads((packed_hostile / packed.INDEX).read_text())
+    assert index["run_records"] == packed.RUN and index["shard_records"] % packed.RUN == 0
+    assert config_lib.defaults().data.shuffle_block == packed.RUN
 
 
 def test_pack_writes_shards_in_pack_order_with_every_file_unchanged(hostile, packed_hostile):
@@ -152,8 +161,9 @@ def test_training_on_packed_digits_gives_the_same_losses(digits, tmp_path, shuff
     from vitpod import evaluate, inference
 
     classifier = inference.load(str(tmp_path / "folder"))
-    on_folder = evaluate.evaluate(classifier, str(digits / "val"), 64)
-    on_packed = evaluate.evaluate(classifier, str(tmp_path / "packed" / "val"), 64)
+    on_folder = evaluate.evaluate_classifier(classifier, str(digits / "val"), 64)
+    on_packed = evaluate.evaluate_classifier(classifier, str(tmp_path / "packed" / "val"),
+                                             64)
     assert on_folder["count"] == on_packed["count"] == 360
     assert on_folder["accuracy"] == on_packed["accuracy"] == losses["folder"][1]
     assert on_folder["loss"] == pytest.approx(on_packed["loss"], rel=1e-6)  # summed in

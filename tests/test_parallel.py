@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import assert_params_close, load_config
-from vitpod import model, optim, parallel, plan, steps
+from vitpod import model, optim, parallel, steps
+from vitpod.planning.hlo import collective_bytes
 
 
 def _mesh(data, fsdp):
@@ -120,7 +121,7 @@ def test_fsdp_collectives_match_the_theory(scan, remat):
     body counts once per layer."""
     config = _config(model__scan_layers=scan, model__remat=remat)
     compiled, state = _compiled(config, 1, 8)
-    sent = plan.collective_bytes(compiled.as_text())
+    sent = collective_bytes(compiled.as_text())
     params = jax.device_get(state["params"])
     sharded, replicated = _split_bytes(params, 8)
     blocks_sharded, _ = _split_bytes(params["blocks"], 8)

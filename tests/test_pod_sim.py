@@ -32,7 +32,7 @@ def test_pod_sim_survives_a_preemption_and_matches_an_uninterrupted_run(tmp_path
            # The package caches outlive the test: a rerun installs on the workers from them.
            "SIM_CACHE_DIR": str(ROOT / "runs" / "pod-sim" / "cache")}
     try:
-        sim = subprocess.run([sys.executable, "deploy/sim/podsim.py"], cwd=ROOT, env=env,
+        sim = subprocess.run([sys.executable, "-m", "deploy.sim.podsim"], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=1500)
         assert decoy.poll() is None, "the rehearsal killed a process of another run"
     finally:
@@ -87,7 +87,7 @@ def test_pod_sim_comes_back_on_a_smaller_slice_and_reports_its_goodput(tmp_path)
            "TRAIN_FLAGS": " ".join(FLAGS), "PREEMPT_AT_STEP": "25",
            "PRICE_PER_CHIP_HOUR": "1.5",
            "SIM_CACHE_DIR": str(ROOT / "runs" / "pod-sim" / "cache")}
-    sim = subprocess.run([sys.executable, "deploy/sim/podsim.py"], cwd=ROOT, env=env,
+    sim = subprocess.run([sys.executable, "-m", "deploy.sim.podsim"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=1500)
     assert sim.returncode == 0, (sim.stdout + sim.stderr)[-5000:]
     out = sim.stdout

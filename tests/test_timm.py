@@ -70,7 +70,8 @@ def test_evaluate_reads_a_timm_directory(tmp_path):
     for c, i in enumerate(shown):
         (tmp_path / str(c)).mkdir()
         Image.open(FIXTURES / expected["images"][i]).save(tmp_path / str(c) / "x.png")
-    result = evaluate.evaluate(inference.load(str(FIXTURES / name)), str(tmp_path), 4)
+    result = evaluate.evaluate_classifier(inference.load(str(FIXTURES / name)), str(tmp_path),
+                                          4)
     logits = np.asarray(expected["logits"])[shown]
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     assert result["count"] == 10

@@ -67,7 +67,7 @@ def defaults() -> ml_collections.ConfigDict:
     # a packed dataset in a bucket is read a run per request (vitpod/data/order.py); an
     # ImageFolder gives the same batches either way.
     c.data.shuffle = "global"
-    c.data.shuffle_block = 32
+    c.data.shuffle_block = 32  # the packed format's run length (data/packed.py's RUN)
     c.data.shuffle_window = 1024
     c.data.eval_batch_size = 0  # global; 0 means batch_size
     c.data.max_skipped_fraction = 0.01  # unreadable images tolerated before stopping

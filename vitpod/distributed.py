@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from vitpod import config as config_lib
 from vitpod import storage
 from vitpod.errors import UserError
+from vitpod.workdir import protocol  # a leaf: standard library only
 
 # Batch rows are split over both axes; params are replicated over 'data', sharded over 'fsdp'.
 BATCH_AXES = ("data", "fsdp")
@@ -30,7 +31,8 @@ def _on_cloud_tpu_vm() -> bool:
 # Only `make pod-sim` sets these: a real TPU VM's workers learn the coordinator, the process
 # count and their index from the GCE metadata server, which cannot be imitated on localhost.
 # They let the simulated workers run the very command line a real worker runs.
-SIM_ENV = ("VITPOD_COORDINATOR_ADDRESS", "VITPOD_NUM_PROCESSES", "VITPOD_PROCESS_ID")
+SIM_ENV = (protocol.COORDINATOR_ADDRESS_ENV, protocol.NUM_PROCESSES_ENV,
+           protocol.PROCESS_ID_ENV)
 
 
 def initialize(coordinator_address: str = "", num_processes: int = 0,

@@ -13,7 +13,7 @@ from absl import flags, logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vitpod import cli, inference, steps, storage
+from vitpod import cli, evaluation, inference, steps, storage
 from vitpod.data import imagefolder
 from vitpod.distributed import BATCH_AXES
 from vitpod.errors import UserError
@@ -36,9 +36,11 @@ def _check_flags(data_dir: str, batch_size: int) -> None:
                         "ImageFolder (one folder per class) or a packed dataset")
 
 
-def evaluate(classifier: inference.Classifier, data_dir: str, batch_size: int) -> dict:
-    """Training's sharded evaluation over all of this host's devices (params replicated,
-    rows split): accuracy, loss, top-5, count, skipped and per-class accuracy."""
+def evaluate_classifier(classifier: inference.Classifier, data_dir: str,
+                        batch_size: int) -> dict:
+    """`classifier` on the ImageFolder or packed dataset `data_dir`, with training's sharded
+    evaluation over all of this host's devices (params replicated, rows split): accuracy,
+    loss, top-5, count, skipped and per-class accuracy."""
     _check_flags(data_dir, batch_size)
     split = imagefolder.scan(data_dir, "val")
     if split.classes != classifier.classes:
@@ -52,7 +54,8 @@ def evaluate(classifier: inference.Classifier, data_dir: str, batch_size: int) -
     mesh = jax.make_mesh((devices, 1), BATCH_AXES)
     params = jax.device_put(classifier.params, NamedSharding(mesh, P()))
     eval_step = steps.make_eval_step(classifier.graphdef, mesh, classifier.data_cfg)
-    return inference.evaluate(eval_step, params, split, classifier.data_cfg, global_batch, mesh)
+    return evaluation.eval_split(eval_step, params, split, classifier.data_cfg, global_batch,
+                                 mesh)
 
 
 def main(argv) -> None:
@@ -60,7 +63,8 @@ def main(argv) -> None:
         raise UserError("pass --workdir=DIR and --data_dir=IMAGEFOLDER")
     f = flags.FLAGS
     _check_flags(f.data_dir, f.batch_size)
-    print(json.dumps(evaluate(inference.load(f.workdir), f.data_dir, f.batch_size), indent=1))
+    print(json.dumps(evaluate_classifier(inference.load(f.workdir), f.data_dir, f.batch_size),
+                     indent=1))
 
 
 if __name__ == "__main__":

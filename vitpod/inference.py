@@ -1,18 +1,18 @@
-"""A trained classifier, from a workdir or any pretrained checkpoint, for prediction; and
-the one evaluation loop (the sharded eval step over a split), for training and `evaluate`."""
+"""A trained classifier, from a workdir or any pretrained checkpoint: its model, params,
+classes and preprocessing, and its logits for images (`predict`; `evaluate` runs its params
+through evaluation.eval_split)."""
 
 import dataclasses
 import json
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vitpod import checkpoint, config, distributed, model, steps, storage
-from vitpod.data import imagefolder, pipeline
+from vitpod import checkpoint, config, model, steps, storage
+from vitpod.data import imagefolder
 from vitpod.errors import UserError
-from vitpod.formats import detect, hf
+from vitpod.formats import common, detect, hf
 
 
 @dataclasses.dataclass
@@ -27,37 +27,13 @@ class Classifier:
         graphdef, _ = model.abstract_model(self.model_cfg, self.data_cfg.image_size,
                                            len(self.classes))
         self.graphdef = graphdef  # for the sharded eval step (evaluate)
-        mean = jnp.asarray(self.data_cfg.mean, jnp.float32)
-        std = jnp.asarray(self.data_cfg.std, jnp.float32)
-        self._logits = jax.jit(lambda p, u8: model.apply(
-            graphdef, p, (u8.astype(jnp.float32) / 255.0 - mean) / std))
+        mean, std = self.data_cfg.mean, self.data_cfg.std
+        self._logits = jax.jit(lambda p, u8: model.apply(graphdef, p,
+                                                         steps.normalize(u8, mean, std)))
 
     def logits(self, images_u8: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) images, already transformed -> float32 (N, classes) logits."""
         return np.asarray(self._logits(self.params, images_u8))
-
-
-def evaluate(eval_step, params, split: imagefolder.Split, data_cfg: ml_collections.ConfigDict,
-             global_batch: int, mesh: jax.sharding.Mesh) -> dict:
-    """Exact metrics over every readable image of `split` (padding and skips masked out),
-    from `steps.make_eval_step`'s sums: loss, accuracy, top-5, count, skipped, per class."""
-    sums: dict[str, np.ndarray] = {}
-    sharding = steps.batch_sharding(mesh)
-    batches = pipeline.eval_batches(split, data_cfg, global_batch,
-                                    *distributed.host_block(sharding, global_batch))
-    warn = pipeline.SkipWarner(split)
-    for host_batch in batches:
-        warn(host_batch)
-        out = jax.device_get(eval_step(params, pipeline.to_global(host_batch, sharding)))
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0) + np.asarray(v, np.float64)
-    count = int(sums["count"])
-    n = max(count, 1)
-    return {"loss": float(sums["loss"]) / n, "accuracy": float(sums["correct"]) / n,
-            "top5_accuracy": float(sums["top5"]) / n, "count": count,
-            "skipped": len(split.files) - count,
-            "per_class_accuracy": {c: float(sums["class_correct"][i] / max(
-                sums["class_count"][i], 1)) for i, c in enumerate(split.classes)}}
 
 
 def load(path: str) -> Classifier:
@@ -68,7 +44,7 @@ def load(path: str) -> Classifier:
     if storage.exists(storage.join(path, "manifest.json")):  # a run with no checkpoint yet
         raise UserError(f"no checkpoint in {storage.join(path, 'checkpoints')}; train first "
                         "(python -m vitpod.train)")
-    if path.endswith(".npz") or storage.exists(storage.join(path, hf.CONFIG)):
+    if path.endswith(".npz") or storage.exists(storage.join(path, common.CONFIG)):
         return _from_checkpoint(detect.read(path))
     raise UserError(f"{path!r} is neither a vitpod workdir (with checkpoints/), a checkpoint "
                     "directory (config.json: Hugging Face ViT or timm save_for_hf) nor a "
@@ -82,7 +58,7 @@ def _from_workdir(workdir: str) -> Classifier:
     return Classifier(cfg.model, cfg.data, classes, params, f"{workdir} step {step}")
 
 
-def _from_checkpoint(ckpt: hf.Checkpoint) -> Classifier:
+def _from_checkpoint(ckpt: common.Checkpoint) -> Classifier:
     if not ckpt.labels:
         raise UserError(f"{ckpt.path} has no classifier head of its own; fine-tune it "
                         "(model.init_from) to predict with it")

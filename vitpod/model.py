@@ -111,7 +111,7 @@ class Attention(nnx.Module):
     def __call__(self, x_bld):
         # Heads ahead of the tokens for the two per-head matmuls: on CPU this runs the
         # attention core (fwd + bwd) ~1.4x faster than jax.nn.dot_product_attention's
-        # (batch, length, heads, dim) layout (DESIGN.md, issue 10). Logits and softmax in f32.
+        # (batch, length, heads, dim) layout (DESIGN.md, Model). Logits and softmax in f32.
         b, length, d = x_bld.shape
         head_dim = d // self.num_heads
 

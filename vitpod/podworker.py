@@ -7,12 +7,11 @@ and markers that tell `make pod-launch` which workers started, got ready and exi
 `start` stops the trainer of an earlier launch (by its pid file, never by a name pattern: on
 one machine, as in `make pod-sim`, a pattern would kill other workers and other runs), then
 starts a supervisor in its own session, detached from the ssh call, and returns. The
-supervisor runs the command with its output in the log file, copies the log to
-`WORKDIR/logs/LAUNCH/worker-N.log` as it grows (a preempted VM takes its disk with it) and
-writes `WORKDIR/launches/LAUNCH/worker-N.started` / `.exited` (`train` writes `.joining` at
-its start and `.ready` once `jax.distributed` is up and its devices are checked). LAUNCH and
-N come from the launch's environment (`VITPOD_LAUNCH_ID`, `VITPOD_WORKER`); without them
-nothing is marked.
+supervisor runs the command with its output in the log file, copies the log to the workdir
+as it grows (a preempted VM takes its disk with it) and marks the worker started and exited
+(`train` marks it joining at its start and ready once `jax.distributed` is up and its devices
+are checked). Where logs and markers go, and the launch id and worker index this reads from
+the environment, are `vitpod.workdir.protocol`'s; without that environment nothing is marked.
 """
 
 import argparse
@@ -25,23 +24,19 @@ import sys
 import time
 
 from vitpod import storage
+from vitpod.workdir import protocol
 
-LAUNCH_ENV, WORKER_ENV = "VITPOD_LAUNCH_ID", "VITPOD_WORKER"
 LIBTPU_LOCK = "/tmp/libtpu_lockfile"
 
 
-def marker_dir(workdir: str, launch_id: str) -> str:
-    return storage.join(workdir, "launches", launch_id)
-
-
-def mark(workdir: str, what: str, **info) -> None:
-    """Write WORKDIR/launches/LAUNCH/worker-N.WHAT (JSON) when launched by `make pod-launch`."""
-    launch_id, worker = os.environ.get(LAUNCH_ENV), os.environ.get(WORKER_ENV)
+def mark(workdir: str, marker: str, **info) -> None:
+    """Write WORKDIR/launches/LAUNCH/worker-N.MARKER (JSON) when launched by `make pod-launch`
+    (`marker`: one of protocol.MARKERS)."""
+    launch_id, worker = os.environ.get(protocol.LAUNCH_ENV), os.environ.get(protocol.WORKER_ENV)
     if not launch_id or worker is None:
         return
     info = {"worker": int(worker), "host": socket.gethostname(), "time": time.time(), **info}
-    storage.write_text(storage.join(marker_dir(workdir, launch_id), f"worker-{worker}.{what}"),
-                       json.dumps(info))
+    storage.write_text(protocol.marker_path(workdir, launch_id, worker, marker), json.dumps(info))
 
 
 def _our_group(pidfile: str) -> int | None:
@@ -120,7 +115,8 @@ def _members(pgid: int) -> list[int]:
 
 
 def start(args: argparse.Namespace) -> None:
-    worker, launch_id = os.environ.get(WORKER_ENV, "?"), os.environ.get(LAUNCH_ENV, "")
+    worker = os.environ.get(protocol.WORKER_ENV, "?")
+    launch_id = os.environ.get(protocol.LAUNCH_ENV, "")
     running = _our_group(args.pidfile)
     if running and launch_id and open(args.pidfile).read().split()[1:] == [launch_id]:
         # A retried ssh whose first try got through: this launch already runs here.
@@ -143,15 +139,15 @@ def supervise(args: argparse.Namespace) -> int:
     # A preemption's SIGTERM reaches the whole group: the trainer saves and exits, and this
     # process stays to copy the last lines of its log.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    launch_id, worker = os.environ.get(LAUNCH_ENV), os.environ.get(WORKER_ENV)
-    remote = (storage.join(args.workdir, "logs", launch_id, f"worker-{worker}.log")
+    launch_id, worker = os.environ.get(protocol.LAUNCH_ENV), os.environ.get(protocol.WORKER_ENV)
+    remote = (protocol.log_path(args.workdir, launch_id, worker)
               if launch_id and worker is not None else None)
     code = 127  # the trainer could not be started
     try:
         with open(args.log, "wb") as log:
             trainer = subprocess.Popen(args.command, stdin=subprocess.DEVNULL, stdout=log,
                                        stderr=subprocess.STDOUT)
-        _try(mark, args.workdir, "started", pid=trainer.pid)
+        _try(mark, args.workdir, protocol.STARTED, pid=trainer.pid)
         copied = -1
         while True:
             try:
@@ -162,7 +158,7 @@ def supervise(args: argparse.Namespace) -> int:
             if code is not None:
                 break
     finally:  # whatever happened, the launch learns that this worker's trainer is gone
-        _try(mark, args.workdir, "exited", code=code)
+        _try(mark, args.workdir, protocol.EXITED, code=code)
     return 0
 
 
@@ -193,8 +189,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitpod.podworker")
     parser.add_argument("verb", choices=("start", "stop", "supervise"))
     parser.add_argument("--workdir", default="")
-    parser.add_argument("--log", default="vitpod.log")
-    parser.add_argument("--pidfile", default="vitpod.pid")
+    parser.add_argument("--log", default=protocol.LOG)
+    parser.add_argument("--pidfile", default=protocol.PIDFILE)
     parser.add_argument("--grace", type=float, default=60,
                         help="seconds a stopped trainer gets to save before SIGKILL")
     parser.add_argument("--sync_seconds", type=float, default=30)
@@ -202,7 +198,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     args.command = command
     if args.verb == "stop":
-        print(f"worker {os.environ.get(WORKER_ENV, '?')}: {stop(args.pidfile, args.grace)}")
+        print(f"worker {os.environ.get(protocol.WORKER_ENV, '?')}: "
+              f"{stop(args.pidfile, args.grace)}")
         return 0
     if not args.command or not args.workdir:
         parser.error(f"{args.verb} needs --workdir and a command after --")

@@ -1,9 +1,9 @@
 """Where a run's time and chips went: `python -m vitpod.report --workdir=DIR`.
 
-Adds up the workdir's launch records (vitpod/workdir/goodput.py): wall time, the productive share,
-the time lost to start-ups, to steps redone after a crash or kill, and between launches
-(on a pod split into waiting for a slice, setting it up, and the rest: noticing the loss,
-deleting), chip-hours and, with a price, the cost. A finished run has the same figures in
+Adds up the workdir's launch records (vitpod/workdir/goodput.py): wall time, the productive
+share, the time lost to start-ups, to steps redone after a crash or kill, and between
+launches (on a pod split into waiting for a slice, setting it up, and the rest: noticing the
+loss, deleting), chip-hours and, with a price, the cost. A finished run has the same figures in
 DONE under `goodput`.
 """
 
@@ -15,7 +15,7 @@ from absl import flags
 
 from vitpod import cli, storage
 from vitpod.errors import UserError
-from vitpod.workdir import goodput
+from vitpod.workdir import goodput, protocol
 
 
 def define_flags() -> None:
@@ -68,8 +68,9 @@ def main(argv: list[str]) -> None:
         raise UserError(f"--workdir={flags.FLAGS.workdir} does not exist or is not a directory")
     records = goodput.read_records(flags.FLAGS.workdir)
     if not records:
-        raise UserError(f"no launch records in {flags.FLAGS.workdir}/launches: is it a "
-                        "vitpod workdir (runs before goodput records have none)?")
+        where = protocol.launches_dir(flags.FLAGS.workdir)
+        raise UserError(f"no launch records in {where}: is it a vitpod workdir (runs before "
+                        "goodput records have none)?")
     price = flags.FLAGS.price_per_chip_hour
     summary = goodput.summarize(records, price)
     if flags.FLAGS.format == "json":

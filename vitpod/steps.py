@@ -58,7 +58,8 @@ def ema_update(ema: dict, params: dict, decay: float) -> dict:
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
-def _normalize(images_u8, mean, std):
+def normalize(images_u8, mean, std):
+    """uint8 images -> float32 (x / 255 - mean) / std, per channel: the model's input."""
     x = images_u8.astype(jnp.float32) / 255.0
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
@@ -95,7 +96,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: jax.shardi
         gather = _gatherer(specs["params"]) if fsdp > 1 else None
 
         def grads_and_sums(params_varying, images, labels, valid, rows, step_key):
-            x = _normalize(images, data_cfg.mean, data_cfg.std)
+            x = normalize(images, data_cfg.mean, data_cfg.std)
             targets = None
             if mix or smoothing:
                 num_classes = params_varying["head"]["bias"].shape[0] * (
@@ -170,7 +171,7 @@ def make_eval_step(graphdef, mesh: jax.sharding.Mesh, data_cfg: ml_collections.C
 
     def local_eval(param_specs, params, images, labels, valid):
         gather = _gatherer(param_specs) if fsdp > 1 else None
-        logits = model.apply(graphdef, params, _normalize(images, data_cfg.mean, data_cfg.std),
+        logits = model.apply(graphdef, params, normalize(images, data_cfg.mean, data_cfg.std),
                              gather=gather).astype(jnp.float32)
         hits = (logits.argmax(-1) == labels) * valid
         label_logit = jnp.take_along_axis(logits, labels[:, None], -1)

@@ -19,7 +19,7 @@ from vitpod import (
     checkpoint,
     cli,
     distributed,
-    inference,
+    evaluation,
     metrics,
     model,
     optim,
@@ -33,13 +33,13 @@ from vitpod.errors import UserError
 from vitpod.formats import detect, hf
 from vitpod.preemption import Preemption, SaveClock
 from vitpod.workdir import files as workdir_files
-from vitpod.workdir import goodput
+from vitpod.workdir import goodput, protocol
 
 
-def evaluate(eval_step, params, split: imagefolder.Split, config, mesh) -> dict:
-    """The eval row: exact metrics over every readable image of `split` (inference.evaluate)."""
-    result = inference.evaluate(eval_step, params, split, config.data,
-                                config_lib.eval_batch_size(config), mesh)
+def eval_row(eval_step, params, split: imagefolder.Split, config, mesh) -> dict:
+    """The eval row: exact metrics over every readable image of `split` (evaluation.eval_split)."""
+    result = evaluation.eval_split(eval_step, params, split, config.data,
+                                   config_lib.eval_batch_size(config), mesh)
     return {f"eval/{k}": result[k] for k in ("loss", "accuracy", "top5_accuracy", "count",
                                             "skipped")}
 
@@ -69,7 +69,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
     model.parse_variant(config.model.variant)
     config_lib.validate(config, jax.device_count(), jax.process_count())
     tracer = metrics.Tracer(profile, workdir)
-    done_path = storage.join(workdir, "DONE")
+    done_path = protocol.done_path(workdir)
     if storage.exists(done_path):
         final = json.loads(storage.read_text(done_path))
         logging.info("run in %s already finished at step %d; nothing to do", workdir,
@@ -79,8 +79,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
     workdir_files.enable_compile_cache(config, workdir)
     manifest_path = storage.join(workdir, "manifest.json")
 
-    distributed.primary_first(lambda: workdir_files.prepare(config, workdir, manifest_path),
-                              "prepare the workdir")
+    distributed.primary_first(lambda: workdir_files.record_run(config, workdir, manifest_path),
+                              "check the workdir and record the run")
     splits = imagefolder.load(manifest_path)
     logging.info("train: %d images in %d classes from %s", len(splits["train"].files),
                  len(splits["train"].classes), splits["train"].root)
@@ -188,12 +188,12 @@ def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, sto
             checkpoint.save(ckpt, step, state)
             clock.saved()
         if "val" in splits and ((config.eval_every and step % config.eval_every == 0) or last):
-            final.update(_log_eval(writer, step, evaluate(eval_step, steps.eval_params(state),
+            final.update(_log_eval(writer, step, eval_row(eval_step, steps.eval_params(state),
                                                           splits["val"], config, mesh)))
         if stop:
             return {**final, "step": step, "stopped": stop}
     if start == config.total_steps and "val" in splits:  # stopped between last save and DONE
-        final.update(_log_eval(writer, step, evaluate(eval_step, steps.eval_params(state),
+        final.update(_log_eval(writer, step, eval_row(eval_step, steps.eval_params(state),
                                                       splits["val"], config, mesh)))
     return {**final, "step": step}
 
@@ -263,11 +263,11 @@ def main(argv) -> None:
     if not flags.FLAGS.workdir:
         raise UserError("pass --workdir=DIR (where checkpoints and metrics go)")
     f = flags.FLAGS
-    podworker.mark(f.workdir, "joining")
+    podworker.mark(f.workdir, protocol.JOINING)
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
     found = distributed.check_devices(f.expect_platform, f.expect_devices)
     logging.info("process %d of %d: %s", jax.process_index(), jax.process_count(), found)
-    podworker.mark(f.workdir, "ready", process=jax.process_index(), devices=found)
+    podworker.mark(f.workdir, protocol.READY, process=jax.process_index(), devices=found)
     final = run(config, f.workdir, f.stop_after, f.profile, _PROCESS_START)
     if jax.process_index() != 0:
         return

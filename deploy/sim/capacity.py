@@ -1,6 +1,6 @@
 """The simulated spot capacity of one slice: takes it back once the run reaches a step.
 
-    python deploy/sim/capacity.py NAME      (started by the simulated gcloud when NAME is ACTIVE)
+    python -m deploy.sim.capacity NAME      (started by the simulated gcloud when NAME is ACTIVE)
 
 Watches WORKDIR/metrics.jsonl in the bucket; at `preempt_at_step` it does what GCE does to a
 spot TPU VM: the queued resource goes SUSPENDING, every process on every worker gets SIGTERM
@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 
-import cloud_state as sim
+from deploy.sim import cloud_state as sim
 
 
 def reached_step(workdir: str) -> int:

@@ -1,6 +1,7 @@
 """The simulated cloud's shared state for `make pod-sim`: the scenario, the control plane's
 state file (read and written under a lock: gcloud calls run in parallel), the workers' homes,
-their processes (found by the VITPOD_SIM_NODE they inherit) and the image's environment.
+their processes (found by the NODE_ENV they inherit) and the image's environment. The
+simulation lives in $SIM_DIR.
 """
 
 import contextlib
@@ -11,9 +12,7 @@ import shutil
 import signal
 import time
 
-SIM_DIR = os.environ["SIM_DIR"]
-STATE, SCENARIO_FILE = os.path.join(SIM_DIR, "state.json"), os.path.join(SIM_DIR, "scenario.json")
-HERE = os.path.dirname(os.path.abspath(__file__))
+NODE_ENV = "VITPOD_SIM_NODE"  # SIM_DIR:NAME:WORKER, in every worker process's environment
 SCENARIO = {
     "wait_polls": 1,          # describes spent WAITING_FOR_RESOURCES after a create
     "provision_polls": 1,     # then PROVISIONING
@@ -34,41 +33,46 @@ SCENARIO = {
 }
 
 
+def sim_dir() -> str:
+    return os.environ["SIM_DIR"]
+
+
 def scenario() -> dict:
     with contextlib.suppress(FileNotFoundError):
-        return {**SCENARIO, **json.load(open(SCENARIO_FILE))}
+        return {**SCENARIO, **json.load(open(os.path.join(sim_dir(), "scenario.json")))}
     return dict(SCENARIO)
 
 
 @contextlib.contextmanager
 def locked_state():
     """The control plane's state, read and written under a lock (calls run in parallel)."""
-    os.makedirs(SIM_DIR, exist_ok=True)
-    with open(os.path.join(SIM_DIR, "state.lock"), "w") as lock:
+    os.makedirs(sim_dir(), exist_ok=True)
+    path = os.path.join(sim_dir(), "state.json")
+    with open(os.path.join(sim_dir(), "state.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        state = json.load(open(STATE)) if os.path.exists(STATE) else {"resources": {},
-                                                                     "calls": []}
+        state = json.load(open(path)) if os.path.exists(path) else {"resources": {},
+                                                                   "calls": []}
         try:
             yield state
         finally:  # also when the call ends in an error (sys.exit) after changing the state
-            with open(STATE + ".tmp", "w") as f:
+            with open(path + ".tmp", "w") as f:
                 json.dump(state, f, indent=1)
-            os.replace(STATE + ".tmp", STATE)
+            os.replace(path + ".tmp", path)
 
 
 def cloud_log(message: str) -> None:
-    with open(os.path.join(SIM_DIR, "cloud.log"), "a") as f:
+    with open(os.path.join(sim_dir(), "cloud.log"), "a") as f:
         f.write(f"{time.strftime('%H:%M:%S')} {message}\n")
 
 
 def node_dir(name: str) -> str:
-    return os.path.join(SIM_DIR, "nodes", name)
+    return os.path.join(sim_dir(), "nodes", name)
 
 
 def node_processes(name: str = "") -> list[int]:
-    """Every process started on the node's workers (they inherit VITPOD_SIM_NODE); without a
-    name, on any node of this simulation."""
-    tag = f"VITPOD_SIM_NODE={SIM_DIR}:{name + ':' if name else ''}".encode()
+    """Every process started on the node's workers (they inherit NODE_ENV); without a name,
+    on any node of this simulation."""
+    tag = f"{NODE_ENV}={node_tag(name)}".encode()
     found = []
     for pid in (p for p in os.listdir("/proc") if p.isdigit()):
         try:
@@ -78,6 +82,11 @@ def node_processes(name: str = "") -> list[int]:
         except OSError:
             pass
     return found
+
+
+def node_tag(name: str, worker: int | None = None) -> str:
+    """NODE_ENV's value on a worker of node `name` (a prefix of it without `worker`)."""
+    return f"{sim_dir()}:{name + ':' if name else ''}{'' if worker is None else worker}"
 
 
 def signal_node(name: str, sig: int) -> int:
@@ -92,9 +101,6 @@ def tear_down(name: str) -> None:
     """A VM that is gone: its processes killed, its disk gone."""
     signal_node(name, signal.SIGKILL)
     shutil.rmtree(node_dir(name), ignore_errors=True)
-
-
-# --- queued resources ----------------------------------------------------------------------
 
 
 def image_env(home: str) -> dict:

@@ -6,29 +6,44 @@ rehearsal is deterministic); an ACTIVE slice has one worker per host, each a hom
 under $SIM_DIR/nodes whose `python3` is a Python 3.10 stand-in without venv, as on Google's
 TPU images. `tpu-vm scp` copies into those homes, `tpu-vm ssh --command` runs the command with
 bash in them, `storage ls|cat|cp` read and write the bucket of a GCS server on loopback.
-Worker processes carry VITPOD_SIM_NODE in their environment, which is how the simulated
+Worker processes carry cloud_state.NODE_ENV in their environment, which is how the simulated
 preemption and `delete` find them. Knobs for a rehearsal or a test: $SIM_DIR/scenario.json (see
-cloud_state.SCENARIO).
+cloud_state.SCENARIO). `install(BIN_DIR)` puts a `gcloud` that runs this module into BIN_DIR.
 """
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
 import time
 
-from cloud_state import (
-    HERE,
-    SIM_DIR,
+from deploy.sim.cloud_state import (
+    NODE_ENV,
     cloud_log,
     image_env,
     locked_state,
     node_dir,
+    node_tag,
     scenario,
+    sim_dir,
     tear_down,
 )
+from vitpod.workdir import protocol
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def install(bin_dir: str) -> str:
+    """A `gcloud` in bin_dir that runs this module with this Python, from any folder."""
+    path = os.path.join(bin_dir, "gcloud")
+    with open(path, "w") as f:
+        f.write(f"#!/bin/sh\nexport PYTHONPATH={shlex.quote(ROOT)}${{PYTHONPATH:+:$PYTHONPATH}}\n"
+                f"exec {shlex.quote(sys.executable)} -m deploy.sim.gcloud \"$@\"\n")
+    os.chmod(path, 0o755)
+    return path
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -140,10 +155,10 @@ def make_node(state: dict, name: str, res: dict, sc: dict) -> None:
     for i in range(res["workers"]):
         os.makedirs(os.path.join(node_dir(name), f"w{i}"))
     if sc["preempt_at_step"] and res["spot"] and not state.get("preempted"):
-        subprocess.Popen([sys.executable, os.path.join(HERE, "capacity.py"), name],
+        subprocess.Popen([sys.executable, "-m", "deploy.sim.capacity", name], cwd=ROOT,
                          start_new_session=True, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=open(
-                             os.path.join(SIM_DIR, "capacity.log"), "a"))
+                             os.path.join(sim_dir(), "capacity.log"), "a"))
     cloud_log(f"{name}: ACTIVE with {res['workers']} worker(s), coordinator port {res['port']}")
 
 
@@ -151,8 +166,8 @@ def make_node(state: dict, name: str, res: dict, sc: dict) -> None:
 def active_node(name: str, command: str) -> dict:
     with locked_state() as state:
         res = state["resources"].get(name)
-    # node_gone: the node vanished while the queued resource still reads ACTIVE, as after
-    # some preemptions (CLOUD.md); tests set it in the state.
+    # node_gone: the node vanished while the queued resource still reads ACTIVE, as happens
+    # after some preemptions; tests set it in the state.
     if res is None or res.get("state") != "ACTIVE" or res.get("deleting") or res.get(
             "node_gone"):
         not_found("nodes", name, f"tpu-vm.{command}")
@@ -174,9 +189,8 @@ def worker_env(name: str, res: dict, i: int) -> dict:
     sc = scenario()
     return {**image_env(os.path.join(node_dir(name), f"w{i}")),
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={sc['chips_per_host']}",
-            "VITPOD_COORDINATOR_ADDRESS": f"127.0.0.1:{res['port']}",
-            "VITPOD_NUM_PROCESSES": str(res["workers"]), "VITPOD_PROCESS_ID": str(i),
-            "VITPOD_SIM_NODE": f"{SIM_DIR}:{name}:{i}"}
+            **protocol.coordinator_env(f"127.0.0.1:{res['port']}", res["workers"], i),
+            NODE_ENV: node_tag(name, i)}
 
 
 def tpu_vm(verb: str, args: list[str]) -> None:

@@ -1,6 +1,8 @@
 """`make pod-sim`: the whole `make pod-run`, rehearsed on localhost before paying for a slice.
 
-Only the cloud's control plane is simulated (deploy/sim/gcloud.py); deploy/pod.py runs as it
+    python -m deploy.sim.podsim      (from the repository root, in the venv: make pod-sim)
+
+Only the cloud's control plane is simulated (deploy/sim/gcloud.py); deploy.pod runs as it
 would against Google, its commands run in simulated workers (home folders whose `python3` is
 a 3.10 without venv, as on the TPU images), the workers form one jax.distributed job on fake
 CPU devices, and the workdir is a bucket on a GCS server on loopback. Settings as for
@@ -19,22 +21,24 @@ import subprocess
 import sys
 import time
 
+from deploy import settings as pod_settings
+from deploy import worker_setup
+from deploy.sim import cloud_state as sim
+from deploy.sim import gcloud as sim_gcloud
+from deploy.sim import image
+from deploy.sim.gcs import Emulator
+from vitpod.workdir import protocol
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIM_DIR = os.path.abspath(os.environ.get("SIM_DIR", os.path.join(ROOT, "runs", "pod-sim")))
 # uv's and pip's caches, shared by every simulated worker (a rehearsal takes minutes).
 CACHE_DIR = os.path.abspath(os.environ.get("SIM_CACHE_DIR", os.path.join(SIM_DIR, "cache")))
-os.environ["SIM_DIR"] = SIM_DIR
-sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
-
-import cloud_state as sim  # noqa: E402
-import image  # noqa: E402
-
-from tests.gcs_emulator import Emulator  # noqa: E402
-
 BUCKET, NAME = "vitpod-sim", "vitpod-sim"
 WORKDIR = f"gs://{BUCKET}/runs/pod-sim"
 DEFAULT_FLAGS = ("--config.total_steps=60 --config.log_every=1 --config.save_every=20 "
                  "--config.eval_every=0")
+
+
 def say(message: str) -> None:
     print(f"[pod-sim] {message}", flush=True)
 
@@ -91,9 +95,9 @@ def warm_caches(wheel: str, python_version: str) -> None:
     os.makedirs(home, exist_ok=True)
     shutil.copy(wheel, home)
     shutil.copy(os.path.join(ROOT, "deploy", "constraints.txt"),
-                os.path.join(home, "vitpod-constraints.txt"))
-    env = {**sim.image_env(home), "PYTHON_VERSION": python_version,
-           "UV_VERSION": os.environ.get("UV_VERSION", "0.13.9")}
+                os.path.join(home, protocol.CONSTRAINTS))
+    env = {**sim.image_env(home), **worker_setup.HOME_NAMES, "PYTHON_VERSION": python_version,
+           "UV_VERSION": os.environ.get("UV_VERSION", pod_settings.DEFAULTS["UV_VERSION"])}
     start = time.monotonic()
     subprocess.run(["bash", os.path.join(ROOT, "deploy", "worker.sh"), "setup",
                     os.path.basename(wheel)], cwd=home, env=env, check=True)
@@ -112,6 +116,7 @@ def copy_workdir(client, target: str) -> None:
 
 
 def main() -> int:
+    os.environ["SIM_DIR"] = SIM_DIR  # the simulated gcloud and cloud_state find it here
     tpu_type = os.environ.get("TPU_TYPE", "v4-16")
     config = os.environ.get("CONFIG", "configs/demo.py")
     train_flags = os.environ.get("TRAIN_FLAGS") or DEFAULT_FLAGS
@@ -141,10 +146,7 @@ def main() -> int:
         warm_caches(wheel, python_version)
         bin_dir = os.path.join(SIM_DIR, "bin")
         os.makedirs(bin_dir, exist_ok=True)
-        with open(os.path.join(bin_dir, "gcloud"), "w") as f:
-            f.write(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} "
-                    f"{shlex.quote(os.path.join(ROOT, 'deploy', 'sim', 'gcloud.py'))} \"$@\"\n")
-        os.chmod(os.path.join(bin_dir, "gcloud"), 0o755)
+        sim_gcloud.install(bin_dir)
         settings = {"PROJECT": "sim-project", "ZONE": "sim-zone-a", "NAME": NAME,
                     "TPU_TYPE": tpu_type, "CAPACITY": "spot", "WORKDIR": WORKDIR,
                     "CONFIG": config, "TRAIN_FLAGS": flags, "WHEEL": wheel, "PLATFORM": "cpu",
@@ -159,8 +161,8 @@ def main() -> int:
         env = {**os.environ, **settings, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
         for key in ("VIRTUAL_ENV", "PYTHONPATH"):
             env.pop(key, None)
-        code = subprocess.run([sys.executable, os.path.join(ROOT, "deploy", "pod.py"), "run"],
-                              cwd=ROOT, env=env).returncode
+        code = subprocess.run([sys.executable, "-m", "deploy.pod", "run"], cwd=ROOT,
+                              env=env).returncode
         return summarize(code)
     finally:
         emulator.stop()
@@ -179,7 +181,7 @@ def summarize(code: int) -> int:
         print(f"error: {len(leftovers)} simulated worker process(es) still ran after pod-run "
               f"(now killed): {leftovers}", file=sys.stderr)
         code = code or 1
-    done = os.path.join(target, "DONE")
+    done = protocol.done_path(target)
     steps = json.load(open(done))["step"] if os.path.exists(done) else 0
     say(f"{'DONE' if steps else 'NOT DONE'}: {steps} steps, {state.get('preempted', 0)} "
         f"preemption(s) survived, on {' then '.join(state.get('slices', ['?']))}; workdir "

@@ -1,10 +1,12 @@
 """Packed datasets: an ImageFolder's files as ArrayRecord shards, read a run at a time.
 
 DIR/packed.json holds what a manifest holds (classes, files in sorted-scan order, labels)
-and the layout: shard names, records per shard. Record p of the shards (position p of the
-pack order, `order.pack_order`) is the file's bytes, unchanged, after a small header with
-its label and relative path. A packed dataset and its ImageFolder therefore decode to the
-same pixels, skip the same unreadable files, and (by the pack order) give the same batches.
+and the layout: shard names, records per shard (a multiple of the run length `RUN`, so runs
+of `RUN` records never cross a shard) and `RUN` itself. Record p of the shards (position p
+of the pack order, `order.pack_order`) is the file's bytes, unchanged, after a small header
+with its label and relative path. A packed dataset and its ImageFolder therefore decode to
+the same pixels, skip the same unreadable files, and (by the pack order) give the same
+batches.
 
 Reading: array-record's own reader, local or gs:// (its GCS reader; the emulator endpoint
 comes from CLOUD_STORAGE_EMULATOR_ENDPOINT). A read fetches the wanted record and the next
@@ -23,6 +25,7 @@ from vitpod.errors import UserError
 
 INDEX = "packed.json"
 FORMAT = "vitpod-packed-v1"
+RUN = 32  # records per run: shards hold whole runs (config's data.shuffle_block default)
 
 
 def is_packed(root: str) -> bool:

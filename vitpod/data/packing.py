@@ -19,23 +19,23 @@ import threading
 from absl import logging
 from array_record.python import array_record_module
 
-from vitpod import config, storage
+from vitpod import storage
 from vitpod.data import imagefolder, order, packed, pipeline
 from vitpod.errors import UserError
 
 PLAN = "packing.json"
-RUN = config.defaults().data.shuffle_block  # shards hold whole runs of the default
 
 
 def _plan(split: imagefolder.Split, shard_mb: float) -> dict:
     sample = range(0, len(split.files), max(1, len(split.files) // 64))[:64]
     mean = max(1, sum(len(pipeline.read_example(split, i)) for i in sample) // len(sample))
-    records = max(RUN, round(shard_mb * 2**20 / mean / RUN) * RUN)
+    run = packed.RUN
+    records = max(run, round(shard_mb * 2**20 / mean / run) * run)
     count = -(-len(split.files) // records)
     counts = {name: split.labels.count(label) for label, name in enumerate(split.classes)}
     return {"format": packed.FORMAT, "classes": list(split.classes), "counts": counts,
             "files": list(split.files), "labels": list(split.labels),
-            "shard_records": records, "record_bytes": mean,
+            "shard_records": records, "run_records": run, "record_bytes": mean,
             "shards": [f"shard-{k:05d}-of-{count:05d}.arrayrecord" for k in range(count)]}
 
 
@@ -45,7 +45,8 @@ def _check_destination(dst: str, plan: dict) -> list[str] | None:
     for name in (packed.INDEX, PLAN):
         path = storage.join(dst, name)
         if storage.exists(path):
-            there = json.loads(storage.read_text(path))
+            # a pack whose index lacks run_records was cut in runs of the same length
+            there = {"run_records": packed.RUN, **json.loads(storage.read_text(path))}
             if {k: there.get(k) for k in plan} != plan:
                 raise UserError(f"{dst} holds another packed dataset ({len(there['files'])} "
                                 f"images, see {path}); choose another --dst or delete it")

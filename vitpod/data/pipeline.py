@@ -49,8 +49,28 @@ def _example(image: np.ndarray | None, label: int, index: int, size: int) -> dic
     }
 
 
+class _Decoded:
+    """The one decode path of train and eval examples: file bytes -> an example, through the
+    subclass's `transform`; padding (index -1) and unreadable bytes give valid=0."""
+
+    split: Split
+    size: int
+
+    def transform(self, img, rng: np.random.Generator | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def decode(self, index: int, data: bytes, rng: np.random.Generator | None = None) -> dict:
+        if index < 0:
+            return _example(None, 0, -1, self.size)
+        try:
+            image = self.transform(transforms.open_image(data), rng)
+        except Exception:  # noqa: BLE001  corrupt/truncated/empty: reported by the host
+            image = None
+        return _example(image, self.split.labels[index], index, self.size)
+
+
 @dataclasses.dataclass(frozen=True)
-class TrainExample:
+class TrainExample(_Decoded):
     """Position -> (manifest index, its augmented example); an unreadable file gives valid=0
     (the same each time)."""
 
@@ -68,18 +88,13 @@ class TrainExample:
     def index(self, position: int) -> int:
         return int(self.order[position])
 
-    def decode(self, index: int, data: bytes, rng: np.random.Generator) -> dict:
-        try:
-            img = transforms.open_image(data)
-            image = transforms.train_transform(img, self.size, self.scale, self.ratio,
-                                               self.hflip, rng, self.randaug, self.reduced)
-        except Exception:  # noqa: BLE001  corrupt/truncated/empty: reported by the host
-            image = None
-        return _example(image, self.split.labels[index], index, self.size)
+    def transform(self, img, rng: np.random.Generator) -> np.ndarray:
+        return transforms.train_transform(img, self.size, self.scale, self.ratio, self.hflip,
+                                          rng, self.randaug, self.reduced)
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalExample:
+class EvalExample(_Decoded):
     """Position -> (manifest index, eval example); positions past the split are padding
     (index -1, valid=0). Packed splits are read in pack order (a run of records per request);
     sums do not care."""
@@ -98,16 +113,9 @@ class EvalExample:
             return int(order.pack_order(len(self.split.files))[position])
         return position
 
-    def decode(self, index: int, data: bytes, rng=None) -> dict:
-        if index < 0:
-            return _example(None, 0, -1, self.size)
-        try:
-            img = transforms.open_image(data)
-            image = transforms.eval_transform(img, self.size, self.crop_pct, self.reduced,
-                                              self.interpolation)
-        except Exception:  # noqa: BLE001
-            image = None
-        return _example(image, self.split.labels[index], index, self.size)
+    def transform(self, img, rng=None) -> np.ndarray:
+        return transforms.eval_transform(img, self.size, self.crop_pct, self.reduced,
+                                         self.interpolation)
 
 
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}

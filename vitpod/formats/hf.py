@@ -1,18 +1,16 @@
 """Hugging Face ViT checkpoints in and out: `config.json` + `model.safetensors`.
 
-HF ViT's tensor names are also the common form of every import: timm and big_vision
-readers return a `Checkpoint` in these names (vitpod/formats/detect.py picks the reader).
-Names map one to one onto vitpod's ViT (see `_hf_names`). Importing checks every shape,
-reports missing and unexpected tensors in one message, gives a zero head when the classes
-differ, and resizes position embeddings with the bicubic interpolation HF's
+HF ViT's tensor names are also the common form of every import (formats/common.py): the
+timm and big_vision readers return a `Checkpoint` in these names, and `load_params` here
+imports any of them. Names map one to one onto vitpod's ViT (see `_hf_names`). Importing
+checks every shape, reports missing and unexpected tensors in one message, gives a zero
+head when the classes differ, and resizes position embeddings with the bicubic interpolation HF's
 `interpolate_pos_encoding` uses. Exporting writes a directory that `transformers` loads,
 with the run's class names and preprocessing.
 """
 
-import dataclasses
 import json
 import os
-from collections.abc import Callable
 
 import numpy as np
 import safetensors.numpy
@@ -20,8 +18,7 @@ from absl import logging
 
 from vitpod import model, storage
 from vitpod.errors import UserError
-
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
+from vitpod.formats.common import CONFIG, WEIGHTS, Checkpoint, arch, differences
 
 
 def _hf_names(num_layers: int) -> dict[tuple, tuple[str, str]]:
@@ -110,17 +107,6 @@ def resolve(init_from: str) -> str:
                         "model.init_from") from None
 
 
-@dataclasses.dataclass(frozen=True)
-class Checkpoint:
-    """A pretrained ViT of any supported kind, in HF ViT's terms (see vitpod/formats/detect.py)."""
-
-    path: str
-    model: dict  # the model.* keys its architecture fixes (variant, gelu, layer_norm_eps, ...)
-    labels: tuple[str, ...]  # its head's classes ("0".."N-1" when unnamed); () for no head
-    data: dict  # its eval preprocessing: data.image_size, mean, std, eval_crop_pct
-    tensors: Callable[[], dict]  # HF ViT names without "vit.", PyTorch layouts, on demand
-
-
 _GELU = {"gelu": "exact", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
 _HF_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                     intermediate_size=3072, patch_size=16, image_size=224, num_channels=3,
@@ -160,27 +146,6 @@ def read(path: str, hf_cfg: dict) -> Checkpoint:
 
     return Checkpoint(path, arch(shape, c["layer_norm_eps"], _GELU[c["hidden_act"]]), labels,
                       data, tensors)
-
-
-ARCH_KEYS = ("variant", "layer_norm_eps", "gelu", "pool", "posemb")  # what a checkpoint fixes
-
-
-def arch(shape: model.ViTShape, layer_norm_eps: float, gelu: str) -> dict:
-    """The model.* keys of a class-token ViT with learned position embeddings."""
-    return {"variant": model.variant_name(shape), "layer_norm_eps": layer_norm_eps,
-            "gelu": gelu, "pool": "cls", "posemb": "learn"}
-
-
-def differences(theirs: dict, model_cfg) -> list[str]:
-    """'model.KEY=checkpoint value (config: value)' for each architecture key that differs."""
-    out = []
-    for key, value in theirs.items():
-        ours = model_cfg[key]
-        same = (model.parse_variant(ours) == model.parse_variant(value) if key == "variant"
-                else ours == value)
-        if not same:
-            out.append(f"model.{key}={value!r} (config: {ours!r})")
-    return out
 
 
 def load_params(ckpt: Checkpoint, model_cfg, image_size: int, classes: tuple[str, ...]) -> dict:

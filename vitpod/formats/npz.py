@@ -19,13 +19,13 @@ from absl import logging
 
 from vitpod import model, storage
 from vitpod.errors import UserError
-from vitpod.formats import hf
+from vitpod.formats import common
 
 _PREFIXES = ("params/img/", "params/", "opt/target/")
 _POS = ("pos_embedding", "Transformer/pos_embedding", "Transformer/posembed_input/pos_embedding")
 
 
-def read(path: str) -> hf.Checkpoint:
+def read(path: str) -> common.Checkpoint:
     """The class-token ViT in the .npz at `path`; refuses other poolings in one line."""
     try:
         with np.load(io.BytesIO(storage.read_bytes(path))) as npz:
@@ -63,7 +63,8 @@ def read(path: str) -> hf.Checkpoint:
     data = {"image_size": grid * shape.patch_size, "mean": (0.5,) * 3, "std": (0.5,) * 3,
             "eval_crop_pct": 1.0}
     tensors = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
-    return hf.Checkpoint(path, hf.arch(shape, 1e-6, "tanh"), labels, data, lambda: tensors)
+    return common.Checkpoint(path, common.arch(shape, 1e-6, "tanh"), labels, data,
+                             lambda: tensors)
 
 
 def _refuse_unsupported(w: dict, path: str) -> None:

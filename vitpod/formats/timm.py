@@ -17,7 +17,7 @@ import safetensors.numpy
 
 from vitpod import model, storage
 from vitpod.errors import UserError
-from vitpod.formats import hf
+from vitpod.formats import common
 
 _BIN = "pytorch_model.bin"
 # timm's size words -> heads, for configs without model_args.num_heads (timm's defaults).
@@ -44,17 +44,18 @@ _NAMES = [(r"patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
           (r"head\.", "classifier.")]
 
 
-def read(path: str, config: dict) -> hf.Checkpoint:
+def read(path: str, config: dict) -> common.Checkpoint:
     """The timm ViT in directory `path` (its config.json parsed); UserError naming what
     is unsupported."""
     args = config.get("model_args") or {}
     arch = config["architecture"]
-    _refuse_unsupported(config, args, storage.join(path, hf.CONFIG))
+    where = storage.join(path, common.CONFIG)
+    _refuse_unsupported(config, args, where)
     pre = config.get("pretrained_cfg") or {}
     _, height, width = pre.get("input_size", (3, 224, 224))
     if height != width or pre.get("crop_mode", "center") != "center" or \
             pre.get("interpolation", "bicubic") not in ("bilinear", "bicubic"):
-        raise UserError(f"{storage.join(path, hf.CONFIG)}: unsupported eval preprocessing "
+        raise UserError(f"{where}: unsupported eval preprocessing "
                         f"input_size={pre.get('input_size')}, crop_mode={pre.get('crop_mode')!r},"
                         f" interpolation={pre.get('interpolation')!r} (vitpod: square input, "
                         "'center' crop, 'bilinear' or 'bicubic')")
@@ -66,7 +67,7 @@ def read(path: str, config: dict) -> hf.Checkpoint:
     size = re.match(r"[a-z0-9]+_([a-z]+)_", arch)
     heads = args.get("num_heads") or _HEADS.get(size.group(1) if size else "")
     if not heads:
-        raise UserError(f"{storage.join(path, hf.CONFIG)}: architecture {arch!r} does not say "
+        raise UserError(f"{where}: architecture {arch!r} does not say "
                         "its heads; add model_args.num_heads")
     kernel = tensors["embeddings.patch_embeddings.projection.weight"]  # (D, 3, p, p)
     depth = sum(k.endswith("layernorm_before.weight") for k in tensors)
@@ -78,7 +79,8 @@ def read(path: str, config: dict) -> hf.Checkpoint:
     if "classifier.weight" not in tensors:
         labels = ()
     gelu = _GELU[args.get("act_layer") or "gelu"]
-    return hf.Checkpoint(path, hf.arch(shape, 1e-6, gelu), labels, data, lambda: tensors)
+    return common.Checkpoint(path, common.arch(shape, 1e-6, gelu), labels, data,
+                             lambda: tensors)
 
 
 def _refuse_unsupported(config: dict, args: dict, where: str) -> None:
@@ -108,7 +110,7 @@ def _refuse_unsupported(config: dict, args: dict, where: str) -> None:
 
 def _tensors(path: str) -> dict:
     """The weights under HF ViT names, qkv split into query, key and value."""
-    safetensors_path = storage.join(path, hf.WEIGHTS)
+    safetensors_path = storage.join(path, common.WEIGHTS)
     if storage.exists(safetensors_path):
         raw = safetensors.numpy.load(storage.read_bytes(safetensors_path))
     else:
@@ -143,7 +145,7 @@ def _tensors(path: str) -> dict:
 
 def _read_bin(bin_path: str) -> dict:
     if not storage.exists(bin_path):
-        raise UserError(f"{bin_path}: missing, and no {hf.WEIGHTS} beside it either")
+        raise UserError(f"{bin_path}: missing, and no {common.WEIGHTS} beside it either")
     try:
         import torch
     except ImportError:

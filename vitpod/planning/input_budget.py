@@ -19,7 +19,8 @@ from PIL import Image
 from vitpod import storage
 from vitpod.data import imagefolder, packed, pipeline
 
-# A fresh bucket serves about this many object reads per second before it ramps up (CLOUD.md).
+# A fresh bucket serves about this many object reads per second before it ramps up
+# (https://cloud.google.com/storage/docs/request-rate).
 BUCKET_READS_PER_SEC = 5000
 # vCPUs of TPU VM hosts where Google documents them, by (generation, chips per host).
 HOST_CPUS = {("v5e", 1): 24, ("v5e", 4): 112, ("v5e", 8): 224}

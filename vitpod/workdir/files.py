@@ -11,10 +11,10 @@ from vitpod import config as config_lib
 from vitpod import storage
 from vitpod.data import imagefolder
 from vitpod.errors import UserError
-from vitpod.formats import hf
+from vitpod.formats.common import ARCH_KEYS
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str, manifest_path: str):
+def record_run(config: ml_collections.ConfigDict, workdir: str, manifest_path: str):
     """Refuse a workdir whose run computed different numbers; else record this run's config
     and its manifest (the data scanned once per run, reused on resume). Nothing is written
     until the data scanned cleanly, so a mistyped data dir leaves the workdir as it was."""
@@ -46,7 +46,7 @@ def recorded_architecture(workdir: str, init_from: str) -> dict | None:
     model_cfg = json.loads(storage.read_text(path)).get("model", {})
     if model_cfg.get("init_from") != init_from:
         return None
-    return {k: model_cfg[k] for k in hf.ARCH_KEYS if k in model_cfg} or None
+    return {k: model_cfg[k] for k in ARCH_KEYS if k in model_cfg} or None
 
 
 def enable_compile_cache(config: ml_collections.ConfigDict, workdir: str) -> None:

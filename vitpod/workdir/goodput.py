@@ -1,13 +1,14 @@
 """Goodput: one record per launch of a run, and the sums `report` and DONE show.
 
-Process 0 of every launch writes `WORKDIR/launches/LAUNCH/record.json` (one object per
+Process 0 of every launch writes the launch's record (`protocol.record_path`; one object per
 launch: a bucket object cannot be appended to): when it started, on what (hosts, devices,
 platform, slice type), the step it resumed from, seconds to restore and to its first step,
 the steps it redoes (logged by an earlier launch past the checkpoint it resumed from), its
 progress (rewritten at every log row) and how it ended. A launch killed outright cannot write
 its end: the next launch marks it `killed` at its last progress. On a pod, `pod-run` writes
-`pod.json` beside it (when it asked for the slice, when it was ACTIVE and set up), which
-splits the time between launches into waiting for a slice, setting it up, and the rest.
+its timeline beside it (`protocol.timeline_path`: when it asked for the slice, when it was
+ACTIVE and set up), which splits the time between launches into waiting for a slice, setting
+it up, and the rest.
 """
 
 import json
@@ -15,30 +16,25 @@ import os
 import time
 
 from vitpod import storage
-
-LAUNCH_ENV, SLICE_ENV = "VITPOD_LAUNCH_ID", "VITPOD_TPU_TYPE"
-
-
-def launches_dir(workdir: str) -> str:
-    return storage.join(workdir, "launches")
+from vitpod.workdir import protocol
 
 
 def read_records(workdir: str) -> list[dict]:
-    """Every launch's record (with pod-run's pod.json beside it, if any), oldest first; one
+    """Every launch's record (with pod-run's timeline beside it, if any), oldest first; one
     listing finds them, not an existence check per launch and file."""
-    root = launches_dir(workdir)
+    root = protocol.launches_dir(workdir)
     if not storage.isdir(root):
         return []
     present = set(storage.files_below(root))
     records = []
     for rel in sorted(present):
         launch, _, leaf = rel.rpartition("/")
-        if leaf != "record.json" or "/" in launch:
+        if leaf != protocol.RECORD or "/" in launch:
             continue
-        records.append(json.loads(storage.read_text(storage.join(root, rel))))
-        if f"{launch}/pod.json" in present:
-            records[-1]["pod"] = json.loads(storage.read_text(storage.join(root, launch,
-                                                                           "pod.json")))
+        records.append(json.loads(storage.read_text(protocol.record_path(workdir, launch))))
+        if f"{launch}/{protocol.POD_TIMELINE}" in present:
+            records[-1]["pod"] = json.loads(storage.read_text(
+                protocol.timeline_path(workdir, launch)))
     return sorted(records, key=lambda r: r["start_time"])
 
 
@@ -55,9 +51,9 @@ class Record:
 
     def __init__(self, workdir: str, enabled: bool, start_time: float):
         self.workdir, self.enabled = workdir, enabled
-        launch = os.environ.get(LAUNCH_ENV) or time.strftime("%Y%m%d-%H%M%S", time.gmtime(
-            start_time)) + f"-{os.getpid()}"
-        self.path = storage.join(launches_dir(workdir), launch, "record.json")
+        launch = (os.environ.get(protocol.LAUNCH_ENV)
+                  or protocol.unlaunched_id(start_time, os.getpid()))
+        self.path = protocol.record_path(workdir, launch)
         self.data = {"launch": launch, "start_time": start_time, "end": None}
 
     def _write(self) -> None:
@@ -73,11 +69,11 @@ class Record:
                 progress = old.get("progress") or {"step": old["start_step"],
                                                    "time": old["start_time"]}
                 old["end"] = {"how": "killed", **progress}
-                storage.write_text(storage.join(launches_dir(self.workdir), old["launch"],
-                                                "record.json"), json.dumps(old))
+                storage.write_text(protocol.record_path(self.workdir, old["launch"]),
+                                   json.dumps(old))
         self.data.update(
             hosts=hosts, devices=devices, platform=platform,
-            slice=os.environ.get(SLICE_ENV, ""), start_step=start_step,
+            slice=os.environ.get(protocol.SLICE_ENV, ""), start_step=start_step,
             restore_seconds=round(restore_seconds, 3), first_step_seconds=None,
             steps_redone=max(0, _last_logged_step(self.workdir) - start_step), progress=None)
         self._write()

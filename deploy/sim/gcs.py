@@ -6,14 +6,13 @@ request (lognormal latency, as a bucket's first byte) and answer 429 above a req
 a bucket that has not ramped up does. Responses are streamed, so a client that reads part of
 an open-ended range and hangs up costs what it read. It counts requests by kind so tests can
 check, for example, that a resumed run does not list the bucket again.
-Used by the tests and by `benchmarks/gcs_read.py`.
+Used by `make pod-sim` (the rehearsal's bucket), the tests and the benchmarks.
 """
 
 import collections
 import http.client
 import http.server
 import math
-import os
 import random
 import re
 import socket
@@ -35,8 +34,8 @@ def free_port() -> int:
 
 
 def client_env(url: str) -> dict[str, str]:
-    """What google-cloud-storage, gcsfs (etils, orbax), tensorstore and array-record need
-    (ENVIRONMENT.md)."""
+    """What google-cloud-storage, gcsfs (etils, orbax), tensorstore and array-record need to
+    reach an emulator at `url` instead of Google, without credentials or a metadata server."""
     return {
         "STORAGE_EMULATOR_HOST": url,
         "TENSORSTORE_GCS_HTTP_URL": url,
@@ -244,7 +243,3 @@ class Emulator:
             self.proxy.server_close()
         self.process.terminate()
         self.process.wait(timeout=10)
-
-
-def set_env(url: str):
-    os.environ.update(client_env(url))

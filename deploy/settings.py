@@ -1,0 +1,157 @@
+"""pod-run's settings: deploy/pod.env overridden by same-named environment variables, read and
+checked once into a frozen `Settings`; what a TPU type implies (runtime, device count).
+"""
+
+import dataclasses
+import os
+
+from deploy.gcloud_cli import PodError
+
+DEFAULTS = {"WORKER": "0", "PLATFORM": "tpu", "PYTHON_VERSION": "3.11.7", "UV_VERSION": "0.13.9",
+            "WAIT_TIMEOUT": "7200", "POLL_SECONDS": "60", "MAX_RETRIES": "20",
+            "READY_TIMEOUT": "900", "SSH_TIMEOUT": "900", "SSH_RETRIES": "4",
+            "DESCRIBE_RETRIES": "8", "LOG_SYNC_SECONDS": "30", "CRASH_GRACE": "120",
+            "CAPACITY": "spot"}
+KEYS = ("PROJECT", "ZONE", "NAME", "TPU_TYPE", "TPU_TYPES", "QUEUE_TIMEOUT", "RUNTIME_VERSION",
+        "CAPACITY", "WORKDIR", "CONFIG", "TRAIN_FLAGS", "WHEEL", "PYPI_MIRROR", "PYTHON_MIRROR",
+        "PRICE_PER_CHIP_HOUR", *DEFAULTS)
+RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite",
+            "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
+CAPACITY_FLAGS = {"spot": ["--spot"], "reserved": ["--reserved"], "on-demand": []}
+DEPLOY_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def runtime_for(tpu_type: str, runtime_version: str = "") -> str:
+    """The software version for a type: `runtime_version` when set, else its generation's."""
+    if runtime_version:
+        return runtime_version
+    generation = tpu_type.rsplit("-", 1)[0]
+    if generation not in RUNTIMES:
+        raise PodError(f"TPU_TYPE={tpu_type!r}: set RUNTIME_VERSION too (defaults exist for "
+                       f"{', '.join(RUNTIMES)})")
+    return RUNTIMES[generation]
+
+
+def slice_devices(tpu_type: str) -> int | None:
+    """JAX devices of a slice type: v4-N and v5p-N count TensorCores (2 per chip, one JAX
+    device per chip), v5litepod-N and v6e-N count chips, v2-N and v3-N cores (one device each)."""
+    generation, _, size = tpu_type.rpartition("-")
+    if not size.isdigit():
+        return None
+    per_unit = {"v4": 0.5, "v5p": 0.5, "v5litepod": 1, "v6e": 1, "v2": 1, "v3": 1}
+    return int(int(size) * per_unit[generation]) if generation in per_unit else None
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceType:
+    """One slice type to ask for: its name (v4-32), zone and software version."""
+
+    name: str
+    zone: str
+    runtime: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting, typed; `slice_types` is TPU_TYPES (or TPU_TYPE), most wanted first."""
+
+    project: str
+    zone: str
+    name: str
+    slice_types: tuple[SliceType, ...]
+    queue_timeout: float
+    capacity: str
+    workdir: str
+    config: str
+    train_flags: str
+    wheel: str
+    pypi_mirror: str
+    python_mirror: str
+    price_per_chip_hour: float
+    worker: str
+    platform: str
+    python_version: str
+    uv_version: str
+    wait_timeout: float
+    poll_seconds: float
+    max_retries: int
+    ready_timeout: float
+    ssh_timeout: float
+    ssh_retries: int
+    describe_retries: int
+    log_sync_seconds: float
+    crash_grace: float
+    dry_run: bool = False
+
+    @property
+    def tpu_type(self) -> str:
+        """The most wanted type ('' when none is set)."""
+        return self.slice_types[0].name if self.slice_types else ""
+
+    def require(self, *keys: str) -> None:
+        """PodError unless every named setting is set (and WORKDIR, if named, is gs://)."""
+        missing = [k for k in keys if not (self.tpu_type if k == "TPU_TYPE"
+                                           else getattr(self, k.lower()))]
+        if missing:
+            raise PodError(f"set {', '.join(missing)} in deploy/pod.env or on the command line")
+        if "WORKDIR" in keys and not self.workdir.startswith("gs://"):
+            raise PodError(f"WORKDIR={self.workdir!r}: use a gs:// path; a worker's disk dies "
+                           "with the slice")
+
+
+def _read_env_file(path: str) -> dict[str, str]:
+    values = {}
+    if os.path.exists(path):
+        for line in open(path):
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, value = line.split("=", 1)
+                values[key.strip()] = value.strip()
+    return values
+
+
+def load_settings(path: str, env: dict) -> Settings:
+    """DEFAULTS, then the file at `path`, then `env`; every bad value named, one per line."""
+    raw = {**DEFAULTS, **_read_env_file(path), **{k: env[k] for k in KEYS if k in env}}
+    problems = []
+
+    def number(key: str, kind=float, empty=None):
+        value = raw.get(key, "")
+        if not value and empty is not None:
+            return empty
+        try:
+            return kind(value)
+        except ValueError:
+            problems.append(f"{key}={value!r}: not {'a whole' if kind is int else 'a'} number")
+            return kind(0)
+
+    if raw["CAPACITY"] not in CAPACITY_FLAGS:
+        problems.append(f"CAPACITY={raw['CAPACITY']!r}: use one of {', '.join(CAPACITY_FLAGS)}")
+    if not (raw["WORKER"] == "all" or raw["WORKER"].isdigit()):
+        problems.append(f"WORKER={raw['WORKER']!r}: use a worker's index or all")
+    slice_types = []
+    for item in filter(None, (raw.get("TPU_TYPES") or raw.get("TPU_TYPE", "")).split(",")):
+        tpu_type, _, zone = (part.strip() for part in item.partition("@"))
+        try:
+            runtime = runtime_for(tpu_type, raw.get("RUNTIME_VERSION", ""))
+        except PodError as e:
+            problems.append(str(e))
+            continue
+        slice_types.append(SliceType(tpu_type, zone or raw.get("ZONE", ""), runtime))
+    settings = Settings(
+        project=raw.get("PROJECT", ""), zone=raw.get("ZONE", ""), name=raw.get("NAME", ""),
+        slice_types=tuple(slice_types), queue_timeout=number("QUEUE_TIMEOUT", empty=0.0),
+        capacity=raw["CAPACITY"], workdir=raw.get("WORKDIR", ""), config=raw.get("CONFIG", ""),
+        train_flags=raw.get("TRAIN_FLAGS", ""), wheel=raw.get("WHEEL", ""),
+        pypi_mirror=raw.get("PYPI_MIRROR", ""), python_mirror=raw.get("PYTHON_MIRROR", ""),
+        price_per_chip_hour=number("PRICE_PER_CHIP_HOUR", empty=0.0), worker=raw["WORKER"],
+        platform=raw["PLATFORM"], python_version=raw["PYTHON_VERSION"],
+        uv_version=raw["UV_VERSION"], wait_timeout=number("WAIT_TIMEOUT"),
+        poll_seconds=number("POLL_SECONDS"), max_retries=number("MAX_RETRIES", int),
+        ready_timeout=number("READY_TIMEOUT"), ssh_timeout=number("SSH_TIMEOUT"),
+        ssh_retries=number("SSH_RETRIES", int), describe_retries=number("DESCRIBE_RETRIES", int),
+        log_sync_seconds=number("LOG_SYNC_SECONDS"), crash_grace=number("CRASH_GRACE"),
+        dry_run=env.get("DRY_RUN") == "1")
+    if problems:
+        raise PodError("\n".join(problems))
+    return settings

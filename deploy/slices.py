@@ -1,0 +1,79 @@
+"""What pod-run needs of a slice and of its workers, whatever kind they are.
+
+A TPU slice as one queued resource (tpu_slice.QueuedResource, with tpu_workers.TpuVmWorkers)
+is one kind; another (N nodes of one queued resource, a GKE JobSet) is a new class with these
+methods, and the run loop, the launch and the set-up stay as they are.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Protocol
+
+# What one call on a worker returns: (exit code, stdout, stderr).
+Result = tuple[int, str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Health:
+    """A slice at one look: up (its trainers can be watched), lost (why), or neither (waiting
+    through `note`, e.g. a preemption notice)."""
+
+    up: bool = False
+    lost: str = ""
+    note: str = ""
+
+
+class Workers(Protocol):
+    """The hosts of a slice, by index 0..count-1."""
+
+    count: int
+
+    def run(self, i: int, command: str, stream: bool = True,
+            retries: int | None = None) -> Result:
+        """Run a shell command on worker i (from its home), printing its output as `[wI] `."""
+        ...
+
+    def copy(self, i: int, target: str, *sources: str) -> Result:
+        """Copy local files to `target` on worker i (`~/` or a folder below it)."""
+        ...
+
+    def on_each(self, what: str, call: Callable[[int], Result]) -> dict[int, object]:
+        """call(i) on every worker in parallel; a PodError naming each worker that failed."""
+        ...
+
+    def each(self, call: Callable[[int], object]) -> dict[int, object]:
+        """call(i) on every worker in parallel: {i: its result or the exception it raised}."""
+        ...
+
+    def shell(self, worker: str) -> None:
+        """An interactive shell on a worker (`all` where the kind allows it)."""
+        ...
+
+
+class Slice(Protocol):
+    """A set of accelerator hosts that is asked for, may be taken back, and is deleted."""
+
+    name: str
+
+    def create(self) -> bool:
+        """Wait until the slice is up, asking for it as needed; True when it is new (bare)."""
+        ...
+
+    def delete(self) -> None:
+        """Delete it and wait until its name is free again."""
+        ...
+
+    def state(self) -> tuple[str, str]:
+        """(state, failure message), as the cloud names them; ('NOT_FOUND', '') when absent."""
+        ...
+
+    def health(self) -> Health:
+        ...
+
+    def workers(self) -> Workers:
+        """Its workers, counted from the cloud's answer (never from a table)."""
+        ...
+
+    def accelerator_type(self) -> str:
+        """The type it has (once `workers()` has read it), else the type it asked for."""
+        ...

@@ -1,0 +1,111 @@
+"""The launch protocol: what a launcher (deploy/) and the trainers on its workers agree on.
+
+A launch has an id (a UTC timestamp); each worker learns it, its index and the slice type from
+the environment the launcher sets, and writes markers to `WORKDIR/launches/LAUNCH/` as it goes
+(`worker-N.started|joining|ready|exited`), its log to `WORKDIR/logs/LAUNCH/worker-N.log`.
+Process 0 keeps the launch's goodput in `record.json` beside them; pod-run adds `pod.json`.
+Standard library only: deploy/ imports it under a plain python3, without vitpod's dependencies.
+Paths join with '/', which serves local paths and gs:// alike.
+"""
+
+import posixpath
+import time
+
+# The environment every launcher sets for the trainer on each worker.
+LAUNCH_ENV = "VITPOD_LAUNCH_ID"
+WORKER_ENV = "VITPOD_WORKER"
+SLICE_ENV = "VITPOD_TPU_TYPE"
+# The coordinator, where no metadata server tells the workers (only the rehearsal sets these).
+COORDINATOR_ADDRESS_ENV = "VITPOD_COORDINATOR_ADDRESS"
+NUM_PROCESSES_ENV = "VITPOD_NUM_PROCESSES"
+PROCESS_ID_ENV = "VITPOD_PROCESS_ID"
+
+# A worker's readiness, in the order it is reached.
+STARTED, JOINING, READY, EXITED = "started", "joining", "ready", "exited"
+MARKERS = (STARTED, JOINING, READY, EXITED)
+
+# In the workdir.
+DONE = "DONE"
+LAUNCHES, LOGS = "launches", "logs"
+RECORD = "record.json"
+POD_TIMELINE = "pod.json"
+_WORKER_PREFIX = "worker-"
+
+# In each worker's home.
+VENV = "vitpod-venv"
+LOG = "vitpod.log"
+PIDFILE = "vitpod.pid"
+CONFIGS = "vitpod-configs"
+WORKER_SCRIPT = "vitpod-worker.sh"
+CHECK_SCRIPT = "vitpod-check.py"
+CONSTRAINTS = "vitpod-constraints.txt"
+
+
+def join(base: str, *parts: str) -> str:
+    return posixpath.join(base, *parts)
+
+
+def new_launch_id(now: float | None = None) -> str:
+    """The id a launcher gives a launch: its UTC start, to the second (sorts by time)."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+
+
+def unlaunched_id(start_time: float, pid: int) -> str:
+    """The id of a run no launcher started (a plain `train`): its start and its pid."""
+    return f"{new_launch_id(start_time)}-{pid}"
+
+
+def launch_env(launch_id: str, worker: int, slice_type: str) -> dict[str, str]:
+    return {LAUNCH_ENV: launch_id, WORKER_ENV: str(worker), SLICE_ENV: slice_type}
+
+
+def coordinator_env(address: str, processes: int, process_id: int) -> dict[str, str]:
+    return {COORDINATOR_ADDRESS_ENV: address, NUM_PROCESSES_ENV: str(processes),
+            PROCESS_ID_ENV: str(process_id)}
+
+
+def done_path(workdir: str) -> str:
+    return join(workdir, DONE)
+
+
+def launches_dir(workdir: str) -> str:
+    return join(workdir, LAUNCHES)
+
+
+def launch_dir(workdir: str, launch_id: str) -> str:
+    return join(workdir, LAUNCHES, launch_id)
+
+
+def record_path(workdir: str, launch_id: str) -> str:
+    return join(launch_dir(workdir, launch_id), RECORD)
+
+
+def timeline_path(workdir: str, launch_id: str) -> str:
+    return join(launch_dir(workdir, launch_id), POD_TIMELINE)
+
+
+def marker_path(workdir: str, launch_id: str, worker: int | str, marker: str) -> str:
+    return join(launch_dir(workdir, launch_id), f"{_WORKER_PREFIX}{worker}.{marker}")
+
+
+def parse_marker(path: str) -> tuple[int, str] | None:
+    """(worker, marker) of a marker's path or file name; None for any other file."""
+    stem, _, marker = path.rstrip("/").rsplit("/", 1)[-1].partition(".")
+    index = stem.removeprefix(_WORKER_PREFIX)
+    if marker in MARKERS and stem.startswith(_WORKER_PREFIX) and index.isdigit():
+        return int(index), marker
+    return None
+
+
+def launch_of(workdir: str, path: str) -> str:
+    """The launch id in a path below `WORKDIR/launches/`; '' for any other path."""
+    prefix = launches_dir(workdir).rstrip("/") + "/"
+    return path[len(prefix):].split("/", 1)[0] if path.startswith(prefix) else ""
+
+
+def log_dir(workdir: str, launch_id: str) -> str:
+    return join(workdir, LOGS, launch_id)
+
+
+def log_path(workdir: str, launch_id: str, worker: int | str) -> str:
+    return join(log_dir(workdir, launch_id), f"{_WORKER_PREFIX}{worker}.log")
