@@ -8,6 +8,10 @@ FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS
 # every step's buffers, and with 4 KiB pages the faults cost 10-30 % of a ViT-S/16 step
 # (DESIGN.md, Performance). Ignored where glibc is older than 2.35 or THP is off.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+# Values given on make's command line reach the programs as typed: make would otherwise expand
+# `$(...)` in them (`$(shell ...)` runs even with DRY_RUN=1) when it exports them.
+$(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),\
+  $(eval override $(v) := $$(value $(v)))$(eval export $(v))))
 DIGITS := data/digits
 DEMO_WORKDIR ?= runs/demo
 

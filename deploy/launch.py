@@ -127,6 +127,7 @@ class Launch:
         stopped on a slice that is still up ('stopped'); a crash raises with its log tail."""
         exited_since, last = None, None
         self.id = self.id or self.newest()
+        stall = _Stall(self.settings.stall_timeout)
         while True:
             if self.done():
                 return "done"
@@ -141,10 +142,24 @@ class Launch:
                     stopped = self._stopped_on_live_slice(sorted(exited), self.slice.workers())
                     if stopped:
                         return stopped
+                if not exited and self.id and stall.stuck(self.bucket.read(
+                        protocol.record_path(self.settings.workdir, self.id))):
+                    self._stop_stalled(stall)
             elif health.note != last:  # SUSPENDING: the trainers' grace to save; others: wait
                 log(health.note)
             last = health.note
             self.sleep(self.settings.poll_seconds)
+
+    def _stop_stalled(self, stall: "_Stall") -> None:
+        """A launch whose record has not moved: hung (a collective waiting for a host that
+        will never come), and billing. Stopped like a crash, with every worker's log tail."""
+        workers = self.slice.workers()
+        self.show_tail(workers, range(workers.count), 30)
+        self.stop(workers)
+        raise PodError(f"no progress for {stall.timeout:g} s (STALL_TIMEOUT): launch {self.id}'s "
+                       f"{protocol.RECORD} {stall.seen_as()}; the trainers look hung, stopped "
+                       f"them (log tail above, full logs in "
+                       f"{protocol.log_dir(self.settings.workdir, self.id)}/)")
 
     def newest(self) -> str:
         """The latest launch in the workdir (for `pod-watch` of a run launched before)."""
@@ -181,3 +196,24 @@ class Launch:
         raise PodError(f"the trainer crashed on worker(s) {', '.join(map(str, bad))} (exit "
                        f"{', '.join(str(codes[i]) for i in bad)}; log tail above, full logs in "
                        f"{protocol.log_dir(self.settings.workdir, self.id)}/)")
+
+
+class _Stall:
+    """Whether the launch record (rewritten by process 0 at every log row) stopped changing for
+    `timeout` seconds; 0 turns the check off."""
+
+    def __init__(self, timeout: float):
+        self.timeout, self.last, self.since = timeout, None, time.monotonic()
+
+    def stuck(self, record: str | None) -> bool:
+        if record != self.last:
+            self.last, self.since = record, time.monotonic()
+        return self.timeout > 0 and time.monotonic() - self.since > self.timeout
+
+    def seen_as(self) -> str:
+        if self.last is None:
+            return "was never written"
+        try:
+            return f"stayed at step {json.loads(self.last)['progress']['step']}"
+        except (ValueError, KeyError, TypeError):
+            return "did not change"

@@ -11,6 +11,7 @@ DEFAULTS = {"WORKER": "0", "PLATFORM": "tpu", "PYTHON_VERSION": "3.11.7", "UV_VE
             "WAIT_TIMEOUT": "7200", "POLL_SECONDS": "60", "MAX_RETRIES": "20",
             "READY_TIMEOUT": "900", "SSH_TIMEOUT": "900", "SSH_RETRIES": "4",
             "DESCRIBE_RETRIES": "8", "LOG_SYNC_SECONDS": "30", "CRASH_GRACE": "120",
+            "STALL_TIMEOUT": "1800",
             "CAPACITY": "spot"}
 KEYS = ("PROJECT", "ZONE", "NAME", "TPU_TYPE", "TPU_TYPES", "QUEUE_TIMEOUT", "RUNTIME_VERSION",
         "CAPACITY", "WORKDIR", "CONFIG", "TRAIN_FLAGS", "WHEEL", "PYPI_MIRROR", "PYTHON_MIRROR",
@@ -81,6 +82,7 @@ class Settings:
     describe_retries: int
     log_sync_seconds: float
     crash_grace: float
+    stall_timeout: float
     dry_run: bool = False
 
     @property
@@ -151,6 +153,7 @@ def load_settings(path: str, env: dict) -> Settings:
         ready_timeout=number("READY_TIMEOUT"), ssh_timeout=number("SSH_TIMEOUT"),
         ssh_retries=number("SSH_RETRIES", int), describe_retries=number("DESCRIBE_RETRIES", int),
         log_sync_seconds=number("LOG_SYNC_SECONDS"), crash_grace=number("CRASH_GRACE"),
+        stall_timeout=number("STALL_TIMEOUT"),
         dry_run=env.get("DRY_RUN") == "1")
     if problems:
         raise PodError("\n".join(problems))

@@ -400,3 +400,63 @@ def test_podworker_stops_its_own_trainer_by_pid_file_and_leaves_other_runs_alone
         assert decoy.poll() is None  # another run's trainer, by name alone, was not touched
     finally:
         decoy.kill()
+
+
+def test_podworker_stop_leaves_a_group_that_reused_the_recorded_number_alone(tmp_path):
+    """The pid file outlives its supervisor; a later process group under that number, even a
+    vitpod one, was started later than the recorded supervisor and is not signalled."""
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)",
+                                 "vitpod.train", "--workdir=another-run"], start_new_session=True)
+    try:
+        (tmp_path / "vitpod.pid").write_text(f"{stranger.pid} L0 1\n")  # started at tick 1
+        stopped = subprocess.run([sys.executable, "-m", "vitpod.podworker", "stop"],
+                                 cwd=tmp_path, env={**os.environ, "VITPOD_WORKER": "0"},
+                                 capture_output=True, text=True, timeout=60)
+        assert "worker 0: no earlier trainer running" in stopped.stdout, stopped.stderr
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+
+
+def test_make_passes_values_as_typed_and_dry_run_prints_the_create_request(tmp_path):
+    """`$(shell ...)` in a value given to make is text, not a command (DRY_RUN=1 included),
+    and a dry pod-create prints the queued-resources create command it would send."""
+    planted = tmp_path / "planted"
+    result = subprocess.run(
+        ["make", "-s", "pod-create", "DRY_RUN=1", f"POD_ENV={os.devnull}", "PROJECT=p",
+         "ZONE=z", "NAME=n", "TPU_TYPE=v4-8", f"WORKDIR=gs://b/$(shell touch {planted})"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert not planted.exists()
+    assert ("gcloud compute tpus queued-resources create n --node-id=n --accelerator-type=v4-8 "
+            "--runtime-version=tpu-ubuntu2204-base --spot --project=p --zone=z") in result.stdout
+
+
+def test_watch_stops_a_launch_whose_record_stops_moving(cloud, gcs, tmp_path):
+    """Trainers that got ready and then hang (a collective waiting forever) would bill the
+    slice until someone looks: no change of the launch record for STALL_TIMEOUT is a crash."""
+    assert cloud.pod("create").returncode == 0
+    hung = tmp_path / "hung_trainer.py"
+    hung.write_text("import sys, time\nfrom vitpod import podworker\n"
+                    "workdir = [a for a in sys.argv if a.startswith('--workdir=')][0][10:]\n"
+                    "podworker.mark(workdir, 'joining')\npodworker.mark(workdir, 'ready')\n"
+                    "print('step 1, then a collective that never returns', flush=True)\n"
+                    "time.sleep(600)\n")
+    project = str(ROOT / ".venv" / "bin" / "python")
+    for i in (0, 1):
+        _venv(cloud.home("vp", i), project,
+              f'[[ "$1 $2" == "-m vitpod.train" ]] && exec {project} {hung} "$@"')
+        (cloud.home("vp", i) / "vitpod-configs").mkdir()
+    cloud.set(worker_env=gcs.env())
+    bucket = f"stall-{int(time.time() * 1000)}"
+    gcs.create_bucket(bucket)
+    settings = dict(WORKDIR=f"gs://{bucket}/run", STALL_TIMEOUT="3", **gcs.env())
+    launched = cloud.pod("launch", **settings)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    watched = cloud.pod("watch", **settings)
+    assert watched.returncode == 1, watched.stdout
+    error = watched.stderr.strip()
+    assert error.startswith("error: no progress for 3 s (STALL_TIMEOUT): launch ")
+    assert "record.json was never written; the trainers look hung, stopped them" in error
+    assert "[w1] step 1, then a collective that never returns" in watched.stdout
+    assert cloud.processes() == []

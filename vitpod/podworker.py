@@ -40,21 +40,33 @@ def mark(workdir: str, marker: str, **info) -> None:
 
 
 def _our_group(pidfile: str) -> int | None:
-    """The process group in `pidfile` while a vitpod process still runs in it (pids get
-    reused: a group of strangers under that number, or our own, is left alone)."""
+    """The process group in `pidfile` while our supervisor's group still runs (pids get
+    reused: a group of strangers under that number, or our own, is left alone).
+
+    The file holds the supervisor's pid (its group's id), the launch and the supervisor's
+    start time. While any process of that group lives, Linux reuses neither number; so a live
+    leader must have the recorded start time, and members without a leader are ours.
+    """
     try:
-        pgid = int(open(pidfile).read().split()[0])
+        pgid_text, _, started = (open(pidfile).read().split() + ["", ""])[:3]
+        pgid = int(pgid_text)
+    except (OSError, ValueError):
+        return None
+    if pgid == os.getpgrp() or not _members(pgid):
+        return None
+    leader = _start_time(pgid)
+    if leader is not None and str(leader) != started:
+        return None  # the number now names another process: not ours to signal
+    return pgid
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start, in clock ticks since boot (/proc/PID/stat field 22); None if gone."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
     except (OSError, ValueError, IndexError):
         return None
-    if pgid == os.getpgrp():
-        return None
-    for pid in _members(pgid):
-        try:
-            if b"vitpod" in open(f"/proc/{pid}/cmdline", "rb").read():
-                return pgid
-        except OSError:
-            pass
-    return None
 
 
 def stop(pidfile: str, grace: float) -> str:
@@ -118,7 +130,7 @@ def start(args: argparse.Namespace) -> None:
     worker = os.environ.get(protocol.WORKER_ENV, "?")
     launch_id = os.environ.get(protocol.LAUNCH_ENV, "")
     running = _our_group(args.pidfile)
-    if running and launch_id and open(args.pidfile).read().split()[1:] == [launch_id]:
+    if running and launch_id and open(args.pidfile).read().split()[1:2] == [launch_id]:
         # A retried ssh whose first try got through: this launch already runs here.
         print(f"worker {worker}: launch {launch_id} already running (process group {running})")
         return
@@ -130,7 +142,7 @@ def start(args: argparse.Namespace) -> None:
     proc = subprocess.Popen(supervisor, start_new_session=True, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(args.pidfile, "w") as f:
-        f.write(f"{proc.pid} {launch_id}\n")
+        f.write(f"{proc.pid} {launch_id or '-'} {_start_time(proc.pid)}\n")
     print(f"worker {worker}: started, process group {proc.pid}, log "
           f"{os.path.abspath(args.log)}", flush=True)
 
