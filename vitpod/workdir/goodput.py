@@ -14,9 +14,12 @@ import json
 import os
 import time
 
+from absl import logging
+
 from vitpod import storage
 
 LAUNCH_ENV, SLICE_ENV = "VITPOD_LAUNCH_ID", "VITPOD_TPU_TYPE"
+_REMEDY = ("delete that launch's folder (the goodput report then leaves it out) and relaunch")
 
 
 def launches_dir(workdir: str) -> str:
@@ -35,10 +38,10 @@ def read_records(workdir: str) -> list[dict]:
         launch, _, leaf = rel.rpartition("/")
         if leaf != "record.json" or "/" in launch:
             continue
-        records.append(json.loads(storage.read_text(storage.join(root, rel))))
+        records.append(storage.read_json(storage.join(root, rel), _REMEDY))
         if f"{launch}/pod.json" in present:
-            records[-1]["pod"] = json.loads(storage.read_text(storage.join(root, launch,
-                                                                           "pod.json")))
+            records[-1]["pod"] = storage.read_json(storage.join(root, launch, "pod.json"),
+                                                   _REMEDY)
     return sorted(records, key=lambda r: r["start_time"])
 
 
@@ -46,8 +49,15 @@ def _last_logged_step(workdir: str) -> int:
     path = storage.join(workdir, "metrics.jsonl")
     if not storage.exists(path):
         return 0
-    rows = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
-    return max((r["step"] for r in rows if "train/loss" in r), default=0)
+    rows, bad = [], 0
+    for line in storage.read_text(path).splitlines():
+        try:
+            rows += [json.loads(line)] if line.strip() else []
+        except ValueError:  # a row cut short by a crash: the rows around it still count
+            bad += 1
+    if bad:
+        logging.warning("%s: skipped %d unreadable line(s) (cut short by a crash)", path, bad)
+    return max((r["step"] for r in rows if "train/loss" in r and "step" in r), default=0)
 
 
 class Record:
