@@ -256,6 +256,23 @@ def test_a_restore_error_on_one_process_of_two_is_decided_by_both(copy, colors, 
     assert _logged_steps(copy) == [1, 2, 3, 4] and not (copy / "DONE").exists()
 
 
+def test_a_two_process_run_on_a_workdir_in_use_is_refused_on_both(copy, colors):
+    """Process 0 finds the lease held (by this live test process) and refuses; process 1
+    learns it from the broadcast: both exit with one line, nothing hangs or is written."""
+    (copy / "lease.json").write_text(json.dumps({
+        "launch": "holder", "host": socket.gethostname(), "pid": os.getpid(),
+        "heartbeat": time.time() + 30}))  # fresh for the job's start-up
+    before = _snapshot(copy)
+    result, seconds = _launch(copy, colors, "0:0")
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and seconds < 120 and "Traceback" not in out, out[-3000:]
+    assert re.search(rf"\[p0\] error: workdir {re.escape(str(copy))} is in use by launch "
+                     rf"holder on host \S+ \(pid {os.getpid()}\), whose heartbeat is \d+ s old",
+                     out), out[-3000:]
+    assert "[p1] error: process 0 failed to take the workdir's lease; its log says why" in out
+    assert _snapshot(copy) == before
+
+
 def test_a_second_trainer_on_the_workdir_is_refused_and_the_first_keeps_going(colors,
                                                                                tmp_path):
     first = subprocess.Popen(
@@ -499,7 +516,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(colors, tmp_path)
                       f"find {disk} -name '*.tmp[0-9]*'; exit $code")
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert re.fullmatch(rf"error: cannot write {disk}/run/\S+: No space left on device "
+    assert re.fullmatch(rf"error: cannot write (a file in )?{disk}/run\S*: No space left on device "
                         r"\(ENOSPC\); free space on that disk or make it writable, then "
                         r"relaunch \(a run resumes from its last checkpoint\)", lines[-1])
     assert len(result.stderr.splitlines()) < 40 and result.stdout == ""  # no temporaries

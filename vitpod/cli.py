@@ -97,6 +97,15 @@ class _QuietLibraries(std_logging.Filter):
         return True
 
 
+def _unraisable(hook_args) -> None:
+    """tensorstore reports the writes of a failed async save that finish after orbax closed
+    its event loop as unraisable errors, a traceback each: the failed save is reported once,
+    where orbax raises it; anything else goes to Python's default hook."""
+    if not (isinstance(hook_args.exc_value, RuntimeError)
+            and str(hook_args.exc_value) == "Event loop is closed"):
+        sys.__unraisablehook__(hook_args)
+
+
 _DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM}
 
 
@@ -107,15 +116,21 @@ def _disk_error(e: BaseException) -> str | None:
     while e is not None and e not in seen:
         seen.append(e)
         if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
-            return str(localfs.write_error(e.filename or "a workdir file", e))
+            return str(localfs.write_error(e.filename or _somewhere(), e))
         code = re.search(r"os_error_code='(\d+)'", str(e))
         if code and int(code.group(1)) in _DISK_ERRORS:
             path = re.search(r'(?:Failed writing|Error writing [^"]*"[^"]*" in [^"]*): "([^"]+)"',
                              str(e))
             err = OSError(int(code.group(1)), os.strerror(int(code.group(1))))
-            return str(localfs.write_error(path.group(1) if path else "a checkpoint file", err))
+            return str(localfs.write_error(path.group(1) if path else _somewhere(), err))
         e = e.__cause__ or e.__context__
     return None
+
+
+def _somewhere() -> str:
+    """Where a write whose error names no file went: the entrypoint's --workdir."""
+    workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None
+    return f"a file in {workdir}" if workdir else "a file"
 
 
 def run(main: Callable[[list[str]], None]) -> None:
@@ -123,6 +138,7 @@ def run(main: Callable[[list[str]], None]) -> None:
 
     def guarded(argv):
         logging.get_absl_handler().addFilter(_QuietLibraries())
+        sys.unraisablehook = _unraisable
         try:
             main(argv)
         except UserError as e:

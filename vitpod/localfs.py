@@ -32,6 +32,9 @@ def write_bytes(path: str, data: bytes) -> None:
 def write_error(path: str, e: OSError) -> UserError:
     """The one line for a write that the disk refused."""
     name = errno.errorcode.get(e.errno, "") if e.errno else ""
+    if e.errno in (errno.EACCES, errno.EPERM):  # may be a read as well
+        return UserError(f"permission denied on {path} ({name}); let this user read and write "
+                         "it, then relaunch (a run resumes from its last checkpoint)")
     return UserError(f"cannot write {path}: {e.strerror or e}"
                      f"{f' ({name})' if name else ''}; free space on that disk or make it "
                      "writable, then relaunch (a run resumes from its last checkpoint)")

@@ -45,11 +45,18 @@ def _start_ticks(pid: int) -> int | None:
 
 
 def _gone_here(holder: dict) -> bool:
-    """Whether the holder ran on this host and its process no longer exists."""
+    """Whether the holder ran on this host and its process no longer exists (or its pid now
+    belongs to a process started later)."""
     if holder.get("host") != socket.gethostname() or not holder.get("pid"):
         return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
     ticks = _start_ticks(holder["pid"])
-    return ticks is None or (holder.get("pid_start") is not None and ticks != holder["pid_start"])
+    return None not in (ticks, holder.get("pid_start")) and ticks != holder["pid_start"]
 
 
 class Lease:
@@ -112,7 +119,7 @@ class Lease:
         waited = False
         while True:
             holder, version = self._read()
-            age = time.time() - (holder or {}).get("heartbeat", 0)
+            age = max(0.0, time.time() - (holder or {}).get("heartbeat", 0))  # clocks differ
             if holder is None or age > self.timeout or _gone_here(holder):
                 if holder is not None:
                     why = (f"its process {holder.get('pid')} on this host is gone"
