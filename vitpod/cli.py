@@ -3,14 +3,17 @@
     cli.run(main)   # instead of app.run(main)
 """
 
+import errno
 import logging as std_logging
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable
 
 from absl import app, flags, logging
 
+from vitpod import localfs
 from vitpod.errors import UserError, one_line
 
 
@@ -32,6 +35,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         _fail(f"{one_line(e)} (see --helpfull)")
     except (KeyError, AttributeError) as e:  # ml_collections: an override of an unknown key
+        if _in_config_file(e, argv):  # or the config file's own code
+            _fail(_in_config_file(e, argv))
         # e.args[0] reads "'batch_sise'\nDid you mean "batch_size" instead of "batch_sise"?"
         text = str(e.args[0]) if e.args else str(e)
         found = re.search(r"'([\w.]+)'", text) or re.search(r"([\w.]+)", text)
@@ -43,7 +48,26 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(f"{where}: unknown config key '{key}'{hint} (every key a config can set is in "
               "vitpod/config.py)")
     except (OSError, ValueError, TypeError, SyntaxError) as e:  # unreadable or broken config
-        _fail(f"cannot load the --config file: {one_line(e)}")
+        _fail(_in_config_file(e, argv) or f"cannot load the --config file: {one_line(e)}")
+    except Exception as e:  # noqa: BLE001  raised by the config file's own code, or a bug
+        line = _in_config_file(e, argv)
+        if line is None:
+            raise
+        _fail(line)
+
+
+def _in_config_file(e: BaseException, argv: list[str]) -> str | None:
+    """The one line for an error raised by the code of the --config file (NameError,
+    ImportError, ... at load), naming the file and line; None if it came from elsewhere."""
+    found = [re.sub(r":[^/]*$", "", a.split("=", 1)[1]) for a in argv
+             if a.startswith("--config=")]
+    path = os.path.abspath(found[-1]) if found else None
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+             if path and os.path.abspath(f.filename) == path]
+    if not lines:
+        return None
+    return (f"cannot load the --config file {found[-1]}: line {lines[-1]}: "
+            f"{type(e).__name__}: {one_line(e)}")
 
 
 def config(value) -> "ml_collections.ConfigDict":  # noqa: F821
@@ -58,10 +82,55 @@ def config(value) -> "ml_collections.ConfigDict":  # noqa: F821
 
 
 class _QuietLibraries(std_logging.Filter):
-    """Drop the INFO chatter of orbax (dozens of lines per save); keep its warnings."""
+    """Drop the INFO chatter of orbax (dozens of lines per save); keep its warnings and errors
+    as one line each (its background threads log whole tracebacks, and the error reaches
+    `main` anyway); once the run failed, drop asyncio's reports of the failed writes' tasks."""
+
+    failing = False
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+        if "/orbax/" in record.pathname or record.name == "asyncio":
+            if record.levelno < std_logging.WARNING or (self.failing
+                                                        and record.name == "asyncio"):
+                return False
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _unraisable(hook_args) -> None:
+    """tensorstore reports the writes of a failed async save that finish after orbax closed
+    its event loop as unraisable errors, a traceback each: the failed save is reported once,
+    where orbax raises it; anything else goes to Python's default hook."""
+    if not (isinstance(hook_args.exc_value, RuntimeError)
+            and str(hook_args.exc_value) == "Event loop is closed"):
+        sys.__unraisablehook__(hook_args)
+
+
+_DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM}
+
+
+def _disk_error(e: BaseException) -> str | None:
+    """The one line for a full disk or a folder that may not be written, wherever it was
+    raised (our writes, orbax's threads, tensorstore), or None."""
+    seen = []
+    while e is not None and e not in seen:
+        seen.append(e)
+        if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+            return str(localfs.write_error(e.filename or _somewhere(), e))
+        code = re.search(r"os_error_code='(\d+)'", str(e))
+        if code and int(code.group(1)) in _DISK_ERRORS:
+            path = re.search(r'(?:Failed writing|Error writing [^"]*"[^"]*" in [^"]*): "([^"]+)"',
+                             str(e))
+            err = OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+            return str(localfs.write_error(path.group(1) if path else _somewhere(), err))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _somewhere() -> str:
+    """Where a write whose error names no file went: the entrypoint's --workdir."""
+    workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None
+    return f"a file in {workdir}" if workdir else "a file"
 
 
 def run(main: Callable[[list[str]], None]) -> None:
@@ -69,10 +138,19 @@ def run(main: Callable[[list[str]], None]) -> None:
 
     def guarded(argv):
         logging.get_absl_handler().addFilter(_QuietLibraries())
+        sys.unraisablehook = _unraisable
         try:
             main(argv)
         except UserError as e:
             logging.flush()
+            _QuietLibraries.failing = True
             _fail(str(e))
+        except Exception as e:  # noqa: BLE001  a full disk is no bug: one line, else re-raised
+            line = _disk_error(e)
+            if line is None:
+                raise
+            logging.flush()
+            _QuietLibraries.failing = True
+            _fail(line)
 
     app.run(guarded, flags_parser=_parse_flags)

@@ -18,7 +18,9 @@ RESULT_NEUTRAL_KEYS = frozenset({
     "log_every", "eval_every", "save_every", "save_every_minutes", "keep_checkpoints",
     "compile_cache", "grad_accum_steps", "model.scan_layers", "model.remat",
     "data.val_dir", "data.num_workers", "data.read_threads", "data.fetch_threads",
-    "data.eval_batch_size",
+    "data.eval_batch_size", "lease_timeout_minutes",
+    # Changes nothing unless an image is larger, and such a file is what it guards against.
+    "data.max_image_pixels",
     # The layout: every layout computes the same steps (tested), and orbax restores into
     # whatever shardings the new mesh asks for, so a run may resume on another slice.
     "mesh.data", "mesh.fsdp",
@@ -42,6 +44,10 @@ def defaults() -> ml_collections.ConfigDict:
     # JAX's persistent compile cache in WORKDIR/compile_cache (or $JAX_COMPILATION_CACHE_DIR,
     # e.g. a bucket shared by runs): a relaunch after preemption skips most compilation.
     c.compile_cache = True
+    # Process 0 holds WORKDIR/lease.json while it trains, with a heartbeat every half minute:
+    # a second run on the workdir is refused. A lease whose heartbeat is older than this (a
+    # run killed outright) is taken over, with a warning (vitpod/workdir/lease.py).
+    c.lease_timeout_minutes = 3.0
 
     c.data = ml_collections.ConfigDict()
     c.data.train_dir = ""
@@ -71,6 +77,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.shuffle_window = 1024
     c.data.eval_batch_size = 0  # global; 0 means batch_size
     c.data.max_skipped_fraction = 0.01  # unreadable images tolerated before stopping
+    # Images with more pixels are skipped like corrupt ones, checked from the header before
+    # decoding: a 250 KB PNG can declare 16000x16000 pixels and take 1 GB+ to decode (a
+    # decompression bomb). Pillow's default limit; 0: no limit.
+    c.data.max_image_pixels = 89_478_485
     # RandAugment after crop and flip (0 ops: off); magnitude 0..10, as big_vision and timm.
     c.data.randaug_num_ops = 0
     c.data.randaug_magnitude = 10
@@ -148,6 +158,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     _require(d.num_workers >= -1, "data.num_workers", "must be >= 0, or -1 (sized to the host)")
     _require(d.read_threads >= 1, "data.read_threads", "must be >= 1")
     _require(d.fetch_threads >= 1, "data.fetch_threads", "must be >= 1")
+    _require(d.max_image_pixels >= 0, "data.max_image_pixels", "must be >= 0 (0: no limit)")
+    _require(config.lease_timeout_minutes > 0, "lease_timeout_minutes", "must be positive")
     _require(d.shuffle in ("global", "blocks"), "data.shuffle", "must be 'global' or 'blocks'")
     _require(d.shuffle_block >= 1, "data.shuffle_block", "must be >= 1 (records per run)")
     _require(d.shuffle_window >= 1, "data.shuffle_window", "must be >= 1 (runs per window)")

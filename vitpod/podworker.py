@@ -54,19 +54,10 @@ def _our_group(pidfile: str) -> int | None:
         return None
     if pgid == os.getpgrp() or not _members(pgid):
         return None
-    leader = _start_time(pgid)
+    leader = protocol.process_start_ticks(pgid)
     if leader is not None and str(leader) != started:
         return None  # the number now names another process: not ours to signal
     return pgid
-
-
-def _start_time(pid: int) -> int | None:
-    """The process's start, in clock ticks since boot (/proc/PID/stat field 22); None if gone."""
-    try:
-        stat = open(f"/proc/{pid}/stat").read()
-        return int(stat[stat.rindex(")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def stop(pidfile: str, grace: float) -> str:
@@ -142,7 +133,7 @@ def start(args: argparse.Namespace) -> None:
     proc = subprocess.Popen(supervisor, start_new_session=True, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(args.pidfile, "w") as f:
-        f.write(f"{proc.pid} {launch_id or '-'} {_start_time(proc.pid)}\n")
+        f.write(f"{proc.pid} {launch_id or '-'} {protocol.process_start_ticks(proc.pid)}\n")
     print(f"worker {worker}: started, process group {proc.pid}, log "
           f"{os.path.abspath(args.log)}", flush=True)
 

@@ -86,7 +86,12 @@ def hf_dataset(out: str, dataset: str) -> dict[str, int]:
         if image_col is None or label_col is None:
             raise UserError(f"dataset {dataset!r} split {split_name!r} needs an Image and a "
                             f"ClassLabel column; it has {dict(split.features)}")
-        names = [n.replace(os.sep, "_") for n in split.features[label_col].names]
+        names = split.features[label_col].names
+        bad = [n for n in names if not _plain_folder_name(n)]
+        if bad:
+            raise UserError(f"dataset {dataset!r} has class name {bad[0]!r}, not a plain folder "
+                            "name (empty, '.' or '..', leading '.', or a '/' or '\\' in it); "
+                            "rename its classes first (datasets' ClassLabel names)")
         target = "val" if split_name in ("test", "validation", "valid") else split_name
         for i, row in enumerate(tqdm(split, desc=f"{dataset} {split_name}", unit="img")):
             img = row[image_col]
@@ -96,6 +101,11 @@ def hf_dataset(out: str, dataset: str) -> dict[str, int]:
             img.save(os.path.join(folder, f"{i:07d}.{ext}"))
         counts[target] = len(split)
     return counts
+
+
+def _plain_folder_name(name: str) -> bool:
+    """A class name that is one visible folder: no path out of OUT/split, no hidden class."""
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
 
 
 def upload(src: str, dst: str, threads: int = 32) -> dict[str, int]:

@@ -12,10 +12,14 @@ import base64
 import concurrent.futures
 import contextlib
 import hashlib
+import json
 import os
 import posixpath
 import threading
 
+from absl import logging
+
+from vitpod import localfs
 from vitpod.errors import UserError
 
 GCS = "gs://"
@@ -131,15 +135,65 @@ def write_bytes(path: str, data: bytes) -> None:
         with _errors(path):
             _blob(path).upload_from_string(data, retry=_retry())
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    localfs.write_bytes(path, data)
+
+
+def upload_file(local_path: str, path: str) -> None:
+    """Copy a local file to gs://path, streamed from the file (a shard is never all in memory)."""
+    with _errors(path):
+        _blob(path).upload_from_filename(local_path, retry=_retry())
 
 
 def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path: str, remedy: str):
+    """A JSON file of the workdir or a dataset; a damaged one (empty, cut short, not JSON) is
+    one UserError naming it and `remedy`, what to do about it."""
+    try:
+        return json.loads(read_text(path))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is damaged ({type(e).__name__}: {str(e)[:80]}); "
+                        f"{remedy}") from None
+
+
+class Changed(Exception):
+    """A conditional write found the object changed since it was read."""
+
+
+def read_versioned(path: str) -> tuple[bytes | None, int]:
+    """gs://path's bytes and generation ((None, 0) when absent), for write_if_unchanged."""
+    from google.api_core import exceptions
+
+    bucket, name = split(path)
+    with _errors(path):
+        while True:
+            blob = _client().bucket(bucket).get_blob(name, retry=_retry())
+            if blob is None:
+                return None, 0
+            try:
+                return (blob.download_as_bytes(if_generation_match=blob.generation,
+                                               retry=_retry()), blob.generation)
+            except (exceptions.PreconditionFailed, exceptions.NotFound):
+                continue  # replaced or deleted between the two requests
+
+
+def write_if_unchanged(path: str, data: bytes | None, generation: int) -> int:
+    """Replace gs://path (data None: delete it) only if its generation is still `generation`
+    (0: only if absent); returns the new generation, or raises Changed."""
+    from google.api_core import exceptions
+
+    blob = _blob(path)
+    try:
+        with _errors(path):
+            if data is None:
+                blob.delete(if_generation_match=generation, retry=_retry())
+                return 0
+            blob.upload_from_string(data, if_generation_match=generation, retry=_retry())
+            return blob.generation
+    except (exceptions.PreconditionFailed, NotFound):
+        raise Changed(path) from None
 
 
 def makedirs(path: str) -> None:
@@ -156,11 +210,19 @@ class Appender:
         self.text = None
         if is_gcs(path):
             self.text = read_text(path) if exists(path) else ""
+        # a crash may have cut the last line short: the next row starts a new line
+        self.cut = (localfs.ends_mid_line(path) if self.text is None
+                    else self.text[-1:] not in ("", "\n"))
 
     def write(self, text: str) -> None:
+        if self.cut:
+            text, self.cut = "\n" + text, False
         if self.text is None:
-            with open(self.path, "a") as f:
-                f.write(text)
+            try:
+                with open(self.path, "a") as f:
+                    f.write(text)
+            except OSError as e:
+                raise localfs.write_error(self.path, e) from None
         else:
             self.text += text
             write_text(self.path, self.text)
@@ -189,14 +251,18 @@ def subdirs(path: str) -> list[str]:
         return sorted(p[len(prefix):].rstrip("/") for p in pages.prefixes)
 
 
-def files_below(path: str) -> list[str]:
-    """Every file under `path` (any depth, links followed), relative to it, sorted."""
+def files_below(path: str, hidden: bool = True, skipped: list | None = None) -> list[str]:
+    """Every file under `path` (any depth), relative to it, sorted. Locally a link is followed
+    once, and never back into `path`, its direct subfolders or above them (localfs.walk);
+    the links not followed are added to `skipped`. `hidden=False` skips names starting with
+    '.' at any depth."""
     if not is_gcs(path):
-        found = []
-        for dirpath, _, filenames in os.walk(path, followlinks=True):
-            found += [os.path.relpath(os.path.join(dirpath, f), path) for f in filenames]
-        return sorted(found)
-    return sorted(rel for rel, _ in _objects_below(path) if not rel.endswith("/"))
+        found, not_followed = localfs.walk(path, hidden)
+        if skipped is not None:
+            skipped += not_followed
+        return [rel for rel, _ in found]
+    return sorted(rel for rel, _ in _objects_below(path) if not rel.endswith("/")
+                  and (hidden or not any(p.startswith(".") for p in rel.split("/"))))
 
 
 def _objects_below(path: str) -> list[tuple[str, object]]:
@@ -210,8 +276,11 @@ def _objects_below(path: str) -> list[tuple[str, object]]:
 
 def parallel_map(fn, items, threads: int = 32) -> list:
     """fn over items on a thread pool, results in order (listing and copying are I/O bound)."""
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(items)))) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(items))))
+    try:
         return list(pool.map(fn, items))
+    finally:  # on an error (or Ctrl-C) the items not started are dropped, not all run first
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _md5_b64(data: bytes) -> str:
@@ -231,7 +300,12 @@ def upload_tree(src: str, dst: str, threads: int = 32, progress=None) -> tuple[i
         raise UserError(f"upload copies a local folder to gs://; got {src!r} -> {dst!r}")
     if not os.path.isdir(src):
         raise UserError(f"{src!r} is not a folder; pass --src=a local ImageFolder")
-    files, remote = files_below(src), _remote_checksums(dst)
+    not_followed: list[str] = []
+    files, remote = files_below(src, hidden=False, skipped=not_followed), _remote_checksums(dst)
+    left_out = sorted(set(files_below(src)) - set(files)) + not_followed
+    if left_out:
+        logging.warning("upload: left out %d hidden file(s) or link(s) back into %s or above it:"
+                        " %s", len(left_out), src, ", ".join(left_out[:10]))
     lock, counts = threading.Lock(), {"copied": 0, "skipped": 0}
 
     def copy(rel: str) -> None:

@@ -33,7 +33,7 @@ from vitpod.errors import UserError
 from vitpod.formats import detect, hf
 from vitpod.preemption import Preemption, SaveClock
 from vitpod.workdir import files as workdir_files
-from vitpod.workdir import goodput, protocol
+from vitpod.workdir import goodput, lease, protocol
 
 
 def eval_row(eval_step, params, split: imagefolder.Split, config, mesh) -> dict:
@@ -71,7 +71,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
     tracer = metrics.Tracer(profile, workdir)
     done_path = protocol.done_path(workdir)
     if storage.exists(done_path):
-        final = json.loads(storage.read_text(done_path))
+        final = storage.read_json(done_path, "delete it and relaunch: the run resumes from its "
+                                  "last checkpoint and writes DONE again")
         logging.info("run in %s already finished at step %d; nothing to do", workdir,
                      final.get("step", config.total_steps))
         return final
@@ -81,6 +82,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
 
     distributed.primary_first(lambda: workdir_files.record_run(config, workdir, manifest_path),
                               "check the workdir and record the run")
+    with lease.held(workdir, config.lease_timeout_minutes) as check_lease:
+        return _run_leased(config, workdir, stop_after, tracer, start_time, init_from,
+                           manifest_path, done_path, check_lease)
+
+
+def _run_leased(config, workdir, stop_after, tracer, start_time, init_from, manifest_path,
+                done_path, check_lease) -> dict:
+    """run() from the restore on, while process 0 holds the workdir's lease."""
     splits = imagefolder.load(manifest_path)
     logging.info("train: %d images in %d classes from %s", len(splits["train"].files),
                  len(splits["train"].classes), splits["train"].root)
@@ -96,6 +105,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
     record = goodput.Record(workdir, jax.process_index() == 0, start_time or time.time())
     before = time.time()
     start, state = checkpoint.restore_latest(ckpt, jax.eval_shape(init, None))
+    if 0 < stop_after <= start < config.total_steps:
+        ckpt.close()
+        logging.warning("the run is at step %d, not before --stop_after=%d: nothing to train",
+                        start, stop_after)
+        return {"step": start, "stopped": "nothing to train: already past --stop_after"}
     record.started(start, time.time() - before, jax.process_count(), jax.device_count(),
                    jax.devices()[0].platform)
     if state is None:
@@ -112,11 +126,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
         preemption = Preemption()
         metrics_writer = metrics.Writer(workdir, jax.process_index() == 0)
         final = _train(config, splits, mesh, tx, state, start, ckpt, metrics_writer,
-                       preemption, stop_after, tracer, record)
+                       preemption, stop_after, tracer, record, check_lease)
         ckpt.wait_until_finished()
     except BaseException as e:
         step = (record.data.get("progress") or {}).get("step", start)
-        record.ended("crashed", step, f"{type(e).__name__}: {e}"[:500])
+        try:
+            record.ended("crashed", step, f"{type(e).__name__}: {e}"[:500])
+        except Exception as not_recorded:  # noqa: BLE001  e.g. the disk is full: report e
+            logging.warning("could not record the crash: %s", not_recorded)
         raise
     finally:
         tracer.close()
@@ -138,7 +155,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
 
 
 def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, stop_after,
-           tracer, record) -> dict:
+           tracer, record, check_lease=lambda: None) -> dict:
     """The loop from step start+1: train, log, save, evaluate; returns the last metrics."""
     num_classes = len(splits["train"].classes)
     graphdef, _ = model.abstract_model(config.model, config.data.image_size, num_classes)
@@ -178,6 +195,7 @@ def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, sto
             row["train/img_per_sec"], seconds = progress.tick(step)
             row["train/data_wait"] = waited / max(seconds, 1e-9)
             waited = 0.0
+            check_lease()  # before writing: a run that lost the workdir writes no more
             writer.write(step, row)
             record.progress(step)
             if jax.process_index() == 0:
@@ -271,7 +289,10 @@ def main(argv) -> None:
     final = run(config, f.workdir, f.stop_after, f.profile, _PROCESS_START)
     if jax.process_index() != 0:
         return
-    if final.get("stopped"):
+    if final.get("stopped", "").startswith("nothing to train"):
+        print(f"nothing to train: the run is at step {final['step']} of {config.total_steps}, "
+              f"not before --stop_after={f.stop_after}; drop it or pass a later step")
+    elif final.get("stopped"):
         print(f"{final['stopped']} at step {final['step']} of {config.total_steps}, checkpoint "
               "saved; relaunch the same command to continue")
     elif "eval/accuracy" in final:

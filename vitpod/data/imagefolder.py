@@ -4,7 +4,9 @@ Classes are the sorted names of the root's subfolders; every file below a class 
 nested folders included, whose extension is one of torchvision's (case-insensitive) is an
 example of that class. Hidden files and folders (leading '.') are ignored, which is where
 we differ from torchvision, whose scan turns `.ipynb_checkpoints` into a class. Files are
-listed class by class in parallel, which matters on gs:// where a listing is paged.
+listed class by class in parallel, which matters on gs:// where a listing is paged. Local
+trees are walked once, following each link at most once and never back into the tree or
+above it (storage.files_below): a link loop cannot multiply a class or hang the scan.
 """
 
 import dataclasses
@@ -72,7 +74,17 @@ def scan(root: str, role: str = "train") -> Split:
     if not classes:
         raise UserError(f"data dir {root!r} ({role}) has no class folders; an ImageFolder "
                         "holds one subfolder per class with the images inside")
-    listed = storage.parallel_map(lambda c: storage.files_below(storage.join(root, c)), classes)
+    not_followed: list[str] = []
+    if storage.is_gcs(root):
+        listed = storage.parallel_map(lambda c: storage.files_below(storage.join(root, c)),
+                                      classes)
+    else:  # one walk, one seen-set: no loops, a file reached by two paths listed once
+        per_class = {c: [] for c in classes}
+        for rel in storage.files_below(root, hidden=False, skipped=not_followed):
+            name, _, rest = rel.partition("/")
+            if rest and name in per_class:
+                per_class[name].append(rest)
+        listed = [per_class[c] for c in classes]
     files, labels, empty, ignored = [], [], [], []
     for label, (name, below) in enumerate(zip(classes, listed, strict=True)):
         below = [f"{name}/{f}" for f in below if all(map(_visible, f.split("/")))]
@@ -88,6 +100,11 @@ def scan(root: str, role: str = "train") -> Split:
     if ignored:
         logging.warning("data dir %s: ignored %d non-image file(s), e.g. %s",
                         root, len(ignored), ignored[0])
+    if not_followed:
+        logging.warning("data dir %s: did not follow %d link(s) leading back into it or above "
+                        "it, to a folder already listed, or nowhere: %s", root,
+                        len(not_followed), ", ".join(not_followed[:5])
+                        + (", ..." if len(not_followed) > 5 else ""))
     logging.info("listed %s (%s): %d files in %d classes in %.1f s", root, role, len(files),
                  len(classes), time.perf_counter() - started)
     return Split(root, tuple(classes), tuple(files), tuple(labels))
@@ -113,7 +130,8 @@ def scan_splits(train_dir: str, val_dir: str) -> dict[str, Split]:
 
 
 def load(manifest_path: str) -> dict[str, Split]:
-    data = json.loads(storage.read_text(manifest_path))
+    data = storage.read_json(manifest_path, "delete it and relaunch to scan the data again "
+                             "(files added or removed since then change the batches)")
     return {k: Split.from_json(v) for k, v in data.items()}
 
 

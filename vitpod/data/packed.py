@@ -33,7 +33,8 @@ def is_packed(root: str) -> bool:
 
 
 def load_index(root: str) -> dict:
-    index = json.loads(storage.read_text(storage.join(root, INDEX)))
+    index = storage.read_json(storage.join(root, INDEX), "pack the data again (python -m "
+                              "vitpod.prepare pack into a new --dst)")
     if index.get("format") != FORMAT:
         raise UserError(f"{storage.join(root, INDEX)} is not a {FORMAT} index "
                         f"(format {index.get('format')!r}); pack it again with "
@@ -62,8 +63,10 @@ class Reader:
     """One process's reads of a packed split: cached runs of records, a few open shards."""
 
     def __init__(self, root: str, shards: tuple[str, ...], shard_records: int,
-                 record_bytes: int, open_shards: int = 8, cached_runs: int = 64):
+                 record_bytes: int, open_shards: int = 8, cached_runs: int = 64,
+                 total_records: int = 0):
         self.root, self.shards, self.shard_records = root, shards, shard_records
+        self.total_records = total_records  # checks each shard's count when it is opened
         self.record_bytes = record_bytes
         self.open_shards, self.cached_runs = open_shards, cached_runs
         self._readers: collections.OrderedDict = collections.OrderedDict()
@@ -84,6 +87,11 @@ class Reader:
         except (RuntimeError, ValueError, OSError) as e:
             raise UserError(f"cannot open packed shard {path}: {str(e)[:200]}; check the path "
                             "and your access, or pack the data again") from None
+        expected = shard_size(shard, len(self.shards), self.shard_records, self.total_records)
+        if self.total_records and reader.num_records() != expected:
+            raise UserError(f"packed shard {path} holds {reader.num_records()} records, not "
+                            f"{expected}: it was cut short (an interrupted copy?); rerun the "
+                            "same `python -m vitpod.prepare pack` to write it again")
         with self._lock:
             entry = self._readers.setdefault(shard, (reader, threading.Lock()))
             while len(self._readers) > self.open_shards:
@@ -108,12 +116,32 @@ class Reader:
         return records[0]
 
 
+def shard_size(shard: int, shards: int, shard_records: int, total_records: int) -> int:
+    """Records in shard `shard` of `shards`: every shard is full but the last."""
+    return shard_records if shard < shards - 1 else total_records - shard_records * (shards - 1)
+
+
+def count_records(path: str) -> int:
+    """Records in the ArrayRecord shard at `path` (-1 when it cannot be opened)."""
+    try:
+        reader = _array_record().ArrayRecordReader(path, "readahead_buffer_size:0")
+    except (RuntimeError, ValueError, OSError):
+        return -1
+    count = reader.num_records()
+    try:
+        reader.close()
+    except RuntimeError:  # a shard cut short fails its close too; its count already tells
+        pass
+    return count
+
+
 _readers: dict = {}  # (pid, root) -> Reader: grain workers each make their own
 
 
 def reader_for(root: str, shards: tuple[str, ...], shard_records: int,
-               record_bytes: int) -> Reader:
+               record_bytes: int, total_records: int = 0) -> Reader:
     key = (os.getpid(), root)
     if key not in _readers:
-        _readers[key] = Reader(root, shards, shard_records, record_bytes)
+        _readers[key] = Reader(root, shards, shard_records, record_bytes,
+                               total_records=total_records)
     return _readers[key]

@@ -30,7 +30,8 @@ def read_example(split: Split, index: int, run: int = 1) -> bytes:
             return storage.read_bytes(split.path(index))
         except storage.NotFound:
             return b""
-    reader = packed.reader_for(split.root, split.shards, split.shard_records, split.record_bytes)
+    reader = packed.reader_for(split.root, split.shards, split.shard_records, split.record_bytes,
+                               len(split.files))
     _, relative_path, data = packed.decode(
         reader.record(int(order.pack_position(len(split.files))[index]), run))
     if relative_path != split.files[index]:
@@ -55,6 +56,7 @@ class _Decoded:
 
     split: Split
     size: int
+    max_pixels: int
 
     def transform(self, img, rng: np.random.Generator | None) -> np.ndarray:
         raise NotImplementedError
@@ -63,8 +65,8 @@ class _Decoded:
         if index < 0:
             return _example(None, 0, -1, self.size)
         try:
-            image = self.transform(transforms.open_image(data), rng)
-        except Exception:  # noqa: BLE001  corrupt/truncated/empty: reported by the host
+            image = self.transform(transforms.open_image(data, self.max_pixels), rng)
+        except Exception:  # noqa: BLE001  corrupt/truncated/empty/too large: reported by the host
             image = None
         return _example(image, self.split.labels[index], index, self.size)
 
@@ -84,6 +86,7 @@ class TrainExample(_Decoded):
     reduced: bool = False  # JPEG DCT scaling (data.reduced_decode)
     run: int = 1  # packed records read at once (data.shuffle_block with the blocks order)
     # (an ImageFolder reads one file per example whatever `run` says)
+    max_pixels: int = transforms.MAX_PIXELS  # data.max_image_pixels: larger images are skipped
 
     def index(self, position: int) -> int:
         return int(self.order[position])
@@ -105,6 +108,7 @@ class EvalExample(_Decoded):
     reduced: bool = False
     interpolation: str = "bilinear"  # data.eval_interpolation
     run: int = 32  # packed records per request in evaluation
+    max_pixels: int = transforms.MAX_PIXELS
 
     def index(self, position: int) -> int:
         if position >= len(self.split.files):
@@ -202,7 +206,7 @@ def train_batches(split: Split, data_cfg, seed: int, global_batch: int, start_st
     example = TrainExample(split, positions, data_cfg.image_size, tuple(data_cfg.crop_scale),
                            tuple(data_cfg.crop_ratio), data_cfg.hflip,
                            (data_cfg.randaug_num_ops, data_cfg.randaug_magnitude),
-                           data_cfg.reduced_decode, run)
+                           data_cfg.reduced_decode, run, data_cfg.max_image_pixels)
     batch = HostBatch(example, global_batch // process_count, process_index, process_count,
                       data_cfg.fetch_threads, seed)
     ds = grain.MapDataset.range(total_steps)[start_step:].map(batch)
@@ -213,7 +217,8 @@ def eval_batches(split: Split, data_cfg, global_batch: int, process_index: int =
                  process_count: int = 1):
     """Every example once, padded to whole global batches (padding has valid=0)."""
     example = EvalExample(split, data_cfg.image_size, data_cfg.eval_crop_pct,
-                          data_cfg.reduced_decode, data_cfg.eval_interpolation)
+                          data_cfg.reduced_decode, data_cfg.eval_interpolation,
+                          max_pixels=data_cfg.max_image_pixels)
     batch = HostBatch(example, global_batch // process_count, process_index, process_count,
                       data_cfg.fetch_threads)
     ds = grain.MapDataset.range(math.ceil(len(split.files) / global_batch)).map(batch)
@@ -238,5 +243,6 @@ class SkipWarner:
         for i in map(int, bad):
             if i not in self.warned:
                 self.warned.add(i)
-                logging.warning("skipped unreadable image %s (corrupt, truncated or empty)",
+                logging.warning("skipped unreadable image %s (corrupt, truncated, empty, or over "
+                                "data.max_image_pixels)",
                                 self.split.path(i))

@@ -11,13 +11,22 @@ from PIL import Image
 
 from vitpod.data import randaugment
 
-# PIL decodes lazily; a truncated file must fail here, not produce a half-grey image.
+# Pillow's decompression-bomb check is process-wide: it warns on every image above its limit
+# and refuses those above twice that, whatever a run's config says. open_image checks the
+# run's own limit (data.max_image_pixels) from the header instead, before anything is decoded.
 Image.MAX_IMAGE_PIXELS = None
+MAX_PIXELS = 89_478_485  # Pillow's default limit: 256 MiB decoded as RGB
 
 
-def open_image(data: bytes) -> Image.Image:
-    """The image's header only: size and format, nothing decoded yet."""
-    return Image.open(io.BytesIO(data))
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The image's header only: size and format, nothing decoded yet. ValueError when it has
+    more than `max_pixels` pixels (0: no limit): a small file that would decode to gigabytes
+    (a decompression bomb) is refused, and training skips it like a corrupt file."""
+    img = Image.open(io.BytesIO(data))
+    if max_pixels and img.width * img.height > max_pixels:
+        raise ValueError(f"{img.width}x{img.height} pixels, over the limit of {max_pixels} "
+                         "(data.max_image_pixels)")
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -1,7 +1,6 @@
 """A run's workdir before training: refuse a workdir of another run, record this run's config
 and manifest, and point JAX's persistent compile cache into it."""
 
-import json
 import os
 
 import jax
@@ -13,6 +12,9 @@ from vitpod.data import imagefolder
 from vitpod.errors import UserError
 from vitpod.formats.common import ARCH_KEYS
 
+CONFIG_REMEDY = ("delete it and relaunch with the run's own flags: it is written again from "
+                 "them (a different config then goes unnoticed)")
+
 
 def record_run(config: ml_collections.ConfigDict, workdir: str, manifest_path: str):
     """Refuse a workdir whose run computed different numbers; else record this run's config
@@ -21,7 +23,7 @@ def record_run(config: ml_collections.ConfigDict, workdir: str, manifest_path: s
     path = storage.join(workdir, "config.json")
     recorded = storage.exists(path)
     if recorded:
-        changed = config_lib.changed_result_keys(json.loads(storage.read_text(path)), config)
+        changed = config_lib.changed_result_keys(storage.read_json(path, CONFIG_REMEDY), config)
         if changed:
             raise UserError(
                 f"workdir {workdir!r} holds a run with a different config ({', '.join(changed)}"
@@ -43,7 +45,7 @@ def recorded_architecture(workdir: str, init_from: str) -> dict | None:
     path = storage.join(workdir, "config.json")
     if not storage.exists(path):
         return None
-    model_cfg = json.loads(storage.read_text(path)).get("model", {})
+    model_cfg = storage.read_json(path, CONFIG_REMEDY).get("model", {})
     if model_cfg.get("init_from") != init_from:
         return None
     return {k: model_cfg[k] for k in ARCH_KEYS if k in model_cfg} or None

@@ -15,8 +15,12 @@ import json
 import os
 import time
 
+from absl import logging
+
 from vitpod import storage
 from vitpod.workdir import protocol
+
+_REMEDY = "delete that launch's folder (the goodput report then leaves it out) and relaunch"
 
 
 def read_records(workdir: str) -> list[dict]:
@@ -31,10 +35,10 @@ def read_records(workdir: str) -> list[dict]:
         launch, _, leaf = rel.rpartition("/")
         if leaf != protocol.RECORD or "/" in launch:
             continue
-        records.append(json.loads(storage.read_text(protocol.record_path(workdir, launch))))
+        records.append(storage.read_json(protocol.record_path(workdir, launch), _REMEDY))
         if f"{launch}/{protocol.POD_TIMELINE}" in present:
-            records[-1]["pod"] = json.loads(storage.read_text(
-                protocol.timeline_path(workdir, launch)))
+            records[-1]["pod"] = storage.read_json(protocol.timeline_path(workdir, launch),
+                                                   _REMEDY)
     return sorted(records, key=lambda r: r["start_time"])
 
 
@@ -42,8 +46,15 @@ def _last_logged_step(workdir: str) -> int:
     path = storage.join(workdir, "metrics.jsonl")
     if not storage.exists(path):
         return 0
-    rows = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
-    return max((r["step"] for r in rows if "train/loss" in r), default=0)
+    rows, bad = [], 0
+    for line in storage.read_text(path).splitlines():
+        try:
+            rows += [json.loads(line)] if line.strip() else []
+        except ValueError:  # a row cut short by a crash: the rows around it still count
+            bad += 1
+    if bad:
+        logging.warning("%s: skipped %d unreadable line(s) (cut short by a crash)", path, bad)
+    return max((r["step"] for r in rows if "train/loss" in r and "step" in r), default=0)
 
 
 class Record:
@@ -51,8 +62,7 @@ class Record:
 
     def __init__(self, workdir: str, enabled: bool, start_time: float):
         self.workdir, self.enabled = workdir, enabled
-        launch = (os.environ.get(protocol.LAUNCH_ENV)
-                  or protocol.unlaunched_id(start_time, os.getpid()))
+        launch = protocol.this_launch(start_time, os.getpid())
         self.path = protocol.record_path(workdir, launch)
         self.data = {"launch": launch, "start_time": start_time, "end": None}
 

@@ -8,6 +8,7 @@ Standard library only: deploy/ imports it under a plain python3, without vitpod'
 Paths join with '/', which serves local paths and gs:// alike.
 """
 
+import os
 import posixpath
 import time
 
@@ -26,6 +27,7 @@ MARKERS = (STARTED, JOINING, READY, EXITED)
 
 # In the workdir.
 DONE = "DONE"
+LEASE = "lease.json"  # held by process 0 of the run that trains in the workdir
 LAUNCHES, LOGS = "launches", "logs"
 RECORD = "record.json"
 POD_TIMELINE = "pod.json"
@@ -55,6 +57,21 @@ def unlaunched_id(start_time: float, pid: int) -> str:
     return f"{new_launch_id(start_time)}-{pid}"
 
 
+def this_launch(start_time: float, pid: int) -> str:
+    """This process's launch: the launcher's id, else one of its own."""
+    return os.environ.get(LAUNCH_ENV) or unlaunched_id(start_time, pid)
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22); None when
+    it is gone. Pid files and the lease record it, to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def launch_env(launch_id: str, worker: int, slice_type: str) -> dict[str, str]:
     return {LAUNCH_ENV: launch_id, WORKER_ENV: str(worker), SLICE_ENV: slice_type}
 
@@ -66,6 +83,10 @@ def coordinator_env(address: str, processes: int, process_id: int) -> dict[str, 
 
 def done_path(workdir: str) -> str:
     return join(workdir, DONE)
+
+
+def lease_path(workdir: str) -> str:
+    return join(workdir, LEASE)
 
 
 def launches_dir(workdir: str) -> str:
