@@ -41,6 +41,7 @@ from tests.conftest import (
 )
 from vitpod import checkpoint, cli, storage, train
 from vitpod.data import imagefolder, packed, packing, pipeline
+from vitpod.workdir import protocol
 
 STEPS = 6
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
@@ -323,7 +324,7 @@ def test_a_stale_lease_is_taken_over_and_a_fresh_one_refused(where, tmp_path, re
     if where == "bucket":
         request.getfixturevalue("gcs").create_bucket("vitpod-lease")
         workdir = "gs://vitpod-lease/run"
-    path = storage.join(workdir, lease.NAME)
+    path = protocol.lease_path(workdir)
     storage.write_text(path, json.dumps({"launch": "gone", "host": "elsewhere", "pid": 1,
                                          "heartbeat": time.time() - 181}))
     mine = lease.Lease(workdir, 180)
