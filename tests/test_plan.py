@@ -142,5 +142,5 @@ def test_the_dcn_verdict_names_the_slice_count_beyond_which_it_is_bound():
                                   "/ 60 % MFU, v5p has 5; DCN-bound at 60 % MFU beyond 2 slices")
     assert "not DCN-bound at 60 % MFU on any number" in fit._dcn(
         {"ALL_REDUCE": 10**6}, 4, 1e12, 1e15, 50e9, "v5")["dcn_verdict"]
-    assert fit._dcn({"ALL_REDUCE": 10**6}, 2, 1e12, 1e15, 1e9, "v6e")["dcn_verdict"].startswith(
-        "DCN-bound on 2 slices")
+    assert fit._dcn({"ALL_REDUCE": 10**6}, 2, 1e12, 1e15, 1e9, "v6e")["dcn_verdict"].endswith(
+        "v6e has 1; DCN-bound at 60 % MFU from 2 slices on")

@@ -147,8 +147,9 @@ def _dcn(sent: dict[str, int], slices: int, flops: float, peak: float,
     if limit <= bits_per_sec:
         verdict += "; not DCN-bound at 60 % MFU on any number of slices"
     else:  # the largest k with need(k) = limit (k-1)/k within the figure
-        verdict += (f"; DCN-bound at 60 % MFU beyond "
-                    f"{math.floor(1 / (1 - bits_per_sec / limit))} slices")
+        most = math.floor(1 / (1 - bits_per_sec / limit))
+        verdict += ("; DCN-bound at 60 % MFU from 2 slices on" if most < 2 else
+                    f"; DCN-bound at 60 % MFU beyond {most} slices")
     out["dcn_verdict"] = verdict
     return out
 
