@@ -16,12 +16,13 @@ from vitpod import distributed, train
 pytestmark = pytest.mark.slow
 
 
-def _launch(workdir, data, *extra, processes=2, devices=4, timeout=240):
+def _launch(workdir, data, *extra, processes=2, devices=4, timeout=240, env=None):
     cmd = [sys.executable, "-m", "vitpod.launch", f"--num_processes={processes}",
            f"--devices_per_process={devices}", "--", "--config=configs/tiny.py",
            f"--workdir={workdir}", f"--config.data.train_dir={data / 'train'}",
            f"--config.data.val_dir={data / 'val'}", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,20 @@ def test_two_processes_match_one_process_with_eight_devices(one_by_eight, two_by
     np.testing.assert_allclose([losses_2[s] for s in range(1, 7)],
                                [losses_1[s] for s in range(1, 7)], rtol=1e-5)
     assert_params_close(read_params(dir_1, 6), read_params(dir_2, 6))
+
+
+def test_two_slices_compute_the_steps_of_one(one_by_eight, colors, tmp_path):
+    """4 processes x 2 devices as 2 slices of 2 hosts (MEGASCALE_NUM_SLICES=2, as the TPU
+    runtime sets it): data = 2 slices x 2, FSDP over 2 within a slice; the same losses and
+    params as one process with 8 devices."""
+    result = _launch(tmp_path, colors, "--config.mesh.fsdp=2", processes=4, devices=2,
+                     env={distributed.NUM_SLICES_ENV: "2"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "mesh data=4 x fsdp=2 over 2 slice(s)" in result.stdout + result.stderr
+    losses, reference = read_losses(tmp_path), read_losses(one_by_eight[0])
+    np.testing.assert_allclose([losses[s] for s in range(1, 7)],
+                               [reference[s] for s in range(1, 7)], rtol=1e-5)
+    assert_params_close(read_params(one_by_eight[0], 6), read_params(tmp_path, 6))
 
 
 def test_eval_across_hosts_counts_every_image_once(one_by_eight, two_by_four):

@@ -105,3 +105,42 @@ def test_plan_plans_the_init_from_checkpoints_architecture_as_train_does(tmp_pat
     offline = plan.plan(load_config("tiny", batch_size=64, model__init_from="/no/such/ckpt"),
                         "v4:2x2x1", 5, input_budget=False)
     assert offline["model"].startswith("pico/4 (model.variant: model.init_from cannot be read")
+
+
+def test_two_slices_lay_the_data_axis_over_dcn_and_say_what_it_asks_of_it():
+    """v5e:4x4 x 2 slices: each slice a contiguous block of the data axis; the compiled step
+    hands the DCN runtime each chip's share of the gradient all-reduce, nothing else; v5e has
+    no documented DCN figure, so the plan gives the bandwidth and says so."""
+    from vitpod import distributed
+    from vitpod.planning.compile import tpu_devices
+
+    config = load_config("tiny", batch_size=64)
+    grid = distributed.device_grid(config.mesh, tpu_devices("v5e:4x4", 2), 2)
+    assert grid.shape == (32, 1)
+    assert [d.slice_index for d in grid.flat] == [0] * 16 + [1] * 16
+    result = plan.plan(config, "v5e:4x4", 5, input_budget=False, num_slices=2)
+    assert result["fits"] and result["chips"] == 32
+    assert result["mesh"] == {"dcn_data": 2, "data": 16, "fsdp": 1}
+    # Each chip's share of the gradient (sent once each way: 2(k-1)/k = 1 for 2 slices); XLA
+    # pads each leaf's share to whole tiles, which for a pico model is most of it.
+    share = result["dcn_bytes_per_step_per_chip"]
+    assert param_bytes(config, 5) / 16 <= share <= param_bytes(config, 5)
+    assert "ALL_REDUCE" in result["dcn_bytes_from"]
+    assert result["dcn_gbps_per_chip_at_60pct_mfu"] > result["dcn_gbps_per_chip_at_40pct_mfu"]
+    assert result["dcn_verdict"].startswith("no per-chip DCN bandwidth is documented for v5e")
+
+
+def test_the_dcn_verdict_names_the_slice_count_beyond_which_it_is_bound():
+    from vitpod.planning import fit
+
+    # 1 MB share per chip, 1 TFLOP per step on a 1 PFLOP/s chip: 2.5 / 1.67 ms steps.
+    out = fit._dcn({"ALL_REDUCE": 10**6}, 2, 1e12, 1e15, 5e9, "v5")
+    assert out["dcn_bytes_per_step_per_chip"] == 10**6
+    assert out["dcn_gbps_per_chip_at_60pct_mfu"] == pytest.approx(4.8)
+    # need(k) = 4.8 * 2(k-1)/k Gb/s: within 5 Gb/s up to k = 2, beyond it bound.
+    assert out["dcn_verdict"] == ("not DCN-bound on 2 slices: 3.2 / 4.8 Gb/s per chip at 40 "
+                                  "/ 60 % MFU, v5p has 5; DCN-bound at 60 % MFU beyond 2 slices")
+    assert "not DCN-bound at 60 % MFU on any number" in fit._dcn(
+        {"ALL_REDUCE": 10**6}, 4, 1e12, 1e15, 50e9, "v5")["dcn_verdict"]
+    assert fit._dcn({"ALL_REDUCE": 10**6}, 2, 1e12, 1e15, 1e9, "v6e")["dcn_verdict"].endswith(
+        "v6e has 1; DCN-bound at 60 % MFU from 2 slices on")

@@ -23,7 +23,7 @@ RESULT_NEUTRAL_KEYS = frozenset({
     "data.max_image_pixels",
     # The layout: every layout computes the same steps (tested), and orbax restores into
     # whatever shardings the new mesh asks for, so a run may resume on another slice.
-    "mesh.data", "mesh.fsdp",
+    "mesh.data", "mesh.fsdp", "mesh.dcn_data",
 })
 
 
@@ -130,9 +130,12 @@ def defaults() -> ml_collections.ConfigDict:
     c.optim.freeze = ""  # regex on param names (e.g. "^blocks\.[0-5]\."): never updated
     c.optim.ema_decay = 0.0  # keep an EMA of params (e.g. 0.9999), used for eval and export
 
+    # data and fsdp lay out one slice (over ICI); with several slices (multislice, over
+    # DCN) the mesh's data axis is dcn_data x data, so only the gradient sum crosses slices.
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # -1: all devices not used by the other axes
-    c.mesh.fsdp = 1  # -1 (with data=-1): FSDP over all devices, whatever the slice
+    c.mesh.data = -1  # -1: all devices of a slice not used by the other axes
+    c.mesh.fsdp = 1  # -1 (with data=-1): FSDP over all devices of a slice, whatever the slice
+    c.mesh.dcn_data = -1  # -1: the number of slices (1 on one slice); set, it must equal it
     return c
 
 
@@ -142,7 +145,8 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> None:
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int,
+             num_slices: int = 1) -> None:
     """Raise UserError naming the key and the fix for any invalid value."""
     d = config.data
     _require(config.batch_size > 0, "batch_size", "must be positive")
@@ -192,7 +196,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     _require(0 <= x.cutmix_prob <= 1, "mix.cutmix_prob", "must be in [0, 1]")
     _require(0 <= config.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
 
-    data, fsdp = mesh_shape(config.mesh, num_devices)
+    data, fsdp = mesh_shape(config.mesh, num_devices, num_slices)
     for key in ("batch_size", "data.eval_batch_size"):
         value = eval_batch_size(config) if key == "data.eval_batch_size" else config.batch_size
         if value % (data * fsdp) or value % num_processes:
@@ -213,21 +217,37 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
                         "batch_size / (devices x grad_accum_steps) even")
 
 
-def mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
-    """(data, fsdp) sizes with -1 resolved to the remaining devices; `fsdp=-1` with `data=-1`
-    (its default) means FSDP over all devices, so a config adapts to any slice."""
+def mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int,
+               num_slices: int = 1) -> tuple[int, int]:
+    """(data, fsdp) sizes of the whole mesh: data counts every slice (dcn_data x data)."""
+    (dcn_data, _), (data, fsdp) = hybrid_mesh_shapes(mesh, num_devices, num_slices)
+    return dcn_data * data, fsdp
+
+
+def hybrid_mesh_shapes(mesh: ml_collections.ConfigDict, num_devices: int, num_slices: int = 1
+                       ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((dcn_data, 1), (data, fsdp)): how the slices are laid out (over DCN), and one slice
+    (over ICI), with -1 resolved to the remaining devices of a slice; `fsdp=-1` with `data=-1`
+    (its default) means FSDP over all devices of a slice, so a config adapts to any slice."""
+    dcn_data = num_slices if mesh.dcn_data == -1 else mesh.dcn_data
+    if dcn_data != num_slices or num_devices % num_slices:
+        raise UserError(f"config mesh.dcn_data={mesh.dcn_data} does not match the {num_slices} "
+                        f"slice(s) of {num_devices} devices; set it to -1 (the number of slices)")
+    per_slice = num_devices // num_slices
     data, fsdp = mesh.data, mesh.fsdp
     if fsdp == -1 and data == -1:
         data = 1
     if fsdp == -1:
-        fsdp = num_devices // data if data > 0 and num_devices % data == 0 else 0
+        fsdp = per_slice // data if data > 0 and per_slice % data == 0 else 0
     if data == -1:
-        data = num_devices // fsdp if fsdp > 0 and num_devices % fsdp == 0 else 0
-    if data <= 0 or fsdp <= 0 or data * fsdp != num_devices:
+        data = per_slice // fsdp if fsdp > 0 and per_slice % fsdp == 0 else 0
+    if data <= 0 or fsdp <= 0 or data * fsdp != per_slice:
+        where = f"{per_slice} devices of each of the {num_slices} slices" if num_slices > 1 \
+            else f"{per_slice} devices"
         raise UserError(
             f"config mesh.data={mesh.data} x mesh.fsdp={mesh.fsdp} does not match the "
-            f"{num_devices} devices; make their product {num_devices} (or set one to -1)")
-    return data, fsdp
+            f"{where}; make their product {per_slice} (or set one to -1)")
+    return (dcn_data, 1), (data, fsdp)
 
 
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:

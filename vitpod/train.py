@@ -67,7 +67,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
             init_from = detect.read(config.model.init_from)
             detect.adopt(config.model, init_from)
     model.parse_variant(config.model.variant)
-    config_lib.validate(config, jax.device_count(), jax.process_count())
+    config_lib.validate(config, jax.device_count(), jax.process_count(),
+                        distributed.num_slices())
     tracer = metrics.Tracer(profile, workdir)
     done_path = protocol.done_path(workdir)
     if storage.exists(done_path):
@@ -97,6 +98,8 @@ def _run_leased(config, workdir, stop_after, tracer, start_time, init_from, mani
                  pipeline.decode_workers(config.data.num_workers), config.data.num_workers)
 
     mesh = distributed.make_mesh(config.mesh)
+    logging.info("mesh data=%d x fsdp=%d over %d slice(s)", mesh.shape["data"],
+                 mesh.shape["fsdp"], distributed.num_slices())
     tx = optim.make(config.optim, config.total_steps)
     num_classes = len(splits["train"].classes)
     init = steps.state_initializer(config, num_classes, tx, mesh)

@@ -15,10 +15,14 @@ CHIPS = {
     "v5": (459e12, 95 * 2**30, "megacore"),  # v5p
     "v6e": (918e12, 32 * 2**30, "default"),
 }
+# Per chip: data-center network (between slices) bits per second, from the comparison table
+# of https://cloud.google.com/tpu/docs/tpu7x; none is documented for v4 or v5e.
+DCN_BITS_PER_SEC = {"v5": 50e9, "v6e": 100e9}
 
 
-def tpu_devices(topology: str):
-    """The devices of a TPU topology, described by libtpu without any TPU attached."""
+def tpu_devices(topology: str, num_slices: int = 1):
+    """The devices of `num_slices` slices of a TPU topology (multislice: their `slice_index`
+    tells them apart), described by libtpu without any TPU attached."""
     gen = topology.split(":")[0]
     if gen not in CHIPS or not re.fullmatch(r"\w+:\d+(x\d+)*", topology):
         raise UserError(f"--topology={topology!r}: write GEN:AxB[xC] with GEN one of "
@@ -28,13 +32,16 @@ def tpu_devices(topology: str):
     except ImportError:
         raise UserError("plan compiles for TPUs with libtpu: install the tpu extra "
                         "(pip install -e '.[tpu]')") from None
+    if num_slices < 1:
+        raise UserError(f"--num_slices={num_slices} must be >= 1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no host probing
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v4-8")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     return topologies.get_topology_desc(topology_name=topology, platform="tpu",
-                                        chip_config_name=CHIPS[gen][2]).devices
+                                        chip_config_name=CHIPS[gen][2],
+                                        num_slices=num_slices).devices
 
 
 def step_flops(config, tx, mesh, num_classes: int, batch_abstract) -> float:
@@ -69,12 +76,15 @@ def compile_train_step(config, devices, num_classes: int):
     import numpy as np
 
     from vitpod import config as config_lib
-    from vitpod import model, optim, parallel, steps
+    from vitpod import distributed, model, optim, parallel, steps
 
-    shape = config_lib.mesh_shape(config.mesh, len(devices))
+    slices = distributed.num_slices(devices)
+    shape = config_lib.mesh_shape(config.mesh, len(devices), slices)
     config.data.train_dir = config.data.train_dir or "(not read by plan)"
-    config_lib.validate(config, len(devices), 1)
-    mesh = jax.sharding.Mesh(np.array(devices).reshape(shape), ("data", "fsdp"),
+    config_lib.validate(config, len(devices), 1, slices)
+    grid = (np.array(devices).reshape(shape) if slices == 1
+            else distributed.device_grid(config.mesh, devices, slices))
+    mesh = jax.sharding.Mesh(grid, ("data", "fsdp"),
                              axis_types=(jax.sharding.AxisType.Explicit,) * 2)
     tx = optim.make(config.optim, config.total_steps)
     init = steps.state_initializer(config, num_classes, tx, mesh)

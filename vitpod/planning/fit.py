@@ -7,22 +7,22 @@ import math
 import re
 
 from vitpod.errors import one_line
-from vitpod.planning.compile import CHIPS, compile_train_step, tpu_devices
-from vitpod.planning.hlo import collective_bytes
+from vitpod.planning.compile import CHIPS, DCN_BITS_PER_SEC, compile_train_step, tpu_devices
+from vitpod.planning.hlo import collective_bytes, dcn_bytes
 
 
-def search(config, topology: str, num_classes: int) -> dict:
+def search(config, topology: str, num_classes: int, num_slices: int = 1) -> dict:
     """The plan; when it does not fit, the first remedy that does, found by compiling: FSDP
     over every chip, then that with `model.remat=full`, then gradient accumulation on top (a
     divisor of each device's rows, sized from how far over HBM the last try was)."""
-    devices = tpu_devices(topology)
+    devices = tpu_devices(topology, num_slices)
     chips = len(devices)
     result = _plan_once(config, devices, topology, num_classes)
     if result["fits"]:
         return result
     need, overrides, remedies = result.pop("_need", 2), {}, []
-    if result.get("mesh", {}).get("fsdp", config.mesh.fsdp) != chips:
-        overrides = {"mesh.data": 1, "mesh.fsdp": -1}  # all chips, on whatever slice
+    if result.get("mesh", {}).get("fsdp", config.mesh.fsdp) != chips // num_slices:
+        overrides = {"mesh.data": 1, "mesh.fsdp": -1}  # all chips of a slice, whatever slice
         remedies.append(overrides)
     if config.model.remat != "full":
         overrides = {**overrides, "model.remat": "full"}
@@ -53,19 +53,24 @@ def _fits_with(result: dict, overrides: dict, tried: dict) -> dict:
     result["fits_with"] = " ".join(f"--config.{k}={v}" for k, v in overrides.items())
     result["with_remedy"] = {k: tried[k] for k in (
         "mesh", "total_gib", "tflops_per_step_per_chip", "img_per_sec_per_chip_at_40pct_mfu",
-        "img_per_sec_per_chip_at_60pct_mfu")}
+        "img_per_sec_per_chip_at_60pct_mfu", "dcn_verdict") if k in tried}
     result["verdict"] += f"; fits with {result['fits_with']} ({tried['total_gib']} GiB per chip)"
     return result
 
 
 def _plan_once(config, devices, topology: str, num_classes: int) -> dict:
     from vitpod import config as config_lib
+    from vitpod import distributed
 
-    peak, hbm, _ = CHIPS[topology.split(":")[0]]
-    data, fsdp = config_lib.mesh_shape(config.mesh, len(devices))
+    gen = topology.split(":")[0]
+    peak, hbm, _ = CHIPS[gen]
+    slices = distributed.num_slices(devices)
+    (dcn_data, _), (data, fsdp) = config_lib.hybrid_mesh_shapes(config.mesh, len(devices), slices)
+    mesh = {"data": data, "fsdp": fsdp} if slices == 1 else {
+        "dcn_data": dcn_data, "data": data, "fsdp": fsdp}  # config keys: data is per slice
     try:
-        compiled, shape, param_bytes, opt_bytes, flops = compile_train_step(config, devices,
-                                                                            num_classes)
+        compiled, _, param_bytes, opt_bytes, flops = compile_train_step(config, devices,
+                                                                        num_classes)
     except Exception as e:  # noqa: BLE001  XLA refuses programs over HBM at compile time
         text = str(e)
         if "RESOURCE_EXHAUSTED" not in text:
@@ -75,7 +80,7 @@ def _plan_once(config, devices, topology: str, num_classes: int) -> dict:
         scale = {"K": 2**10, "M": 2**20, "G": 2**30}
         need = (float(sizes[0][0]) * scale[sizes[0][1]] / (float(sizes[1][0]) * scale[
             sizes[1][1]])) if len(sizes) >= 2 else 2
-        return {"topology": topology, "chips": len(devices), "mesh": {"data": data, "fsdp": fsdp},
+        return {"topology": topology, "chips": len(devices), "mesh": mesh,
                 "batch_size": config.batch_size, "grad_accum_steps": config.grad_accum_steps,
                 "fits": False, "_need": need,
                 "verdict": f"does not fit: {one_line(text)[:200]}"}
@@ -85,8 +90,7 @@ def _plan_once(config, devices, topology: str, num_classes: int) -> dict:
             + mem.generated_code_size_in_bytes + mem.output_size_in_bytes
             - mem.alias_size_in_bytes)
     out = {
-        "topology": topology, "chips": len(devices), "mesh": {"data": shape[0],
-                                                               "fsdp": shape[1]},
+        "topology": topology, "chips": len(devices), "mesh": mesh,
         "batch_size": config.batch_size, "grad_accum_steps": config.grad_accum_steps,
         "hbm_per_chip_gib": _short(hbm / 2**30),
         "params_gib": _short(param_bytes / 2**30),
@@ -101,12 +105,52 @@ def _plan_once(config, devices, topology: str, num_classes: int) -> dict:
         seconds = flops / (peak * mfu)
         out[f"step_seconds_at_{int(mfu * 100)}pct_mfu"] = _short(seconds)
         out[f"img_per_sec_per_chip_at_{int(mfu * 100)}pct_mfu"] = round(per_chip_batch / seconds)
+    if slices > 1:
+        out.update(_dcn(dcn_bytes(compiled.as_text()), slices, flops, peak,
+                        DCN_BITS_PER_SEC.get(gen), gen))
     out["fits"] = used <= hbm
     out["verdict"] = f"{'fits' if out['fits'] else 'does not fit'}: {used / 2**30:.2f} GiB of " \
                      f"{hbm / 2**30:.0f} GiB HBM per chip"
     if not out["fits"]:
         room = hbm - (used - mem.temp_size_in_bytes)
         out["_need"] = mem.temp_size_in_bytes / room if room > 0 else 10**9
+    return out
+
+
+def _dcn(sent: dict[str, int], slices: int, flops: float, peak: float,
+         bits_per_sec: float | None, gen: str) -> dict:
+    """What crossing slices asks of the DCN per chip: the bytes each chip hands the DCN
+    runtime (read from the compiled HLO) sent as a ring all-reduce over the slices, 2(k-1)/k
+    times that share; the bandwidth that takes at 40 and 60 % MFU (the transfer as long as the
+    step's compute); against the documented per-chip figure, and the slice count beyond which
+    it is DCN-bound, each slice keeping its rows per chip (the share does not change with k)."""
+    share = sum(sent.values())
+    ring = 2 * (slices - 1) / slices
+    out = {"dcn_bytes_per_step_per_chip": round(share * ring),
+           "dcn_bytes_from": "compiled HLO: this chip's share of the cross-slice transfers "
+                             f"{dict(sent)} x 2(k-1)/k (ring all-reduce over k={slices} slices)"}
+    need = {}
+    for mfu in (40, 60):
+        need[mfu] = share * ring * 8 / (flops / (peak * mfu / 100))
+        out[f"dcn_gbps_per_chip_at_{mfu}pct_mfu"] = _short(need[mfu] / 1e9)
+    name = {"v5": "v5p"}.get(gen, gen)
+    if not bits_per_sec:
+        out["dcn_verdict"] = (f"no per-chip DCN bandwidth is documented for {name}: compare "
+                              f"{out['dcn_gbps_per_chip_at_60pct_mfu']} Gb/s per chip at 60 % "
+                              "MFU with the network the slices get")
+        return out
+    bound = need[60] > bits_per_sec
+    verdict = (f"{'DCN-bound' if bound else 'not DCN-bound'} on {slices} slices: "
+               f"{out['dcn_gbps_per_chip_at_40pct_mfu']} / {out['dcn_gbps_per_chip_at_60pct_mfu']}"
+               f" Gb/s per chip at 40 / 60 % MFU, {name} has {bits_per_sec / 1e9:g}")
+    limit = need[60] / ring * 2  # a ring's 2(k-1)/k tends to 2
+    if limit <= bits_per_sec:
+        verdict += "; not DCN-bound at 60 % MFU on any number of slices"
+    else:  # the largest k with need(k) = limit (k-1)/k within the figure
+        most = math.floor(1 / (1 - bits_per_sec / limit))
+        verdict += ("; DCN-bound at 60 % MFU from 2 slices on" if most < 2 else
+                    f"; DCN-bound at 60 % MFU beyond {most} slices")
+    out["dcn_verdict"] = verdict
     return out
 
 

@@ -1,0 +1,81 @@
+"""The multislice mesh: slices as contiguous blocks of the data axis, FSDP within a slice.
+(The steps on it, with real processes: test_multihost; compiled for TPU slices: test_plan.)"""
+
+import dataclasses
+
+import pytest
+
+from tests.conftest import load_config
+from vitpod import config as config_lib
+from vitpod import distributed
+from vitpod.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuDevice:  # what device_grid reads of a CPU device: no slice_index
+    id: int
+    process_index: int
+    platform: str = "cpu"
+    device_kind: str = "cpu"
+
+
+def cpu_devices(processes: int, per_process: int) -> list:
+    return [CpuDevice(p * per_process + i, p) for p in range(processes)
+            for i in range(per_process)]
+
+
+@pytest.mark.parametrize("data,fsdp", [(-1, 1), (2, 2), (1, -1)])
+def test_each_slice_is_a_contiguous_block_of_the_data_axis(data, fsdp):
+    """4 processes x 2 devices as 2 slices: processes 0-1 are slice 0, 2-3 slice 1."""
+    mesh = load_config("tiny", mesh__data=data, mesh__fsdp=fsdp).mesh
+    grid = distributed.device_grid(mesh, cpu_devices(4, 2), 2)
+    ici = config_lib.hybrid_mesh_shapes(mesh, 8, 2)[1]
+    assert grid.shape == (2 * ici[0], ici[1])
+    for s in range(2):
+        block = grid[s * ici[0]:(s + 1) * ici[0]]
+        assert {d.process_index // 2 for d in block.flat} == {s}
+    # Each host's devices are consecutive in the batch's (data, fsdp) order: host_block holds.
+    order = [d.process_index for d in grid.flat]
+    assert order == sorted(order)
+
+
+def test_one_slice_mesh_shape_is_unchanged():
+    mesh = load_config("tiny", mesh__data=-1, mesh__fsdp=-1).mesh
+    assert config_lib.mesh_shape(mesh, 8) == (1, 8)
+    assert config_lib.hybrid_mesh_shapes(mesh, 8) == ((1, 1), (1, 8))
+    assert config_lib.mesh_shape(mesh, 8, 2) == (2, 4)  # FSDP stays within a slice
+
+
+def test_mesh_keys_that_do_not_fit_the_slices_are_one_line():
+    with pytest.raises(UserError, match=r"mesh.dcn_data=3 does not match the 2 slice\(s\)"):
+        config_lib.mesh_shape(load_config("tiny", mesh__dcn_data=3).mesh, 8, 2)
+    with pytest.raises(UserError, match="does not match the 4 devices of each of the 2 slices; "
+                                        "make their product 4"):
+        config_lib.mesh_shape(load_config("tiny", mesh__data=8).mesh, 8, 2)
+    with pytest.raises(UserError, match="3 processes cannot form 2 slices"):
+        distributed.device_grid(load_config("tiny").mesh, cpu_devices(3, 2), 2)
+
+
+def test_the_slice_count_comes_from_the_devices_or_the_environment(monkeypatch):
+    @dataclasses.dataclass(frozen=True)
+    class TpuDevice:
+        slice_index: int
+
+    monkeypatch.delenv(distributed.NUM_SLICES_ENV, raising=False)
+    assert distributed.num_slices([TpuDevice(0), TpuDevice(1), TpuDevice(1)]) == 2
+    assert distributed.num_slices([TpuDevice(0), TpuDevice(0)]) == 1
+    assert distributed.num_slices(cpu_devices(2, 2)) == 1
+    monkeypatch.setenv(distributed.NUM_SLICES_ENV, "2")
+    assert distributed.num_slices(cpu_devices(2, 2)) == 2
+    # CPU devices under jax.distributed carry slice_index 0: the environment decides.
+    assert distributed.num_slices([TpuDevice(0), TpuDevice(0)]) == 2
+    monkeypatch.setenv(distributed.NUM_SLICES_ENV, "two")
+    with pytest.raises(UserError, match="MEGASCALE_NUM_SLICES='two'"):
+        distributed.num_slices(cpu_devices(2, 2))
+
+
+def test_batch_divisibility_counts_every_slice():
+    config = load_config("tiny", batch_size=12, data__train_dir="x")
+    with pytest.raises(UserError, match="batch_size=12 is not divisible by the 8 devices"):
+        config_lib.validate(config, 8, 4, 2)
+    config_lib.validate(load_config("tiny", batch_size=16, data__train_dir="x"), 8, 4, 2)
