@@ -49,7 +49,7 @@ demo: install $(DIGITS)/.done
 	$(FAKE_DEVICES) $(BIN)/python -m vitpod.train --config=configs/demo.py --workdir=$(DEMO_WORKDIR)
 
 # Two test modules at a time (module fixtures stay in one process): much of the suite is
-# single-threaded compiles and process start-ups, so on 2 cores it takes ~14.5 min, not ~21.
+# single-threaded compiles and process start-ups, so on 2 cores it takes ~18 min, not ~25.
 # The pod rehearsal (tests/test_pod_sim.py) is its own serial step: `make test-pod-sim`.
 PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
