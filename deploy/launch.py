@@ -46,7 +46,8 @@ class Launch:
 
         def start(i: int):
             # JAX_PLATFORMS makes JAX fail instead of falling back to the CPU.
-            env = {"JAX_PLATFORMS": s.platform, **protocol.launch_env(self.id, i, tpu_type)}
+            env = {"JAX_PLATFORMS": s.platform, **protocol.launch_env(
+                self.id, i, tpu_type, s.coordinator_port, s.init_timeout)}
             return workers.run(i, "cd ~ && " + " ".join(
                 f"{k}={shlex.quote(v)}" for k, v in env.items()) + f" {PYTHON} -m "
                 f"vitpod.podworker start --workdir={shlex.quote(s.workdir)} "

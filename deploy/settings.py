@@ -6,12 +6,14 @@ import dataclasses
 import os
 
 from deploy.gcloud_cli import PodError
+from vitpod.workdir import protocol
 
 DEFAULTS = {"WORKER": "0", "PLATFORM": "tpu", "PYTHON_VERSION": "3.11.7", "UV_VERSION": "0.13.9",
             "WAIT_TIMEOUT": "7200", "POLL_SECONDS": "60", "MAX_RETRIES": "20",
             "READY_TIMEOUT": "900", "SSH_TIMEOUT": "900", "SSH_RETRIES": "4",
             "DESCRIBE_RETRIES": "8", "LOG_SYNC_SECONDS": "30", "CRASH_GRACE": "120",
-            "STALL_TIMEOUT": "1800",
+            "STALL_TIMEOUT": "1800", "NUM_SLICES": "1",
+            "COORDINATOR_PORT": str(protocol.DEFAULT_COORDINATOR_PORT), "INIT_TIMEOUT": "1800",
             "CAPACITY": "spot"}
 KEYS = ("PROJECT", "ZONE", "NAME", "TPU_TYPE", "TPU_TYPES", "QUEUE_TIMEOUT", "RUNTIME_VERSION",
         "CAPACITY", "WORKDIR", "CONFIG", "TRAIN_FLAGS", "WHEEL", "PYPI_MIRROR", "PYTHON_MIRROR",
@@ -83,7 +85,15 @@ class Settings:
     log_sync_seconds: float
     crash_grace: float
     stall_timeout: float
+    slice_counts: tuple[int, ...]
+    coordinator_port: int
+    init_timeout: float
     dry_run: bool = False
+
+    @property
+    def num_slices(self) -> int:
+        """The most wanted number of slices (NUM_SLICES=4,2,1: 4)."""
+        return self.slice_counts[0]
 
     @property
     def tpu_type(self) -> str:
@@ -131,6 +141,16 @@ def load_settings(path: str, env: dict) -> Settings:
         problems.append(f"CAPACITY={raw['CAPACITY']!r}: use one of {', '.join(CAPACITY_FLAGS)}")
     if not (raw["WORKER"] == "all" or raw["WORKER"].isdigit()):
         problems.append(f"WORKER={raw['WORKER']!r}: use a worker's index or all")
+    slice_counts = []
+    for item in raw["NUM_SLICES"].split(","):
+        if not item.strip().isdigit() or int(item) < 1:
+            problems.append(f"NUM_SLICES={raw['NUM_SLICES']!r}: use a number of slices >= 1, or "
+                            "several, most wanted first (4,2,1)")
+            break
+        slice_counts.append(int(item))
+    port = number("COORDINATOR_PORT", int)
+    if raw["COORDINATOR_PORT"].isdigit() and not 0 < port < 65536:
+        problems.append(f"COORDINATOR_PORT={raw['COORDINATOR_PORT']!r}: not a TCP port")
     slice_types = []
     for item in filter(None, (raw.get("TPU_TYPES") or raw.get("TPU_TYPE", "")).split(",")):
         tpu_type, _, zone = (part.strip() for part in item.partition("@"))
@@ -153,7 +173,8 @@ def load_settings(path: str, env: dict) -> Settings:
         ready_timeout=number("READY_TIMEOUT"), ssh_timeout=number("SSH_TIMEOUT"),
         ssh_retries=number("SSH_RETRIES", int), describe_retries=number("DESCRIBE_RETRIES", int),
         log_sync_seconds=number("LOG_SYNC_SECONDS"), crash_grace=number("CRASH_GRACE"),
-        stall_timeout=number("STALL_TIMEOUT"),
+        stall_timeout=number("STALL_TIMEOUT"), slice_counts=tuple(slice_counts) or (1,),
+        coordinator_port=port, init_timeout=number("INIT_TIMEOUT"),
         dry_run=env.get("DRY_RUN") == "1")
     if problems:
         raise PodError("\n".join(problems))

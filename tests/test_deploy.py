@@ -16,6 +16,7 @@ from deploy.settings import slice_devices
 from deploy.sim import gcloud as sim_gcloud
 from deploy.sim import image
 from tests.conftest import ROOT
+from vitpod.distributed import free_port
 
 BASE = {"PROJECT": "proj", "ZONE": "us-central2-b", "NAME": "vp", "TPU_TYPE": "v4-16",
         "CAPACITY": "spot", "WORKDIR": "gs://bkt/run", "CONFIG": "configs/tiny.py",
@@ -34,6 +35,8 @@ class Cloud:
         self.scenario = {"image_bin": image_bin, "downloads_bin": downloads,
                          "cache_dir": str(root / "cache")}
         sim_gcloud.install(str(self.bin))
+        # Every worker is on loopback: a free port for the job's coordinator, not JAX's default.
+        self.port = str(free_port())
         self.set()
 
     def set(self, **scenario):
@@ -42,7 +45,7 @@ class Cloud:
 
     def env(self, **settings):
         return {**os.environ, "PATH": f"{self.bin}:{os.environ['PATH']}", "SIM_DIR": str(self.dir),
-                "POD_ENV": os.devnull, **BASE, **settings}
+                "POD_ENV": os.devnull, "COORDINATOR_PORT": self.port, **BASE, **settings}
 
     def pod(self, verb, timeout=300, **settings):
         return subprocess.run([sys.executable, "-m", "deploy.pod", verb], cwd=ROOT,
@@ -282,6 +285,28 @@ def test_a_worker_that_does_not_start_stops_the_others(cloud, gcs, tmp_path, col
             result.stdout and "retry 1/3" in result.stdout
     assert "[w0] worker 0: stopped the earlier trainer" in result.stdout
     assert cloud.processes() == []
+
+
+@pytest.mark.parametrize("port", ["", "8476"])
+def test_the_launch_line_sets_the_coordinator_port_and_init_timeout(cloud, port):
+    env = cloud.env(DRY_RUN="1", COORDINATOR_PORT=port, INIT_TIMEOUT="900")
+    if not port:  # JAX's default, written out all the same
+        del env["COORDINATOR_PORT"]
+    result = subprocess.run([sys.executable, "-m", "deploy.pod", "launch"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    [line] = [line for line in result.stdout.splitlines() if "podworker start" in line]
+    command = shlex.split(shlex.split(line)[-3].removeprefix("--command="))
+    assert f"JAX_COORDINATOR_PORT={port or 8482}" in command
+    assert "VITPOD_INIT_TIMEOUT=900" in command
+
+
+def test_bad_slice_settings_are_named(cloud):
+    result = cloud.pod("create", DRY_RUN="1", NUM_SLICES="2,zero", COORDINATOR_PORT="70000")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: NUM_SLICES='2,zero': use a number of slices >= 1, or several, most wanted first "
+        "(4,2,1)", "error: COORDINATOR_PORT='70000': not a TCP port"]
 
 
 def test_hostile_values_stay_single_arguments(cloud):

@@ -79,3 +79,39 @@ def test_batch_divisibility_counts_every_slice():
     with pytest.raises(UserError, match="batch_size=12 is not divisible by the 8 devices"):
         config_lib.validate(config, 8, 4, 2)
     config_lib.validate(load_config("tiny", batch_size=16, data__train_dir="x"), 8, 4, 2)
+
+
+@pytest.mark.parametrize("slices,slice_id,worker", [(1, 0, 1), (2, 1, 0), (4, 3, 1)])
+def test_the_rehearsal_derives_the_job_as_jax_does_from_tpu_metadata(monkeypatch, slices,
+                                                                    slice_id, worker):
+    """The rehearsal's stand-ins for the metadata server give what JAX's own Cloud TPU
+    detection computes from the same values (worker list and index in the slice, MEGASCALE_*,
+    JAX_COORDINATOR_PORT)."""
+    from jax._src.clusters import cloud_tpu_cluster
+
+    from vitpod.workdir import protocol
+
+    env = {**protocol.sim_metadata_env("10.0.0.7", 2, worker),
+           protocol.COORDINATOR_PORT_ENV: "8476"}
+    # One slice: the runtime sets no MEGASCALE_* value (empty here, so that JAX does not ask
+    # the metadata server for them).
+    env.update(protocol.slices_env(slices, slice_id, "10.0.0.2") if slices > 1 else
+               dict.fromkeys(protocol.slices_env(1, 0, ""), ""))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    jax_tpu = cloud_tpu_cluster.GceTpuCluster
+    monkeypatch.setattr(jax_tpu, "_get_process_id_in_slice", staticmethod(lambda: worker))
+    monkeypatch.setattr(jax_tpu, "_get_worker_list_in_slice",
+                        staticmethod(lambda: ["10.0.0.7", "10.0.0.8"]))
+    monkeypatch.setattr(jax_tpu, "wait_for_coordinator", classmethod(lambda *a: None))
+    expected = (jax_tpu.get_coordinator_address(None, "8476"), jax_tpu.get_process_count(),
+                jax_tpu.get_process_id())
+    assert distributed.rehearsed_cluster(env) == expected
+    assert expected[2] == worker + 2 * slice_id  # not the same by accident
+
+
+def test_a_bad_init_timeout_is_one_line():
+    assert distributed.init_timeout({}) == 300  # JAX's own default
+    assert distributed.init_timeout({"VITPOD_INIT_TIMEOUT": "1800"}) == 1800
+    with pytest.raises(UserError, match="VITPOD_INIT_TIMEOUT='soon'.*INIT_TIMEOUT"):
+        distributed.init_timeout({"VITPOD_INIT_TIMEOUT": "soon"})

@@ -28,28 +28,47 @@ def _on_cloud_tpu_vm() -> bool:
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
-# Only `make pod-sim` sets these: a real TPU VM's workers learn the coordinator, the process
-# count and their index from the GCE metadata server, which cannot be imitated on localhost.
-# They let the simulated workers run the very command line a real worker runs.
-SIM_ENV = (protocol.COORDINATOR_ADDRESS_ENV, protocol.NUM_PROCESSES_ENV,
-           protocol.PROCESS_ID_ENV)
-
-
 def initialize(coordinator_address: str = "", num_processes: int = 0,
                process_id: int = -1) -> None:
-    """Join the job: explicit flags for local multi-process runs, auto-detect on TPU VMs."""
-    if not coordinator_address and os.environ.get(SIM_ENV[0]):
-        coordinator_address = os.environ[SIM_ENV[0]]
-        num_processes = int(os.environ.get(SIM_ENV[1], "0"))
-        process_id = int(os.environ.get(SIM_ENV[2], "-1"))
+    """Join the job: explicit flags for local multi-process runs, auto-detect on TPU VMs (and in
+    the rehearsal, from its stand-in for the metadata server)."""
+    timeout = init_timeout(os.environ)
+    if not coordinator_address and os.environ.get(protocol.SIM_WORKER0_ENV):
+        coordinator_address, num_processes, process_id = rehearsed_cluster(os.environ)
     if coordinator_address:
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise UserError(f"--process_id={process_id} --num_processes={num_processes}: "
                             "need num_processes >= 1 and 0 <= process_id < num_processes")
         jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id)
+                                   num_processes=num_processes, process_id=process_id,
+                                   initialization_timeout=timeout)
     elif _on_cloud_tpu_vm():
-        jax.distributed.initialize()  # worker list and coordinator from the TPU metadata
+        # Worker list, coordinator (JAX_COORDINATOR_PORT) and slices from the TPU metadata.
+        jax.distributed.initialize(initialization_timeout=timeout)
+
+
+def init_timeout(env) -> int:
+    """Seconds jax.distributed waits for every host: the launcher's setting, else JAX's 300."""
+    value = env.get(protocol.INIT_TIMEOUT_ENV, "300")
+    try:
+        return max(1, round(float(value)))
+    except ValueError:
+        raise UserError(f"{protocol.INIT_TIMEOUT_ENV}={value!r} in the environment: need a "
+                        "number of seconds (INIT_TIMEOUT in deploy/pod.env)") from None
+
+
+def rehearsed_cluster(env) -> tuple[str, int, int]:
+    """(coordinator, process count, process id) from the rehearsal's stand-ins for the TPU
+    metadata, derived as JAX's Cloud TPU detection derives them from the real metadata
+    (jax/_src/clusters/cloud_tpu_cluster.py): process id = index in the slice + slice id x
+    hosts per slice; the coordinator is MEGASCALE_COORDINATOR_ADDRESS, else the slice's worker
+    0, at JAX_COORDINATOR_PORT (default 8482)."""
+    hosts, worker = int(env[protocol.SIM_HOSTS_ENV]), int(env[protocol.SIM_WORKER_ID_ENV])
+    slices = int(env.get(protocol.NUM_SLICES_ENV) or 1)
+    slice_id = int(env.get(protocol.SLICE_ID_ENV) or 0)
+    host = env.get(protocol.SLICE_COORDINATOR_ENV) or env[protocol.SIM_WORKER0_ENV]
+    port = env.get(protocol.COORDINATOR_PORT_ENV) or protocol.DEFAULT_COORDINATOR_PORT
+    return f"{host.split(':')[0]}:{port}", hosts * slices, worker + slice_id * hosts
 
 
 def check_devices(expect_platform: str = "", expect_devices: int = 0) -> str:
@@ -89,9 +108,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Set by the TPU runtime on every host of a multislice job (its slice count); a CPU rehearsal
-# sets it to lay its processes out as slices.
-NUM_SLICES_ENV = "MEGASCALE_NUM_SLICES"
+# The TPU runtime's slice count on every host of a multislice job; a CPU rehearsal sets it to
+# lay its processes out as slices.
+NUM_SLICES_ENV = protocol.NUM_SLICES_ENV
 
 
 def num_slices(devices=None) -> int:

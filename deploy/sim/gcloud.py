@@ -15,7 +15,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -144,13 +143,10 @@ def advance(state: dict, name: str, res: dict, sc: dict) -> str | None:
 
 
 def make_node(state: dict, name: str, res: dict, sc: dict) -> None:
-    """A fresh node: empty worker homes, a coordinator port; the capacity watcher if asked."""
+    """A fresh node: empty worker homes; the capacity watcher if asked."""
     res.update(state="ACTIVE", workers=hosts(res["type"], sc["chips_per_host"]))
     state["granted"][res["type"]] = state["granted"].get(res["type"], 0) + 1
     state.setdefault("slices", []).append(f"{res['type']} ({res['workers']} workers)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        res["port"] = s.getsockname()[1]
     shutil.rmtree(node_dir(name), ignore_errors=True)
     for i in range(res["workers"]):
         os.makedirs(os.path.join(node_dir(name), f"w{i}"))
@@ -159,7 +155,7 @@ def make_node(state: dict, name: str, res: dict, sc: dict) -> None:
                          start_new_session=True, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=open(
                              os.path.join(sim_dir(), "capacity.log"), "a"))
-    cloud_log(f"{name}: ACTIVE with {res['workers']} worker(s), coordinator port {res['port']}")
+    cloud_log(f"{name}: ACTIVE with {res['workers']} worker(s)")
 
 
 # --- TPU VMs -------------------------------------------------------------------------------
@@ -189,7 +185,7 @@ def worker_env(name: str, res: dict, i: int) -> dict:
     sc = scenario()
     return {**image_env(os.path.join(node_dir(name), f"w{i}")),
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={sc['chips_per_host']}",
-            **protocol.coordinator_env(f"127.0.0.1:{res['port']}", res["workers"], i),
+            **protocol.sim_metadata_env("127.0.0.1", res["workers"], i),
             NODE_ENV: node_tag(name, i)}
 
 

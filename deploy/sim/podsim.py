@@ -27,6 +27,7 @@ from deploy.sim import cloud_state as sim
 from deploy.sim import gcloud as sim_gcloud
 from deploy.sim import image
 from deploy.sim.gcs import Emulator
+from vitpod.distributed import free_port
 from vitpod.workdir import protocol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -152,7 +153,9 @@ def main() -> int:
                     "CONFIG": config, "TRAIN_FLAGS": flags, "WHEEL": wheel, "PLATFORM": "cpu",
                     "PYTHON_VERSION": python_version,
                     "POLL_SECONDS": "1", "LOG_SYNC_SECONDS": "2", "CRASH_GRACE": "20",
-                    "READY_TIMEOUT": "300", "MAX_RETRIES": "3", "POD_ENV": os.devnull}
+                    "READY_TIMEOUT": "300", "MAX_RETRIES": "3", "POD_ENV": os.devnull,
+                    # every simulated worker is on loopback: a free port, not JAX's default
+                    "COORDINATOR_PORT": str(free_port())}
         for key in ("TPU_TYPES", "QUEUE_TIMEOUT", "PRICE_PER_CHIP_HOUR"):
             if os.environ.get(key):
                 settings[key] = os.environ[key]

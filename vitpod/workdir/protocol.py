@@ -16,10 +16,21 @@ import time
 LAUNCH_ENV = "VITPOD_LAUNCH_ID"
 WORKER_ENV = "VITPOD_WORKER"
 SLICE_ENV = "VITPOD_TPU_TYPE"
-# The coordinator, where no metadata server tells the workers (only the rehearsal sets these).
-COORDINATOR_ADDRESS_ENV = "VITPOD_COORDINATOR_ADDRESS"
-NUM_PROCESSES_ENV = "VITPOD_NUM_PROCESSES"
-PROCESS_ID_ENV = "VITPOD_PROCESS_ID"
+# JAX's coordinator port (JAX reads it itself; its default, jax/_src/clusters/cluster.py) and
+# how long jax.distributed waits for every host (vitpod passes it on).
+COORDINATOR_PORT_ENV = "JAX_COORDINATOR_PORT"
+DEFAULT_COORDINATOR_PORT = 8482
+INIT_TIMEOUT_ENV = "VITPOD_INIT_TIMEOUT"
+# Set by the TPU runtime on every host of a multislice job; JAX reads them itself.
+NUM_SLICES_ENV = "MEGASCALE_NUM_SLICES"
+SLICE_ID_ENV = "MEGASCALE_SLICE_ID"
+SLICE_COORDINATOR_ENV = "MEGASCALE_COORDINATOR_ADDRESS"
+# What a TPU VM's metadata server tells JAX about its own slice, where there is none: only the
+# rehearsal sets these (the host of the slice's worker 0, the slice's host count, this host's
+# index in the slice).
+SIM_WORKER0_ENV = "VITPOD_SIM_WORKER0"
+SIM_HOSTS_ENV = "VITPOD_SIM_HOSTS"
+SIM_WORKER_ID_ENV = "VITPOD_SIM_WORKER_ID"
 
 # A worker's readiness, in the order it is reached.
 STARTED, JOINING, READY, EXITED = "started", "joining", "ready", "exited"
@@ -72,13 +83,20 @@ def process_start_ticks(pid: int) -> int | None:
         return None
 
 
-def launch_env(launch_id: str, worker: int, slice_type: str) -> dict[str, str]:
-    return {LAUNCH_ENV: launch_id, WORKER_ENV: str(worker), SLICE_ENV: slice_type}
+def launch_env(launch_id: str, worker: int, slice_type: str, coordinator_port: int,
+               init_timeout: float) -> dict[str, str]:
+    return {LAUNCH_ENV: launch_id, WORKER_ENV: str(worker), SLICE_ENV: slice_type,
+            COORDINATOR_PORT_ENV: str(coordinator_port), INIT_TIMEOUT_ENV: f"{init_timeout:g}"}
 
 
-def coordinator_env(address: str, processes: int, process_id: int) -> dict[str, str]:
-    return {COORDINATOR_ADDRESS_ENV: address, NUM_PROCESSES_ENV: str(processes),
-            PROCESS_ID_ENV: str(process_id)}
+def sim_metadata_env(worker0_host: str, hosts: int, worker: int) -> dict[str, str]:
+    return {SIM_WORKER0_ENV: worker0_host, SIM_HOSTS_ENV: str(hosts),
+            SIM_WORKER_ID_ENV: str(worker)}
+
+
+def slices_env(slices: int, slice_id: int, coordinator_host: str) -> dict[str, str]:
+    return {NUM_SLICES_ENV: str(slices), SLICE_ID_ENV: str(slice_id),
+            SLICE_COORDINATOR_ENV: coordinator_host}
 
 
 def done_path(workdir: str) -> str:
