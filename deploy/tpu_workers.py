@@ -1,5 +1,7 @@
-"""The workers of one TPU VM node, reached with `gcloud compute tpus tpu-vm ssh|scp`, each with
+"""The workers of TPU VM nodes, reached with `gcloud compute tpus tpu-vm ssh|scp`, each with
 its own call (`--worker=i`) so that each retries on its own and a failure names its worker.
+One node is a slice; a multislice job is several nodes whose workers are numbered on, slice
+after slice, as JAX numbers their processes.
 """
 
 import subprocess
@@ -9,11 +11,24 @@ from deploy.settings import Settings
 from deploy.slices import Result
 
 
-class TpuVmWorkers:
-    """Workers 0..count-1 of the TPU VM `name` in `zone`."""
+def report_failures(what: str, results: dict[int, object]) -> None:
+    """Log each worker whose call failed (an exception or a non-zero exit); raise naming them."""
+    failed = {i: r for i, r in results.items() if isinstance(r, Exception) or r[0]}
+    for i, r in sorted(failed.items()):
+        why = str(r) if isinstance(r, Exception) else reason(r[2] or r[1], f"exit {r[0]}")
+        log(f"worker {i}: {what} failed: {why}")
+    if failed:
+        raise PodError(f"{what} failed on worker(s) {', '.join(map(str, sorted(failed)))} "
+                       "(reasons above)")
 
-    def __init__(self, gcloud: Gcloud, settings: Settings, zone: str, count: int):
+
+class TpuVmWorkers:
+    """Workers 0..count-1 of the TPU VM `node` in `zone`, printed as [w`first`+i]."""
+
+    def __init__(self, gcloud: Gcloud, settings: Settings, zone: str, count: int,
+                 node: str = "", first: int = 0):
         self.g, self.settings, self.zone, self.count = gcloud, settings, zone, count
+        self.node, self.first = node or settings.name, first
 
     def _vm(self, verb: str, *args: str) -> list[str]:
         return ["compute", "tpus", "tpu-vm", verb, *args, f"--project={self.settings.project}",
@@ -21,29 +36,56 @@ class TpuVmWorkers:
 
     def run(self, i: int, command: str, stream: bool = True,
             retries: int | None = None) -> Result:
-        return self.g.call(*self._vm("ssh", self.settings.name, f"--worker={i}",
-                                     f"--command={command}"),
-                           retries=retries or self.settings.ssh_retries, prefix=f"[w{i}] ",
-                           stream=stream)
+        return self.g.call(*self._vm("ssh", self.node, f"--worker={i}", f"--command={command}"),
+                           retries=retries or self.settings.ssh_retries,
+                           prefix=f"[w{self.first + i}] ", stream=stream)
 
     def copy(self, i: int, target: str, *sources: str) -> Result:
-        return self.g.call(*self._vm("scp", *sources, f"{self.settings.name}:{target}",
-                                     f"--worker={i}"), retries=self.settings.ssh_retries,
-                           prefix=f"[w{i}] ")
+        return self.g.call(*self._vm("scp", *sources, f"{self.node}:{target}", f"--worker={i}"),
+                           retries=self.settings.ssh_retries, prefix=f"[w{self.first + i}] ")
 
     def on_each(self, what: str, call) -> dict[int, object]:
         results = self.each(call)
-        failed = {i: r for i, r in results.items() if isinstance(r, Exception) or r[0]}
-        for i, r in sorted(failed.items()):
-            why = str(r) if isinstance(r, Exception) else reason(r[2] or r[1], f"exit {r[0]}")
-            log(f"worker {i}: {what} failed: {why}")
-        if failed:
-            raise PodError(f"{what} failed on worker(s) {', '.join(map(str, sorted(failed)))} "
-                           "(reasons above)")
+        report_failures(what, results)
         return results
 
     def each(self, call) -> dict[int, object]:
         return for_each_worker(self.count, call)
 
     def shell(self, worker: str) -> None:
-        subprocess.run(["gcloud", *self._vm("ssh", self.settings.name, f"--worker={worker}")])
+        subprocess.run(["gcloud", *self._vm("ssh", self.node, f"--worker={worker}")])
+
+
+class MultisliceWorkers:
+    """The workers of several nodes (one per slice) as one list, slice after slice: with every
+    slice, worker i is worker i % per-slice of slice i // per-slice, as JAX numbers multislice
+    processes. Built from the surviving slices only, it reaches those (to stop them)."""
+
+    def __init__(self, nodes: list[TpuVmWorkers]):
+        self.nodes = nodes
+        self.slots = [(node, j) for node in nodes for j in range(node.count)]
+        self.count = len(self.slots)
+
+    def run(self, i: int, command: str, stream: bool = True,
+            retries: int | None = None) -> Result:
+        node, local = self.slots[i]
+        return node.run(local, command, stream, retries)
+
+    def copy(self, i: int, target: str, *sources: str) -> Result:
+        node, local = self.slots[i]
+        return node.copy(local, target, *sources)
+
+    def on_each(self, what: str, call) -> dict[int, object]:
+        results = self.each(call)
+        report_failures(what, results)
+        return results
+
+    def each(self, call) -> dict[int, object]:
+        return for_each_worker(self.count, call)
+
+    def shell(self, worker: str) -> None:
+        if not worker.isdigit() or int(worker) >= self.count:
+            raise PodError(f"WORKER={worker}: pick one worker, 0-{self.count - 1} (slice after "
+                           "slice, as make pod-logs WORKER=all numbers them)")
+        node, local = self.slots[int(worker)]
+        node.shell(str(local))
