@@ -16,7 +16,7 @@ DIGITS := data/digits
 DEMO_WORKDIR ?= runs/demo
 
 .PHONY: install demo test test-fast lint format debug debug-multihost clean \
-	bench constraints test-pod-sim pod-sim pod-create pod-setup pod-check pod-launch pod-watch \
+	bench constraints test-pod-sim test-pod-sim-multislice pod-sim pod-create pod-setup pod-check pod-launch pod-watch \
 	pod-status pod-logs pod-ssh pod-delete pod-run
 
 install: $(VENV)/.installed
@@ -50,7 +50,8 @@ demo: install $(DIGITS)/.done
 
 # Two test modules at a time (module fixtures stay in one process): much of the suite is
 # single-threaded compiles and process start-ups, so on 2 cores it takes ~18 min, not ~25.
-# The pod rehearsal (tests/test_pod_sim.py) is its own serial step: `make test-pod-sim`.
+# The pod rehearsals are their own serial steps: `make test-pod-sim`, then
+# `make test-pod-sim-multislice`.
 PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test: install
@@ -62,6 +63,10 @@ test-fast: install
 # `make pod-sim` on a v4-16 with a preemption, checked against an uninterrupted 2-process run.
 test-pod-sim: install $(DIGITS)/.done
 	$(BIN)/python -m pytest -q -m podsim tests/test_pod_sim.py
+
+# `make pod-sim NUM_SLICES=2,1` with one slice preempted and capacity for one slice after it.
+test-pod-sim-multislice: install $(DIGITS)/.done
+	$(BIN)/python -m pytest -q -m podsim tests/test_pod_sim_multislice.py
 
 lint: install
 	$(BIN)/ruff check vitpod tests configs deploy benchmarks
@@ -88,7 +93,8 @@ bench: install
 	$(BIN)/python benchmarks/run.py
 
 # Rehearse pod-run on localhost first: a simulated v4-16 (2 workers x 4 fake devices),
-# preempted at step PREEMPT_AT_STEP, to DONE. Takes TPU_TYPE, CONFIG, TRAIN_FLAGS as pod-run.
+# preempted at step PREEMPT_AT_STEP, to DONE. Takes TPU_TYPE, NUM_SLICES, CONFIG, TRAIN_FLAGS
+# as pod-run (NUM_SLICES=2: two such slices as one job, the last one preempted).
 pod-sim: install $(DIGITS)/.done
 	$(BIN)/python -m deploy.sim.podsim
 

@@ -30,24 +30,26 @@ class Launch:
         s = self.settings
         s.require("PROJECT", "ZONE", "NAME", "WORKDIR", "CONFIG", "TPU_TYPE")
         workers = self.slice.workers()
-        tpu_type = self.slice.accelerator_type()
+        tpu_type, slices = self.slice.accelerator_type(), self.slice.slice_count()
         config_file, _, arg = s.config.partition(":")
         workers.on_each("copying the config",
                         lambda i: workers.copy(i, f"~/{protocol.CONFIGS}/", config_file))
         remote_config = protocol.join(protocol.CONFIGS, os.path.basename(config_file)) + (
             f":{arg}" if arg else "")
-        devices = slice_devices(tpu_type)
+        devices = (slice_devices(tpu_type) or 0) * slices
+        label = tpu_type if slices == 1 else f"{slices}x{tpu_type}"  # for the goodput report
         train = [PYTHON, "-m", "vitpod.train", f"--config={remote_config}",
                  f"--workdir={s.workdir}", f"--expect_platform={s.platform}",
                  *([f"--expect_devices={devices}"] if devices else []),
                  *shlex.split(s.train_flags)]
         self.id = protocol.new_launch_id()
-        log(f"launch {self.id} on {workers.count} worker(s): {shlex.join(train)}")
+        log(f"launch {self.id} on {workers.count} worker(s)"
+            + (f" of {slices} slices" if slices > 1 else "") + f": {shlex.join(train)}")
 
         def start(i: int):
             # JAX_PLATFORMS makes JAX fail instead of falling back to the CPU.
             env = {"JAX_PLATFORMS": s.platform, **protocol.launch_env(
-                self.id, i, tpu_type, s.coordinator_port, s.init_timeout)}
+                self.id, i, label, s.coordinator_port, s.init_timeout)}
             return workers.run(i, "cd ~ && " + " ".join(
                 f"{k}={shlex.quote(v)}" for k, v in env.items()) + f" {PYTHON} -m "
                 f"vitpod.podworker start --workdir={shlex.quote(s.workdir)} "

@@ -48,7 +48,8 @@ class Pod:
     def check(self, workers: Workers | None = None) -> None:
         self.settings.require("PROJECT", "ZONE", "NAME", "TPU_TYPE")
         workers = workers or self.slice.workers()
-        worker_setup.check(self.settings, workers, self.slice.accelerator_type())
+        worker_setup.check(self.settings, workers, self.slice.accelerator_type(),
+                           self.slice.slice_count())
 
     def launch(self) -> Launch:
         launch = Launch(self.settings, self.g, self.slice)
@@ -59,18 +60,21 @@ class Pod:
         return Launch(self.settings, self.g, self.slice).watch()
 
     def preflight(self) -> None:
-        """The config against every slice type's device count (vitpod.preflight, in the local
-        venv) before a slice is created: a fallback that cannot run it would be billed to fail."""
+        """The config against every slice type and count it may get (vitpod.preflight, in the
+        local venv) before a slice is created: a fallback that cannot run it would be billed to
+        fail (the global batch must divide over every one)."""
         s = self.settings
         python = os.path.join(os.path.dirname(DEPLOY_DIR), ".venv", "bin", "python")
-        counts = [(t.name, slice_devices(t.name)) for t in s.slice_types]
-        if not os.path.exists(python) or not all(n for _, n in counts):
+        counts = [(t.name, slice_devices(t.name), n) for t in s.slice_types
+                  for n in s.slice_counts]
+        if not os.path.exists(python) or not all(d for _, d, _ in counts):
             log("config not checked against the slice types (no .venv here: make install; or "
                 "a type whose device count is unknown)")
             return
         flags = [f for f in shlex.split(s.train_flags) if f.startswith("--config.")]
-        check = [python, "-m", "vitpod.preflight", f"--config={s.config}",
-                 "--slices=" + ",".join(f"{t}={n}" for t, n in counts), *flags]
+        slices = ",".join(f"{t}={d}" if n == 1 else f"{n}x{t}={d * n}/{n}" for t, d, n in counts)
+        check = [python, "-m", "vitpod.preflight", f"--config={s.config}", f"--slices={slices}",
+                 *flags]
         done = subprocess.run(check, capture_output=True, text=True, timeout=300)
         for line in done.stdout.splitlines():
             log(f"preflight: {line}")
@@ -119,6 +123,9 @@ class Pod:
                 log(f"relaunching on the same slice ({lost}/{s.max_retries})")
             else:
                 log(f"slice lost ({outcome}); replacing it ({lost}/{s.max_retries})")
+                if self.slice.slice_count() > 1:  # the others would wait in a collective
+                    log("stopping the trainers of the slices still there")
+                    launch.stop(self.slice.workers(reachable_only=True))
                 self.slice.delete()
 
     def report(self) -> None:

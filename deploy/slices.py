@@ -70,10 +70,15 @@ class Slice(Protocol):
     def health(self) -> Health:
         ...
 
-    def workers(self) -> Workers:
-        """Its workers, counted from the cloud's answer (never from a table)."""
+    def workers(self, reachable_only: bool = False) -> Workers:
+        """Its workers, counted from the cloud's answer (never from a table), slice after
+        slice; with `reachable_only`, those of the slices not lost."""
         ...
 
     def accelerator_type(self) -> str:
-        """The type it has (once `workers()` has read it), else the type it asked for."""
+        """The type of each slice (once `workers()` has read it), else the type asked for."""
+        ...
+
+    def slice_count(self) -> int:
+        """How many slices of that type form the job (multislice over DCN when above 1)."""
         ...

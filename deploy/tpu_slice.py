@@ -1,7 +1,10 @@
-"""A TPU slice as one queued resource and its node: created with fallback types, waited through
-its documented states, deleted. Standard library only.
+"""A TPU slice as one queued resource and its node, or a multislice job as one queued resource
+and a node per slice: created with fallback types and slice counts, waited through its
+documented states, deleted. Standard library only.
 
 Queued-resource states: https://cloud.google.com/tpu/docs/queued-resources
+Multislice (`--node-count`, `--node-prefix`; nodes PREFIX-0 ..):
+https://cloud.google.com/sdk/gcloud/reference/compute/tpus/queued-resources/create
 """
 
 import json
@@ -10,7 +13,7 @@ import time
 from deploy.gcloud_cli import Gcloud, PodError, log, reason
 from deploy.settings import CAPACITY_FLAGS, Settings, SliceType
 from deploy.slices import Health
-from deploy.tpu_workers import TpuVmWorkers
+from deploy.tpu_workers import MultisliceWorkers, TpuVmWorkers
 
 # Waiting ones, and the node's states after which the slice is gone.
 WAITING = ("ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "CREATING")
@@ -20,14 +23,18 @@ LOST = ("FAILED", "SUSPENDED", "NOT_FOUND", "DELETING")
 
 
 class QueuedResource:
-    """The queued resource NAME: which type and zone it asked for last, and what it got."""
+    """The queued resource NAME: which type, zone and number of slices it asked for last, and
+    what it got. The requests it may make, most wanted first: each of TPU_TYPES with each of
+    NUM_SLICES (TPU_TYPES=v5litepod-32,v5litepod-16 NUM_SLICES=2,1: 2 x 32, 1 x 32, 2 x 16,
+    1 x 16)."""
 
     def __init__(self, settings: Settings, gcloud: Gcloud):
         self.settings, self.g, self.sleep = settings, gcloud, gcloud.sleep
         self.name = settings.name
-        self.types = settings.slice_types or (SliceType("", settings.zone, ""),)
-        self.asked = self.types[0]  # the type (and zone) the slice is asked for in
-        self.obtained = ""  # the type the node reports, once read
+        types = settings.slice_types or (SliceType("", settings.zone, ""),)
+        self.options = [(t, n) for t in types for n in settings.slice_counts]
+        self.asked, self.asked_slices = self.options[0]  # what it asks for (type, zone; slices)
+        self.obtained, self.obtained_slices = "", 0  # what the nodes report, once read
         self.bucket_location, self.warned = None, set()
 
     def _where(self) -> list[str]:
@@ -45,35 +52,78 @@ class QueuedResource:
         message = state.get("failedData", {}).get("error", {}).get("message", "")
         return state.get("state", "UNKNOWN"), message
 
-    def _node(self) -> dict | None:
-        return self.g.describe("compute", "tpus", "tpu-vm", "describe", self.name,
-                               *self._where(), retries=self.settings.describe_retries)
+    def _node(self, name: str) -> dict | None:
+        return self.g.describe("compute", "tpus", "tpu-vm", "describe", name, *self._where(),
+                               retries=self.settings.describe_retries)
+
+    def node_names(self) -> list[str]:
+        """Its nodes, as the queued resource lists them: NAME, or PREFIX-0 .. for multislice."""
+        if self.settings.dry_run:
+            return self._names(self.asked_slices)
+        found = self.g.describe(*self._qr("describe"), retries=self.settings.describe_retries)
+        spec = ((found or {}).get("tpu", {}).get("nodeSpec") or [{}])[0]
+        multi = spec.get("multisliceParams") or {}
+        if multi.get("nodeCount"):
+            return self._names(int(multi["nodeCount"]), multi.get("nodeIdPrefix") or self.name)
+        return [spec.get("nodeId") or self.name]
+
+    def _names(self, slices: int, prefix: str = "") -> list[str]:
+        prefix = prefix or self.name
+        return [self.name] if slices == 1 else [f"{prefix}-{k}" for k in range(slices)]
 
     def health(self) -> Health:
         state, message = self.state()
         if state in LOST:
             return Health(lost=f"queued resource {state}" + (f": {message}" if message else ""))
         if state == "ACTIVE":
-            node = self._node()
-            node_state = "NOT_FOUND" if node is None else node.get("state", "")
-            return Health(lost=f"node {node_state}") if node_state in NODE_GONE else Health(
-                up=True)
+            names = self.node_names()
+            for name in names:  # one slice lost is the whole job lost
+                node = self._node(name)
+                node_state = "NOT_FOUND" if node is None else node.get("state", "")
+                if node_state in NODE_GONE:
+                    return Health(lost=f"node {node_state}" if len(names) == 1 else
+                                  f"node {name} of {len(names)} slices {node_state}")
+            return Health(up=True)
         return Health(note=f"{self.name}: {state}" + (" (preemption notice); waiting"
                                                       if state == "SUSPENDING" else "; waiting"))
 
-    def workers(self) -> TpuVmWorkers:
+    def workers(self, reachable_only: bool = False) -> TpuVmWorkers | MultisliceWorkers:
+        """Every worker of every slice, numbered slice after slice; with `reachable_only`,
+        those of the slices still there (to stop them when another was lost)."""
         if self.settings.dry_run:
-            return TpuVmWorkers(self.g, self.settings, self.asked.zone, 1)
-        node = self._node()
-        if node is None:
-            raise PodError(f"no TPU VM named {self.name}: make pod-create first")
-        # The slice we have, whichever of the fallback types it is.
-        self.obtained = node.get("acceleratorType") or ""
-        return TpuVmWorkers(self.g, self.settings, self.asked.zone,
-                            max(1, len(node.get("networkEndpoints", []))))
+            nodes = [TpuVmWorkers(self.g, self.settings, self.asked.zone, 1, name, k)
+                     for k, name in enumerate(self.node_names())]
+            return nodes[0] if len(nodes) == 1 else MultisliceWorkers(nodes)
+        names, nodes, first = self.node_names(), [], 0
+        for name in names:
+            node = self._node(name)
+            if node is None or node.get("state") in NODE_GONE:
+                if reachable_only:
+                    continue
+                raise PodError(f"no TPU VM named {name}: make pod-create first")
+            # The slice we have, whichever of the fallback types it is.
+            self.obtained = node.get("acceleratorType") or ""
+            count = max(1, len(node.get("networkEndpoints", [])))
+            nodes.append(TpuVmWorkers(self.g, self.settings, self.asked.zone, count, name,
+                                      first))
+            first += count
+        self.obtained_slices = len(names)
+        if len(names) == 1 and nodes:
+            return nodes[0]
+        if not reachable_only and len({n.count for n in nodes}) > 1:
+            raise PodError(f"the slices of {self.name} have different numbers of workers ("
+                           f"{', '.join(f'{n.node}: {n.count}' for n in nodes)}): make "
+                           "pod-delete, then create them again")
+        return MultisliceWorkers(nodes)
 
     def accelerator_type(self) -> str:
         return self.obtained or self.asked.name
+
+    def slice_count(self) -> int:
+        return self.obtained_slices or self.asked_slices
+
+    def _label(self, option: tuple[SliceType, int]) -> str:
+        return option[0].name if option[1] == 1 else f"{option[1]} x {option[0].name}"
 
     # --- its life cycle ----------------------------------------------------------------------
     def create(self) -> bool:
@@ -95,9 +145,10 @@ class QueuedResource:
             if state != last:
                 log(f"{self.name}: {state}" + (f" ({message})" if message else ""))
                 last = state
-            if state == "ACTIVE" and self._node() is not None:
+            if state == "ACTIVE" and all(self._node(n) for n in self.node_names()):
                 count = self.workers().count
-                log(f"{self.name}: {count} worker(s) of {self.accelerator_type()}")
+                got = SliceType(self.accelerator_type(), "", ""), self.slice_count()
+                log(f"{self.name}: {count} worker(s) of {self._label(got)}")
                 return made
             if state in WAITING and asked is None:  # a request from before: time it from now
                 asked = time.monotonic()
@@ -107,17 +158,17 @@ class QueuedResource:
                     self._use(index)
                 self._create_request()
                 asked, made = time.monotonic(), True
-            elif state == "FAILED" or (state in WAITING and waited and len(self.types) > 1):
+            elif state == "FAILED" or (state in WAITING and waited and len(self.options) > 1):
                 failures += state == "FAILED"
                 if failures > s.max_retries:
                     raise PodError(f"{self.name} FAILED {failures} times, last: {message}")
                 why = (f"FAILED: {message or 'no reason given'}" if state == "FAILED" else
                        f"waited {s.queue_timeout:g} s for capacity")
                 self.delete()
-                if len(self.types) > 1:
-                    index = (index + 1) % len(self.types)
-                    log(f"{self.types[index - 1].name} {why}; asking for "
-                        f"{self.types[index].name} instead")
+                if len(self.options) > 1:
+                    index = (index + 1) % len(self.options)
+                    log(f"{self._label(self.options[index - 1])} {why}; asking for "
+                        f"{self._label(self.options[index])} instead")
                     self._use(index)
                 else:
                     log(f"{self.name} {why}; deleted it, asking again ({failures}/"
@@ -137,9 +188,10 @@ class QueuedResource:
             self.sleep(s.poll_seconds)
 
     def _use(self, index: int) -> None:
-        """Ask for fallback type `index` next (its zone, its generation's runtime)."""
-        self.asked, self.obtained = self.types[index], ""
-        if len(self.types) > 1 and not self.settings.dry_run:
+        """Ask for fallback `index` next (its type's zone and runtime, its number of slices)."""
+        (self.asked, self.asked_slices), self.obtained = self.options[index], ""
+        self.obtained_slices = 0
+        if len(self.options) > 1 and not self.settings.dry_run:
             self._warn_if_far(self.asked.zone)
 
     def _warn_if_far(self, zone: str) -> None:
@@ -159,9 +211,12 @@ class QueuedResource:
 
     def _create_request(self) -> None:
         s, asked = self.settings, self.asked
-        log(f"asking for {self.name}: {asked.name}, {s.capacity}, {asked.runtime}")
+        n = self.asked_slices
+        log(f"asking for {self.name}: {self._label((asked, n))}, {s.capacity}, {asked.runtime}")
+        nodes = [f"--node-id={self.name}"] if n == 1 else [f"--node-count={n}",
+                                                           f"--node-prefix={self.name}"]
         code, _, err = self.g.call(*self._qr(
-            "create", f"--node-id={self.name}", f"--accelerator-type={asked.name}",
+            "create", *nodes, f"--accelerator-type={asked.name}",
             f"--runtime-version={asked.runtime}", *CAPACITY_FLAGS[s.capacity],
             # GA: the request turns FAILED when it waited this long (then the next type).
             *([f"--valid-until-duration={s.queue_timeout:g}s"] if s.queue_timeout > 0 else [])),
@@ -171,7 +226,7 @@ class QueuedResource:
 
     def delete(self) -> None:
         """Delete the queued resource and its node; wait until the name is free again."""
-        log(f"deleting {self.name} (queued resource and its node)")
+        log(f"deleting {self.name} (queued resource and its nodes)")
         code, _, err = self.g.call(*self._qr("delete", "--force", "--quiet", "--async"),
                                    retries=3)
         if code and "NOT_FOUND" not in err:

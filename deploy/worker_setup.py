@@ -61,14 +61,17 @@ def build_wheel(settings: Settings) -> str:
     return max(glob.glob(os.path.join(dist, "vitpod-*.whl")), key=os.path.getmtime)
 
 
-def check(settings: Settings, workers: Workers, tpu_type: str) -> None:
+def check(settings: Settings, workers: Workers, tpu_type: str, slices: int = 1) -> None:
     """Every worker: its Python, `import vitpod`, the devices JAX sees against the slice."""
     devices, n = slice_devices(tpu_type), workers.count
-    local = devices // n if devices and devices % n == 0 else 0
+    per_slice = n // slices
+    local = devices // per_slice if devices and devices % per_slice == 0 else 0
     script = protocol.WORKER_SCRIPT
     command = (f"cd ~ && if [ ! -f {script} ]; then echo 'FAILED: vitpod was never set up "
                f"here: run make pod-setup'; exit 1; fi; "
                f"{script_env(settings, LOCAL_DEVICES=str(local))} bash {script} check")
     workers.on_each("pod-check", lambda i: workers.run(i, command, retries=2))
-    log(f"pod-check: all {n} worker(s) ok" + (f", {local} {settings.platform} devices each"
-                                              if local else ""))
+    for k in range(slices if slices > 1 else 0):
+        log(f"pod-check: slice {k}: workers {k * per_slice}-{(k + 1) * per_slice - 1} ok")
+    log(f"pod-check: all {n} worker(s) ok" + (f" on {slices} slices" if slices > 1 else "")
+        + (f", {local} {settings.platform} devices each" if local else ""))

@@ -354,6 +354,32 @@ def test_pod_run_checks_the_config_on_every_slice_type_before_creating_any(cloud
         "per step" in fits.stdout
 
 
+def test_pod_run_checks_the_config_on_every_slice_count_too(cloud):
+    """NUM_SLICES=2,1: the batch must divide over two slices' devices as well as one's."""
+    result = cloud.pod("run", NUM_SLICES="2,1", TRAIN_FLAGS="--config.batch_size=24 "
+                       "--config.data.train_dir=gs://bkt/data")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "error: preflight: the config does not fit 2xv4-16 (16 devices): config batch_size=24 "
+        "is not divisible by the 16 devices of the mesh; use a multiple of 16 (nothing "
+        "created)")
+    assert cloud.state()["calls"] == []
+
+
+def test_a_multislice_request_names_its_node_count_and_prefix(cloud):
+    result = cloud.pod("create", DRY_RUN="1", NUM_SLICES="2")
+    assert result.returncode == 0, result.stderr
+    [create] = [shlex.split(line) for line in result.stdout.splitlines()
+                if "queued-resources create" in line]
+    assert "--node-count=2" in create and "--node-prefix=vp" in create
+    assert not [a for a in create if a.startswith("--node-id")]
+    launch = cloud.pod("launch", DRY_RUN="1", NUM_SLICES="2")
+    assert launch.returncode == 0, launch.stderr
+    starts = [shlex.split(line) for line in launch.stdout.splitlines() if "podworker start" in line]
+    assert [(s[5], s[6]) for s in starts] == [("vp-0", "--worker=0"), ("vp-1", "--worker=0")]
+    assert "--expect_devices=16" in starts[1][-3] and "VITPOD_TPU_TYPE=2xv4-16" in starts[1][-3]
+
+
 def test_slice_types_imply_their_device_counts():
     assert [slice_devices(t) for t in ("v4-8", "v4-32", "v5p-8", "v5litepod-16", "v6e-8",
                                        "v3-8", "v9-8")] == [4, 16, 4, 16, 8, 8, None]

@@ -1,9 +1,10 @@
 """Will a config run on each of these slices? Checked before any of them is paid for.
 
-    python -m vitpod.preflight --config=configs/X.py --slices=v4-32=16,v4-16=8 \
+    python -m vitpod.preflight --config=configs/X.py --slices=v4-32=16,2xv4-16=16/2 \
         [--config.KEY=VALUE ...]
 
-`pod-run` runs it with the local venv for every type in TPU_TYPES before creating a slice:
+`pod-run` runs it with the local venv for every type in TPU_TYPES (times every count in
+NUM_SLICES: `/2` is two slices of it, the data axis over both) before creating a slice:
 the global batch, the mesh and gradient accumulation must fit each type's device count, or a
 fallback slice would be created, set up and billed only to fail at its first step. Prints a
 line per slice (the rows each device gets: a smaller fallback gives each chip more, which
@@ -24,30 +25,34 @@ def define_flags() -> None:
 
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                     lock_config=True)
-    flags.DEFINE_string("slices", None, "NAME=DEVICES,...: each slice type and its JAX device "
-                        "count, e.g. v4-32=16,v4-16=8.")
+    flags.DEFINE_string("slices", None, "NAME=DEVICES[/SLICES],...: each slice type (or "
+                        "multislice job) and its JAX device count, e.g. v4-32=16,2xv4-16=16/2.")
 
 
-def parse_slices(text: str) -> list[tuple[str, int]]:
+def parse_slices(text: str) -> list[tuple[str, int, int]]:
+    """NAME=DEVICES[/SLICES],...: (name, devices of the whole job, slices)."""
     out = []
     for item in (text or "").split(","):
         name, _, count = item.strip().rpartition("=")
-        if not name or not count.isdigit() or int(count) < 1:
-            raise UserError(f"--slices={text!r}: write NAME=DEVICES,... (e.g. v4-32=16,v4-16=8)")
-        out.append((name, int(count)))
+        devices, _, slices = count.partition("/")
+        if not name or not devices.isdigit() or int(devices) < 1 or not (
+                slices == "" or slices.isdigit() and int(slices) >= 1):
+            raise UserError(f"--slices={text!r}: write NAME=DEVICES[/SLICES],... (e.g. "
+                            "v4-32=16,2xv4-16=16/2)")
+        out.append((name, int(devices), int(slices or 1)))
     return out
 
 
-def check(config, slices: list[tuple[str, int]]) -> tuple[list[str], list[str]]:
+def check(config, slices: list[tuple[str, int, int]]) -> tuple[list[str], list[str]]:
     """(a line per slice that fits, a line per slice that does not)."""
     fits, fails = [], []
-    for name, devices in slices:
-        try:
-            config_lib.validate(config, devices, 1)  # hosts divide devices: no further rule
+    for name, devices, num_slices in slices:
+        try:  # hosts divide devices: no further rule
+            config_lib.validate(config, devices, 1, num_slices)
         except UserError as e:
             fails.append(f"{name} ({devices} devices): {e}")
             continue
-        data, fsdp = config_lib.mesh_shape(config.mesh, devices)
+        data, fsdp = config_lib.mesh_shape(config.mesh, devices, num_slices)
         fits.append(f"{name}: ok on {devices} devices (mesh data={data} x fsdp={fsdp}), "
                     f"{config.batch_size // devices} rows per device per step")
     return fits, fails

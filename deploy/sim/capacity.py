@@ -5,7 +5,11 @@
 Watches WORKDIR/metrics.jsonl in the bucket; at `preempt_at_step` it does what GCE does to a
 spot TPU VM: the queued resource goes SUSPENDING, every process on every worker gets SIGTERM
 (the trainers agree on a step, save and exit), SIGKILL after the grace period, then the
-resource is SUSPENDED and the node NOT_FOUND, its disks gone.
+resource is SUSPENDED and the node NOT_FOUND, its disks gone. Of a multislice job only one
+slice is taken back (`preempt_slice`, the last by default): its workers get the SIGTERM (the
+trainers of every slice agree on the step), then its node reads PREEMPTED while the queued
+resource reads ACTIVE again (what Google shows then is not documented: this is the case a
+watcher that looks only at the queued resource would miss).
 """
 
 import json
@@ -43,20 +47,26 @@ def main(name: str) -> None:
     with sim.locked_state() as state:
         if name not in state["resources"]:  # deleted meanwhile
             return
+        nodes = state["resources"][name]["nodes"]
         state["resources"][name]["state"] = "SUSPENDING"
         state["preempted"] = state.get("preempted", 0) + 1
-    count = sim.signal_node(name, signal.SIGTERM)
-    sim.cloud_log(f"{name}: preempted at step {step}: SIGTERM to {count} processes, SUSPENDING")
+    node = nodes[sc["preempt_slice"]]
+    count = sim.signal_node(node, signal.SIGTERM)
+    sim.cloud_log(f"{node}: preempted at step {step}: SIGTERM to {count} processes, SUSPENDING")
     deadline = time.monotonic() + sc["grace_seconds"]
-    while sim.node_processes(name) and time.monotonic() < deadline:
+    while sim.node_processes(node) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = len(sim.node_processes(name))
-    sim.tear_down(name)
+    left = len(sim.node_processes(node))
+    sim.tear_down(node)
     with sim.locked_state() as state:
-        if name in state["resources"]:
-            state["resources"][name]["state"] = "SUSPENDED"
-    sim.cloud_log(f"{name}: SUSPENDED, node gone" + (f" ({left} processes killed after the "
-                                                       "grace period)" if left else ""))
+        res = state["resources"].get(name)
+        if res and len(nodes) > 1:
+            res.update(state="ACTIVE", lost={**res.get("lost", {}), node: "PREEMPTED"})
+        elif res:
+            res["state"] = "SUSPENDED"
+    sim.cloud_log((f"{node}: PREEMPTED, {name} ACTIVE again with its other slices" if
+                   len(nodes) > 1 else f"{name}: SUSPENDED, node gone")
+                  + (f" ({left} processes killed after the grace period)" if left else ""))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ SCENARIO = {
     "describe_errors": 0,     # the next describes fail with a transient (auth) error
     "scp_failures": 0,        # the next scp calls fail as right after ACTIVE (keys propagating)
     "preempt_at_step": 0,     # preempt (once) when WORKDIR/metrics.jsonl reaches this step
+    "preempt_slice": -1,      # which slice of a multislice job is taken back (the last)
     "grace_seconds": 30,      # SIGTERM, then SIGKILL after this (GCE's spot notice)
     "chips_per_host": 4,
     "capacity_limits": {},    # {TYPE: n}: TYPE becomes ACTIVE at most n times, then waits

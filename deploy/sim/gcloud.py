@@ -83,7 +83,10 @@ def queued_resources(verb: str, args: list[str]) -> None:
             failing = sc["fail_creations"][state.get("creations", 0):]
             state["creations"] = state.get("creations", 0) + 1
             valid = flag(args, "valid-until-duration").rstrip("s")
+            count, prefix = int(flag(args, "node-count", "1")), flag(args, "node-prefix", name)
             state["resources"][name] = {
+                "nodes": [flag(args, "node-id", name)] if count == 1 else
+                [f"{prefix}-{k}" for k in range(count)], "prefix": prefix,
                 "type": flag(args, "accelerator-type"), "polls": 0, "zone": flag(args, "zone"),
                 "spot": "--spot" in args, "fail": failing[0] if failing else "",
                 "valid_until": time.time() + float(valid) if valid else None}
@@ -95,7 +98,8 @@ def queued_resources(verb: str, args: list[str]) -> None:
             if "--force" not in args and res.get("state") == "ACTIVE":
                 fail("ERROR: the queued resource has a node: pass --force")
             res.update(deleting=True, polls=0)
-            tear_down(name)
+            for node in res["nodes"]:
+                tear_down(node)
             cloud_log(f"{name}: delete")
             return
         if verb == "describe":
@@ -106,8 +110,11 @@ def queued_resources(verb: str, args: list[str]) -> None:
             now = advance(state, name, res, sc)
             if now is None:
                 not_found("queuedResources", name, "queued-resources.describe")
-            out = {"name": name, "state": {"state": now}, "tpu": {"nodeSpec": [
-                {"nodeId": name, "node": {"acceleratorType": res["type"]}}]}}
+            spec = {"node": {"acceleratorType": res["type"]}}
+            spec.update({"nodeId": res["nodes"][0]} if len(res["nodes"]) == 1 else {
+                "multisliceParams": {"nodeCount": len(res["nodes"]),
+                                     "nodeIdPrefix": res["prefix"]}})
+            out = {"name": name, "state": {"state": now}, "tpu": {"nodeSpec": [spec]}}
             if now == "FAILED":
                 out["state"]["failedData"] = {"error": {"code": 8, "message": res["fail"]}}
             print(json.dumps(out))
@@ -125,8 +132,9 @@ def advance(state: dict, name: str, res: dict, sc: dict) -> str | None:
         return "DELETING"
     if res.get("state") in ("ACTIVE", "SUSPENDING", "SUSPENDED", "FAILED"):
         return res["state"]
-    granted = state.setdefault("granted", {})
-    no_capacity = granted.get(res["type"], 0) >= sc["capacity_limits"].get(res["type"], 10**9)
+    granted = state.setdefault("granted", {})  # slices of each type granted so far
+    no_capacity = granted.get(res["type"], 0) + len(res["nodes"]) > sc["capacity_limits"].get(
+        res["type"], 10**9)
     if res["polls"] <= sc["wait_polls"] or no_capacity:
         if res["valid_until"] and time.time() > res["valid_until"]:
             res.update(state="FAILED", fail="the request expired (--valid-until-duration) "
@@ -143,29 +151,38 @@ def advance(state: dict, name: str, res: dict, sc: dict) -> str | None:
 
 
 def make_node(state: dict, name: str, res: dict, sc: dict) -> None:
-    """A fresh node: empty worker homes; the capacity watcher if asked."""
-    res.update(state="ACTIVE", workers=hosts(res["type"], sc["chips_per_host"]))
-    state["granted"][res["type"]] = state["granted"].get(res["type"], 0) + 1
-    state.setdefault("slices", []).append(f"{res['type']} ({res['workers']} workers)")
-    shutil.rmtree(node_dir(name), ignore_errors=True)
-    for i in range(res["workers"]):
-        os.makedirs(os.path.join(node_dir(name), f"w{i}"))
+    """Fresh nodes (one per slice): empty worker homes; the capacity watcher if asked."""
+    res.update(state="ACTIVE", workers=hosts(res["type"], sc["chips_per_host"]), lost={})
+    n = len(res["nodes"])
+    state["granted"][res["type"]] = state["granted"].get(res["type"], 0) + n
+    state.setdefault("slices", []).append(
+        (f"{n} x " if n > 1 else "") + f"{res['type']} ({res['workers']} workers"
+        + (" each)" if n > 1 else ")"))
+    for node in res["nodes"]:
+        shutil.rmtree(node_dir(node), ignore_errors=True)
+        for i in range(res["workers"]):
+            os.makedirs(os.path.join(node_dir(node), f"w{i}"))
     if sc["preempt_at_step"] and res["spot"] and not state.get("preempted"):
         subprocess.Popen([sys.executable, "-m", "deploy.sim.capacity", name], cwd=ROOT,
                          start_new_session=True, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=open(
                              os.path.join(sim_dir(), "capacity.log"), "a"))
-    cloud_log(f"{name}: ACTIVE with {res['workers']} worker(s)")
+    cloud_log(f"{name}: ACTIVE with {n} node(s) of {res['workers']} worker(s)")
 
 
 # --- TPU VMs -------------------------------------------------------------------------------
+def resource_of(state: dict, node: str) -> dict | None:
+    return next((r for r in state["resources"].values() if node in r.get("nodes", [])), None)
+
+
 def active_node(name: str, command: str) -> dict:
     with locked_state() as state:
-        res = state["resources"].get(name)
+        res = resource_of(state, name)
     # node_gone: the node vanished while the queued resource still reads ACTIVE, as happens
-    # after some preemptions; tests set it in the state.
+    # after some preemptions; tests set it in the state. `lost`: a slice of a multislice job
+    # taken back (its node reads PREEMPTED, then NOT_FOUND).
     if res is None or res.get("state") != "ACTIVE" or res.get("deleting") or res.get(
-            "node_gone"):
+            "node_gone") or (res.get("lost", {}).get(name) and command != "describe"):
         not_found("nodes", name, f"tpu-vm.{command}")
     return res
 
@@ -182,10 +199,14 @@ def workers_of(args: list[str], res: dict) -> list[int]:
 def worker_env(name: str, res: dict, i: int) -> dict:
     """What a process on worker i sees: a clean login environment of the image, plus the
     channels that stand in for the metadata server and the emulator's endpoints."""
-    sc = scenario()
+    sc, nodes = scenario(), res["nodes"]
+    # A multislice job: the runtime's slice values; the megascale coordinator is worker 0 of
+    # slice 0 (every simulated host is 127.0.0.1).
+    slices = protocol.slices_env(len(nodes), nodes.index(name), "127.0.0.1") \
+        if len(nodes) > 1 else {}
     return {**image_env(os.path.join(node_dir(name), f"w{i}")),
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={sc['chips_per_host']}",
-            **protocol.sim_metadata_env("127.0.0.1", res["workers"], i),
+            **protocol.sim_metadata_env("127.0.0.1", res["workers"], i), **slices,
             NODE_ENV: node_tag(name, i)}
 
 
@@ -193,7 +214,8 @@ def tpu_vm(verb: str, args: list[str]) -> None:
     name = positional(args)[0] if verb != "scp" else positional(args)[-1].split(":")[0]
     if verb == "describe":
         res = active_node(name, verb)
-        print(json.dumps({"name": name, "state": "READY", "acceleratorType": res["type"],
+        print(json.dumps({"name": name, "state": res["lost"].get(name) or "READY",
+                          "acceleratorType": res["type"],
                           "networkEndpoints": [{"ipAddress": "127.0.0.1", "port": 8470}
                                                for _ in range(res["workers"])]}))
         return

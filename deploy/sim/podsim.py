@@ -6,8 +6,9 @@ Only the cloud's control plane is simulated (deploy/sim/gcloud.py); deploy.pod r
 would against Google, its commands run in simulated workers (home folders whose `python3` is
 a 3.10 without venv, as on the TPU images), the workers form one jax.distributed job on fake
 CPU devices, and the workdir is a bucket on a GCS server on loopback. Settings as for
-`pod-run` (TPU_TYPE, CONFIG, TRAIN_FLAGS) plus PREEMPT_AT_STEP (0: no preemption). Ends with
-one summary line and a copy of the bucket's workdir in SIM_DIR/workdir.
+`pod-run` (TPU_TYPE, NUM_SLICES, CONFIG, TRAIN_FLAGS) plus PREEMPT_AT_STEP (0: no
+preemption; of several slices, the last is taken back). Ends with one summary line and a copy
+of the bucket's workdir in SIM_DIR/workdir.
 """
 
 import glob
@@ -156,10 +157,12 @@ def main() -> int:
                     "READY_TIMEOUT": "300", "MAX_RETRIES": "3", "POD_ENV": os.devnull,
                     # every simulated worker is on loopback: a free port, not JAX's default
                     "COORDINATOR_PORT": str(free_port())}
-        for key in ("TPU_TYPES", "QUEUE_TIMEOUT", "PRICE_PER_CHIP_HOUR"):
+        for key in ("TPU_TYPES", "NUM_SLICES", "QUEUE_TIMEOUT", "PRICE_PER_CHIP_HOUR"):
             if os.environ.get(key):
                 settings[key] = os.environ[key]
-        say(f"pod-run of {config} on a simulated {settings.get('TPU_TYPES', tpu_type)}, workdir "
+        slices = settings.get("NUM_SLICES", "1")
+        say(f"pod-run of {config} on a simulated {settings.get('TPU_TYPES', tpu_type)}"
+            + (f" x {slices} slices" if slices != "1" else "") + ", workdir "
             f"{WORKDIR}, preemption at step {preempt_at or 'never'}")
         env = {**os.environ, **settings, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
         for key in ("VIRTUAL_ENV", "PYTHONPATH"):
