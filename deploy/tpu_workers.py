@@ -10,6 +10,10 @@ from deploy.gcloud_cli import Gcloud, PodError, for_each_worker, log, reason
 from deploy.settings import Settings
 from deploy.slices import Result
 
+# A slice recreated under its name has new host keys; gcloud's default (no on the first
+# connection, yes afterwards) would then refuse every worker.
+HOST_KEYS = "--strict-host-key-checking=no"
+
 
 def report_failures(what: str, results: dict[int, object]) -> None:
     """Log each worker whose call failed (an exception or a non-zero exit); raise naming them."""
@@ -36,12 +40,14 @@ class TpuVmWorkers:
 
     def run(self, i: int, command: str, stream: bool = True,
             retries: int | None = None) -> Result:
-        return self.g.call(*self._vm("ssh", self.node, f"--worker={i}", f"--command={command}"),
+        return self.g.call(*self._vm("ssh", self.node, f"--worker={i}", HOST_KEYS,
+                                     f"--command={command}"),
                            retries=retries or self.settings.ssh_retries,
                            prefix=f"[w{self.first + i}] ", stream=stream)
 
     def copy(self, i: int, target: str, *sources: str) -> Result:
-        return self.g.call(*self._vm("scp", *sources, f"{self.node}:{target}", f"--worker={i}"),
+        return self.g.call(*self._vm("scp", *sources, f"{self.node}:{target}", f"--worker={i}",
+                                     HOST_KEYS),
                            retries=self.settings.ssh_retries, prefix=f"[w{self.first + i}] ")
 
     def on_each(self, what: str, call) -> dict[int, object]:
@@ -53,7 +59,7 @@ class TpuVmWorkers:
         return for_each_worker(self.count, call)
 
     def shell(self, worker: str) -> None:
-        subprocess.run(["gcloud", *self._vm("ssh", self.node, f"--worker={worker}")])
+        subprocess.run(["gcloud", *self._vm("ssh", self.node, f"--worker={worker}", HOST_KEYS)])
 
 
 class MultisliceWorkers:

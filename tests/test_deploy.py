@@ -254,6 +254,26 @@ def test_pod_check_without_setup_says_to_run_it(cloud):
     assert "[w1] FAILED: vitpod was never set up here: run make pod-setup" in result.stdout
 
 
+def test_a_slice_recreated_under_its_name_is_reached_despite_new_host_keys(cloud):
+    """A node made anew under the same name has new host keys: a client that checks them (gcloud's
+    default once it has connected) refuses every worker, so every ssh and scp passes no."""
+    assert cloud.pod("create").returncode == 0
+    assert "[w1] FAILED: vitpod was never set up here" in cloud.pod("check").stdout
+    assert cloud.pod("delete").returncode == 0
+    assert cloud.pod("create").returncode == 0
+    plain = cloud.gcloud("compute", "tpus", "tpu-vm", "ssh", "vp", "--worker=1", "--command=true",
+                         "--zone=z")
+    assert plain.returncode == 255
+    assert "@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @" in plain.stderr
+    assert plain.stderr.strip().endswith("Host key verification failed.")
+    again = cloud.pod("check")
+    assert "Host key verification failed" not in again.stdout
+    for i in (0, 1):
+        assert f"[w{i}] FAILED: vitpod was never set up here" in again.stdout
+    calls = [c for c in cloud.state()["calls"] if c[3:4] in (["ssh"], ["scp"])]
+    assert all("--strict-host-key-checking=no" in c for c in calls if "--command=true" not in c)
+
+
 @pytest.mark.parametrize("broken,expected", [
     (None, "starting the trainer failed on worker(s) 1 (reasons above)"),
     ('[[ "$1 $2" == "-m vitpod.train" ]] && exec sleep 600',
@@ -296,6 +316,7 @@ def test_the_launch_line_sets_the_coordinator_port_and_init_timeout(cloud, port)
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     [line] = [line for line in result.stdout.splitlines() if "podworker start" in line]
+    assert "--strict-host-key-checking=no" in shlex.split(line)
     command = shlex.split(shlex.split(line)[-3].removeprefix("--command="))
     assert f"JAX_COORDINATOR_PORT={port or 8482}" in command
     assert "VITPOD_INIT_TIMEOUT=900" in command
@@ -456,6 +477,20 @@ def test_make_passes_values_as_typed_and_dry_run_prints_the_create_request(tmp_p
     assert not planted.exists()
     assert ("gcloud compute tpus queued-resources create n --node-id=n --accelerator-type=v4-8 "
             "--runtime-version=tpu-ubuntu2204-base --spot --project=p --zone=z") in result.stdout
+
+
+def test_make_pod_launch_dry_run_connects_whatever_the_host_keys(tmp_path):
+    """Every ssh and scp that `make pod-launch` would send accepts a changed host key."""
+    result = subprocess.run(
+        ["make", "-s", "pod-launch", "DRY_RUN=1", f"POD_ENV={os.devnull}", "PROJECT=p", "ZONE=z",
+         "NAME=n", "TPU_TYPE=v4-8", "WORKDIR=gs://b/run", "CONFIG=configs/tiny.py"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    lines = [shlex.split(line) for line in result.stdout.splitlines()
+             if line.startswith("gcloud compute tpus tpu-vm ")]
+    assert {line[4] for line in lines} == {"scp", "ssh"}
+    assert all("--strict-host-key-checking=no" in line for line in lines)
 
 
 def test_watch_stops_a_launch_whose_record_stops_moving(cloud, gcs, tmp_path):

@@ -5,7 +5,8 @@ Queued resources move through their documented states (one state per `describe`,
 rehearsal is deterministic); an ACTIVE slice has one worker per host, each a home directory
 under $SIM_DIR/nodes whose `python3` is a Python 3.10 stand-in without venv, as on Google's
 TPU images. `tpu-vm scp` copies into those homes, `tpu-vm ssh --command` runs the command with
-bash in them, `storage ls|cat|cp` read and write the bucket of a GCS server on loopback.
+bash in them (as OpenSSH would connect: deploy/sim/ssh.py), `storage ls|cat|cp` read and write
+the bucket of a GCS server on loopback.
 Worker processes carry cloud_state.NODE_ENV in their environment, which is how the simulated
 preemption and `delete` find them. Knobs for a rehearsal or a test: $SIM_DIR/scenario.json (see
 cloud_state.SCENARIO). `install(BIN_DIR)` puts a `gcloud` that runs this module into BIN_DIR.
@@ -30,6 +31,7 @@ from deploy.sim.cloud_state import (
     sim_dir,
     tear_down,
 )
+from deploy.sim.ssh import check_host_keys, new_host_keys
 from vitpod.workdir import protocol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -147,6 +149,7 @@ def make_node(state: dict, name: str, res: dict, sc: dict) -> None:
     res.update(state="ACTIVE", workers=hosts(res["type"], sc["chips_per_host"]))
     state["granted"][res["type"]] = state["granted"].get(res["type"], 0) + 1
     state.setdefault("slices", []).append(f"{res['type']} ({res['workers']} workers)")
+    new_host_keys(state, name)
     shutil.rmtree(node_dir(name), ignore_errors=True)
     for i in range(res["workers"]):
         os.makedirs(os.path.join(node_dir(name), f"w{i}"))
@@ -206,6 +209,7 @@ def tpu_vm(verb: str, args: list[str]) -> None:
             fail("ssh: connect to host 127.0.0.1 port 22: Connection refused\n"
                  "ERROR: (gcloud.compute.tpus.tpu-vm.scp) [/usr/bin/scp] exited with return "
                  "code [255].", 255)
+        check_host_keys(verb, flag(args, "strict-host-key-checking"), name, workers_of(args, res))
         *sources, target = positional(args)
         target = target.split(":", 1)[1].removeprefix("~/").removeprefix("~")
         for i in workers_of(args, res):
@@ -223,6 +227,7 @@ def tpu_vm(verb: str, args: list[str]) -> None:
         command = flag(args, "command")
         if not command:
             fail("sim gcloud: an interactive ssh is not simulated; pass --command", 2)
+        check_host_keys(verb, flag(args, "strict-host-key-checking"), name, workers_of(args, res))
         procs = [subprocess.Popen(["bash", "-c", command], cwd=os.path.join(node_dir(name),
                                                                              f"w{i}"),
                                   env=worker_env(name, res, i), stdin=subprocess.DEVNULL)
