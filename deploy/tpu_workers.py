@@ -4,11 +4,14 @@ One node is a slice; a multislice job is several nodes whose workers are numbere
 after slice, as JAX numbers their processes.
 """
 
+import os
 import subprocess
+import threading
 
 from deploy.gcloud_cli import Gcloud, PodError, for_each_worker, log, reason
 from deploy.settings import Settings
 from deploy.slices import Result
+from vitpod.workdir import protocol
 
 # A slice recreated under its name has new host keys; gcloud's default (no on the first
 # connection, yes afterwards) would then refuse every worker.
@@ -24,6 +27,28 @@ def report_failures(what: str, results: dict[int, object]) -> None:
     if failed:
         raise PodError(f"{what} failed on worker(s) {', '.join(map(str, sorted(failed)))} "
                        "(reasons above)")
+
+
+_key_lock = threading.Lock()
+_key_checked = False
+
+
+def ssh_key_first(node: "TpuVmWorkers") -> None:
+    """gcloud makes its ssh key (~/.ssh/google_compute_engine) on the first ssh or scp of this
+    machine, and parallel first calls race to make it: without a key, one ssh to worker 0 of
+    `node` goes first, alone. Checked once per process."""
+    global _key_checked
+    with _key_lock:
+        if _key_checked:
+            return
+        _key_checked = True
+        if os.path.exists(os.path.join(os.path.expanduser("~"), protocol.GCLOUD_SSH_KEY)):
+            return
+        log(f"no ~/{protocol.GCLOUD_SSH_KEY} yet: one ssh to worker 0 first (gcloud makes the "
+            "key), then the others")
+        code, out, err = node.run(0, "true", stream=False)
+        if code:
+            log(f"warning: that first ssh failed ({reason(err or out, f'exit {code}')}); going on")
 
 
 class TpuVmWorkers:
@@ -56,6 +81,7 @@ class TpuVmWorkers:
         return results
 
     def each(self, call) -> dict[int, object]:
+        ssh_key_first(self)
         return for_each_worker(self.count, call)
 
     def shell(self, worker: str) -> None:
@@ -87,6 +113,7 @@ class MultisliceWorkers:
         return results
 
     def each(self, call) -> dict[int, object]:
+        ssh_key_first(self.nodes[0])
         return for_each_worker(self.count, call)
 
     def shell(self, worker: str) -> None:

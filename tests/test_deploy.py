@@ -17,6 +17,7 @@ from deploy.sim import gcloud as sim_gcloud
 from deploy.sim import image
 from tests.conftest import ROOT
 from vitpod.distributed import free_port
+from vitpod.workdir import protocol
 
 BASE = {"PROJECT": "proj", "ZONE": "us-central2-b", "NAME": "vp", "TPU_TYPE": "v4-16",
         "CAPACITY": "spot", "WORKDIR": "gs://bkt/run", "CONFIG": "configs/tiny.py",
@@ -35,6 +36,10 @@ class Cloud:
         self.scenario = {"image_bin": image_bin, "downloads_bin": downloads,
                          "cache_dir": str(root / "cache")}
         sim_gcloud.install(str(self.bin))
+        # The machine gcloud runs on has used it before: it has its ssh key.
+        self.client = self.dir / "client"
+        (self.client / ".ssh").mkdir(parents=True)
+        (self.client / protocol.GCLOUD_SSH_KEY).write_text("key\n")
         # Every worker is on loopback: a free port for the job's coordinator, not JAX's default.
         self.port = str(free_port())
         self.set()
@@ -45,7 +50,8 @@ class Cloud:
 
     def env(self, **settings):
         return {**os.environ, "PATH": f"{self.bin}:{os.environ['PATH']}", "SIM_DIR": str(self.dir),
-                "POD_ENV": os.devnull, "COORDINATOR_PORT": self.port, **BASE, **settings}
+                "HOME": str(self.client), "POD_ENV": os.devnull, "COORDINATOR_PORT": self.port,
+                **BASE, **settings}
 
     def pod(self, verb, timeout=300, **settings):
         return subprocess.run([sys.executable, "-m", "deploy.pod", verb], cwd=ROOT,
@@ -90,6 +96,10 @@ def cloud(tmp_path):
 
 def _verbs(calls):
     return [" ".join(c[2:4]) if c[0] == "compute" else " ".join(c[:2]) for c in calls]
+
+
+# A venv whose pod-check answers ok at once (the check itself is tested on its own).
+QUICK_CHECK = '[[ "$*" == *--platform=* ]] && { echo "ok: checked"; exit 0; }'
 
 
 def _venv(home, python: str, pre: str = ""):
@@ -234,6 +244,27 @@ def _venv_replace(home, python):
 
     shutil.rmtree(home / "vitpod-venv")
     _venv(home, python)
+
+
+def test_a_first_gcloud_on_a_machine_makes_its_ssh_key_before_the_parallel_calls(cloud):
+    """gcloud makes ~/.ssh/google_compute_engine on its first ssh; parallel first calls race
+    ("already exists"): one call goes first, alone."""
+    assert cloud.pod("create", TPU_TYPE="v4-32").returncode == 0  # 4 workers
+    project = str(ROOT / ".venv" / "bin" / "python")
+    for i in range(4):
+        _venv(cloud.home("vp", i), project, QUICK_CHECK)
+    fresh = cloud.dir / "fresh-home"
+    fresh.mkdir()
+    result = cloud.pod("check", HOME=str(fresh), TPU_TYPE="v4-32")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "already exists" not in result.stdout and "retry" not in result.stdout
+    assert "no ~/.ssh/google_compute_engine yet: one ssh to worker 0 first" in result.stdout
+    assert (fresh / protocol.GCLOUD_SSH_KEY).exists()
+    state = cloud.state()
+    assert state["keys_made"] == 1 and "keygen_races" not in state
+    first, *others = [c for c in state["calls"] if c[3:4] in (["ssh"], ["scp"])]
+    assert first[4:6] == ["vp", "--worker=0"] and "--command=true" in first
+    assert sorted(c[5] for c in others) == [f"--worker={i}" for i in range(4)]
 
 
 def test_pod_logs_of_all_workers_are_prefixed_by_their_index(cloud):

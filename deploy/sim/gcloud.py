@@ -31,7 +31,7 @@ from deploy.sim.cloud_state import (
     sim_dir,
     tear_down,
 )
-from deploy.sim.ssh import check_host_keys, new_host_keys
+from deploy.sim.ssh import check_host_keys, make_client_key, new_host_keys
 from vitpod.workdir import protocol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -201,6 +201,8 @@ def tpu_vm(verb: str, args: list[str]) -> None:
                                                for _ in range(res["workers"])]}))
         return
     res = active_node(name, verb)
+    if verb in ("scp", "ssh"):
+        make_client_key(verb)
     if verb == "scp":
         with locked_state() as state:
             failing = state.get("scp_failures", 0) < scenario()["scp_failures"]

@@ -1,23 +1,65 @@
-"""The client side of the simulated `gcloud compute tpus tpu-vm ssh|scp`, as OpenSSH behaves
-under gcloud on the caller's machine: host keys are remembered per worker (gcloud's alias
-`tpu.NODE-WORKER`), a node made anew under the same name has new ones, and a client that checks
-them refuses a changed key (`--strict-host-key-checking`: yes and ask refuse, no warns and goes
-on; without the flag, no on the first connection and yes afterwards).
+"""The client side of the simulated `gcloud compute tpus tpu-vm ssh|scp`, as gcloud and OpenSSH
+behave on the caller's machine.
+
+- Its ssh key: the first call on a machine without $HOME/.ssh/google_compute_engine makes it
+  (ssh-keygen, a moment's work); a call that starts meanwhile finds the file being made and
+  fails as ssh-keygen does when asked to overwrite it. Made only in a home under SIM_DIR.
+- Host keys, remembered per worker (gcloud's alias `tpu.NODE-WORKER`): a node made anew under
+  the same name has new ones, and a client that checks them refuses a changed key
+  (`--strict-host-key-checking`: yes and ask refuse, no warns and goes on; without the flag,
+  no on the first connection and yes afterwards).
 """
 
 import base64
 import hashlib
 import os
 import sys
+import time
 
-from deploy.sim.cloud_state import locked_state
+from deploy.sim.cloud_state import locked_state, sim_dir
+from vitpod.workdir import protocol
 
 STRICT_CHOICES = ("ask", "no", "yes")
+KEYGEN_SECONDS = 2  # how long making the key takes: a parallel first call starts meanwhile
 
 
 def fail(message: str, code: int) -> None:
     print(message, file=sys.stderr)
     sys.exit(code)
+
+
+def make_client_key(verb: str) -> None:
+    """gcloud's own key, made by the first ssh or scp on this machine before it connects."""
+    home = os.environ.get("HOME", "")
+    key = os.path.join(home, protocol.GCLOUD_SSH_KEY)
+    making = key + ".making"
+    if os.path.exists(key) and not os.path.exists(making):
+        return
+    if not os.path.realpath(home).startswith(os.path.realpath(sim_dir()) + os.sep):
+        fail(f"sim gcloud: HOME={home} has no {protocol.GCLOUD_SSH_KEY}, and the rehearsal "
+             "makes one only in a home under SIM_DIR, never in yours", 2)
+    os.makedirs(os.path.dirname(key), exist_ok=True)
+    try:
+        os.close(os.open(making, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:  # another call is making it: ssh-keygen will not overwrite
+        with locked_state() as state:
+            state["keygen_races"] = state.get("keygen_races", 0) + 1
+        fail(f"{key} already exists.\nOverwrite (y/n)? \nERROR: (gcloud.compute.tpus.tpu-vm."
+             f"{verb}) [/usr/bin/ssh-keygen] exited with return code [1].", 1)
+    print("WARNING: The private SSH key file for gcloud does not exist.\n"
+          "WARNING: The public SSH key file for gcloud does not exist.\n"
+          "WARNING: You do not have an SSH key for gcloud.\n"
+          "WARNING: SSH keygen will be executed to generate a key.", file=sys.stderr)
+    time.sleep(KEYGEN_SECONDS)
+    with open(key, "w") as f:
+        f.write("simulated private key\n")
+    with open(key + ".pub", "w") as f:
+        f.write("ssh-rsa c2ltdWxhdGVk sim\n")
+    os.chmod(key, 0o600)
+    print(f"Your identification has been saved in {key}", file=sys.stderr)
+    with locked_state() as state:
+        state["keys_made"] = state.get("keys_made", 0) + 1
+    os.remove(making)
 
 
 def new_host_keys(state: dict, name: str) -> None:

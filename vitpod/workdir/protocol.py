@@ -54,6 +54,9 @@ CHECK_SCRIPT = "vitpod-check.py"
 CONSTRAINTS = "vitpod-constraints.txt"
 
 
+# In the home of whoever runs gcloud: the ssh key gcloud makes on its first ssh or scp.
+GCLOUD_SSH_KEY = ".ssh/google_compute_engine"
+
 def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
