@@ -62,13 +62,15 @@ def build_wheel(settings: Settings) -> str:
 
 
 def check(settings: Settings, workers: Workers, tpu_type: str) -> None:
-    """Every worker: its Python, `import vitpod`, the devices JAX sees against the slice."""
+    """Every worker: its Python, `import vitpod`, the processes that hold its TPU (stopped with
+    FREE_TPU=1), the devices JAX sees against the slice."""
     devices, n = slice_devices(tpu_type), workers.count
     local = devices // n if devices and devices % n == 0 else 0
     script = protocol.WORKER_SCRIPT
     command = (f"cd ~ && if [ ! -f {script} ]; then echo 'FAILED: vitpod was never set up "
                f"here: run make pod-setup'; exit 1; fi; "
-               f"{script_env(settings, LOCAL_DEVICES=str(local))} bash {script} check")
+               f"{script_env(settings, LOCAL_DEVICES=str(local))} bash {script} check"
+               + (" --free_tpu" if settings.free_tpu else ""))
     workers.on_each("pod-check", lambda i: workers.run(i, command, retries=2))
     log(f"pod-check: all {n} worker(s) ok" + (f", {local} {settings.platform} devices each"
                                               if local else ""))

@@ -2,10 +2,12 @@
 control plane and executes what real gcloud would: copies into worker homes, runs commands
 there with bash, reads the bucket. The whole pod-run is rehearsed in tests/test_pod_sim.py."""
 
+import contextlib
 import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -103,10 +105,15 @@ QUICK_CHECK = '[[ "$*" == *--platform=* ]] && { echo "ok: checked"; exit 0; }'
 
 
 def _venv(home, python: str, pre: str = ""):
-    """A worker's ~/vitpod-venv/bin/python that runs `python` (skipping the real setup)."""
+    """A worker's ~/vitpod-venv/bin/python that runs `python` (skipping the real setup); the
+    project's venv gets this checkout's vitpod first on its path, as the wheel pod-setup builds
+    from it would be (its own editable install may point at another checkout)."""
     bin_dir = home / "vitpod-venv" / "bin"
     bin_dir.mkdir(parents=True)
-    (bin_dir / "python").write_text(f"#!/bin/bash\n{pre}\nexec {shlex.quote(python)} \"$@\"\n")
+    checkout = f"export PYTHONPATH={shlex.quote(str(ROOT))}" if python == str(
+        ROOT / ".venv" / "bin" / "python") else ""
+    (bin_dir / "python").write_text(f"#!/bin/bash\n{pre}\n{checkout}\n"
+                                    f"exec {shlex.quote(python)} \"$@\"\n")
     (bin_dir / "python").chmod(0o755)
     (home / "vitpod-check.py").write_bytes((ROOT / "deploy" / "worker_check.py").read_bytes())
     (home / "vitpod-worker.sh").write_bytes((ROOT / "deploy" / "worker.sh").read_bytes())
@@ -267,6 +274,76 @@ def test_a_first_gcloud_on_a_machine_makes_its_ssh_key_before_the_parallel_calls
     assert sorted(c[5] for c in others) == [f"--worker={i}" for i in range(4)]
 
 
+@contextlib.contextmanager
+def _holding(device):
+    """A process vitpod did not start that holds `device` open, as a stale TPU program would;
+    killed at the end whatever happens."""
+    holder = subprocess.Popen([sys.executable, "-c", f"import time; f = open({str(device)!r}); "
+                               "print('held', flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_pod_check_names_who_holds_the_tpu_and_free_tpu_stops_them(cloud):
+    assert cloud.pod("create").returncode == 0
+    project = str(ROOT / ".venv" / "bin" / "python")
+    for i in (0, 1):
+        _venv(cloud.home("vp", i), project)
+    lock = cloud.home("vp", 1) / "tmp" / "libtpu_lockfile"  # the rehearsal's /tmp/libtpu_lockfile
+    lock.parent.mkdir()
+    lock.write_text("")
+    with _holding(cloud.home("vp", 1) / "dev" / "accel2") as holder:
+        held = cloud.pod("check", PYTHON_VERSION=platform.python_version())
+        assert held.returncode == 1, held.stdout
+        assert f"[w1] FAILED: the TPU is held by pid {holder.pid} ({sys.executable} " in \
+            held.stdout
+        assert "pass FREE_TPU=1 to stop them, or stop them yourself" in held.stdout
+        assert held.stderr.strip() == "error: pod-check failed on worker(s) 1 (reasons above)"
+        assert holder.poll() is None and lock.exists()
+        freed = cloud.pod("check", PYTHON_VERSION=platform.python_version(), FREE_TPU="1")
+        assert freed.returncode == 0, freed.stdout + freed.stderr
+        assert holder.wait(timeout=10) == -signal.SIGTERM
+        assert f"[w1] ok: Python {platform.python_version()}, vitpod " in freed.stdout
+        assert f"stopped pid {holder.pid} (" in freed.stdout
+        assert f"removed {lock}" in freed.stdout and not lock.exists()
+        assert "[w0] ok: " in freed.stdout and "no other process holds the TPU" in freed.stdout
+
+
+def test_pod_launch_with_free_tpu_stops_who_holds_the_tpu_first(cloud, gcs, tmp_path):
+    assert cloud.pod("create").returncode == 0
+    settings = _hung_trainers(cloud, gcs, tmp_path, "free-tpu")
+    with _holding(cloud.home("vp", 0) / "dev" / "accel0") as holder:
+        launched = cloud.pod("launch", FREE_TPU="1", **settings)
+        assert launched.returncode == 0, launched.stdout + launched.stderr
+        assert holder.wait(timeout=10) == -signal.SIGTERM
+        assert f"[w0] ok: stopped pid {holder.pid} (" in launched.stdout
+        assert "[w1] ok: no other process holds the TPU" in launched.stdout
+        lines = launched.stdout.splitlines()
+        freed = [n for n, line in enumerate(lines) if "which held the TPU" in line]
+        started = [n for n, line in enumerate(lines) if "podworker start" in line or
+                   "started, process group" in line]
+        assert freed and started and max(freed) < min(started)
+
+
+def test_the_tpu_holders_are_found_without_lsof(tmp_path, monkeypatch):
+    from deploy import worker_check
+
+    (tmp_path / "dev" / "vfio").mkdir(parents=True)
+    (tmp_path / "dev" / "vfio" / "0").write_text("")
+    monkeypatch.setenv(protocol.SIM_ROOT_ENV, str(tmp_path))
+    monkeypatch.setattr(worker_check.shutil, "which", lambda name: None)
+    assert worker_check.tpu_holders() == []
+    with _holding(tmp_path / "dev" / "vfio" / "0") as holder:
+        [(pid, command)] = worker_check.tpu_holders()
+        assert pid == holder.pid and command.startswith(f"{sys.executable} -c import time")
+        assert len(command) <= 80
+
+
 def test_pod_logs_of_all_workers_are_prefixed_by_their_index(cloud):
     assert cloud.pod("create").returncode == 0
     for i in range(2):
@@ -354,11 +431,13 @@ def test_the_launch_line_sets_the_coordinator_port_and_init_timeout(cloud, port)
 
 
 def test_bad_slice_settings_are_named(cloud):
-    result = cloud.pod("create", DRY_RUN="1", NUM_SLICES="2,zero", COORDINATOR_PORT="70000")
+    result = cloud.pod("create", DRY_RUN="1", NUM_SLICES="2,zero", COORDINATOR_PORT="70000",
+                       FREE_TPU="yes")
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         "error: NUM_SLICES='2,zero': use a number of slices >= 1, or several, most wanted first "
-        "(4,2,1)", "error: COORDINATOR_PORT='70000': not a TCP port"]
+        "(4,2,1)", "error: FREE_TPU='yes': use 1 (stop the processes that hold the TPU) or 0",
+        "error: COORDINATOR_PORT='70000': not a TCP port"]
 
 
 def test_hostile_values_stay_single_arguments(cloud):
@@ -524,10 +603,8 @@ def test_make_pod_launch_dry_run_connects_whatever_the_host_keys(tmp_path):
     assert all("--strict-host-key-checking=no" in line for line in lines)
 
 
-def test_watch_stops_a_launch_whose_record_stops_moving(cloud, gcs, tmp_path):
-    """Trainers that got ready and then hang (a collective waiting forever) would bill the
-    slice until someone looks: no change of the launch record for STALL_TIMEOUT is a crash."""
-    assert cloud.pod("create").returncode == 0
+def _hung_trainers(cloud, gcs, tmp_path, bucket):
+    """Workers whose trainer gets ready at once, then hangs; the launch settings for them."""
     hung = tmp_path / "hung_trainer.py"
     hung.write_text("import sys, time\nfrom vitpod import podworker\n"
                     "workdir = [a for a in sys.argv if a.startswith('--workdir=')][0][10:]\n"
@@ -540,9 +617,16 @@ def test_watch_stops_a_launch_whose_record_stops_moving(cloud, gcs, tmp_path):
               f'[[ "$1 $2" == "-m vitpod.train" ]] && exec {project} {hung} "$@"')
         (cloud.home("vp", i) / "vitpod-configs").mkdir()
     cloud.set(worker_env=gcs.env())
-    bucket = f"stall-{int(time.time() * 1000)}"
+    bucket = f"{bucket}-{int(time.time() * 1000)}"
     gcs.create_bucket(bucket)
-    settings = dict(WORKDIR=f"gs://{bucket}/run", STALL_TIMEOUT="3", **gcs.env())
+    return dict(WORKDIR=f"gs://{bucket}/run", **gcs.env())
+
+
+def test_watch_stops_a_launch_whose_record_stops_moving(cloud, gcs, tmp_path):
+    """Trainers that got ready and then hang (a collective waiting forever) would bill the
+    slice until someone looks: no change of the launch record for STALL_TIMEOUT is a crash."""
+    assert cloud.pod("create").returncode == 0
+    settings = dict(_hung_trainers(cloud, gcs, tmp_path, "stall"), STALL_TIMEOUT="3")
     launched = cloud.pod("launch", **settings)
     assert launched.returncode == 0, launched.stdout + launched.stderr
     watched = cloud.pod("watch", **settings)

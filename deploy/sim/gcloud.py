@@ -151,8 +151,10 @@ def make_node(state: dict, name: str, res: dict, sc: dict) -> None:
     state.setdefault("slices", []).append(f"{res['type']} ({res['workers']} workers)")
     new_host_keys(state, name)
     shutil.rmtree(node_dir(name), ignore_errors=True)
-    for i in range(res["workers"]):
-        os.makedirs(os.path.join(node_dir(name), f"w{i}"))
+    for i in range(res["workers"]):  # its chips as device files, as on a v4 host
+        os.makedirs(os.path.join(node_dir(name), f"w{i}", "dev"))
+        for chip in range(sc["chips_per_host"]):
+            open(os.path.join(node_dir(name), f"w{i}", "dev", f"accel{chip}"), "w").close()
     if sc["preempt_at_step"] and res["spot"] and not state.get("preempted"):
         subprocess.Popen([sys.executable, "-m", "deploy.sim.capacity", name], cwd=ROOT,
                          start_new_session=True, stdin=subprocess.DEVNULL,
@@ -185,8 +187,8 @@ def workers_of(args: list[str], res: dict) -> list[int]:
 def worker_env(name: str, res: dict, i: int) -> dict:
     """What a process on worker i sees: a clean login environment of the image, plus the
     channels that stand in for the metadata server and the emulator's endpoints."""
-    sc = scenario()
-    return {**image_env(os.path.join(node_dir(name), f"w{i}")),
+    sc, home = scenario(), os.path.join(node_dir(name), f"w{i}")
+    return {**image_env(home), protocol.SIM_ROOT_ENV: home,
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={sc['chips_per_host']}",
             **protocol.sim_metadata_env("127.0.0.1", res["workers"], i),
             NODE_ENV: node_tag(name, i)}
