@@ -51,6 +51,18 @@ def ssh_key_first(node: "TpuVmWorkers") -> None:
             log(f"warning: that first ssh failed ({reason(err or out, f'exit {code}')}); going on")
 
 
+def worker0_address(node: "TpuVmWorkers") -> tuple[str, str, str]:
+    """Worker 0 of `node` from `tpu-vm describe`: its internal IP (networkEndpoints[0]), the
+    node's network and CIDR block; '' for what describe does not say."""
+    found = node.g.describe(*node._vm("describe", node.node),
+                            retries=node.settings.describe_retries)
+    if found is None:
+        raise PodError(f"no TPU VM named {node.node}: make pod-create first")
+    endpoint = (found.get("networkEndpoints") or [{}])[0]
+    network = found.get("networkConfig", {}).get("network", "").rsplit("/", 1)[-1]
+    return endpoint.get("ipAddress", ""), network, found.get("cidrBlock", "")
+
+
 class TpuVmWorkers:
     """Workers 0..count-1 of the TPU VM `node` in `zone`, printed as [w`first`+i]."""
 
@@ -87,6 +99,9 @@ class TpuVmWorkers:
     def shell(self, worker: str) -> None:
         subprocess.run(["gcloud", *self._vm("ssh", self.node, f"--worker={worker}", HOST_KEYS)])
 
+    def coordinator(self) -> tuple[str, str, str]:
+        return worker0_address(self)
+
 
 class MultisliceWorkers:
     """The workers of several nodes (one per slice) as one list, slice after slice: with every
@@ -122,3 +137,6 @@ class MultisliceWorkers:
                            "slice, as make pod-logs WORKER=all numbers them)")
         node, local = self.slots[int(worker)]
         node.shell(str(local))
+
+    def coordinator(self) -> tuple[str, str, str]:
+        return worker0_address(self.nodes[0])

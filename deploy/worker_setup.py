@@ -8,10 +8,13 @@ import shlex
 import subprocess
 import sys
 
-from deploy.gcloud_cli import log
+from deploy.gcloud_cli import PodError, log, reason
 from deploy.settings import DEPLOY_DIR, Settings, slice_devices
 from deploy.slices import Workers
+from deploy.worker_probe import IN_USE
 from vitpod.workdir import protocol
+
+PROBE_SECONDS = 15  # how long each worker tries to reach worker 0; worker 0 listens 5 s longer
 
 # The names worker.sh finds in the worker's home, passed in its environment (it is bash).
 HOME_NAMES = {"VENV": protocol.VENV, "CONFIGS": protocol.CONFIGS,
@@ -32,7 +35,8 @@ def setup(settings: Settings, workers: Workers) -> None:
     files = {wheel: os.path.basename(wheel),
              os.path.join(DEPLOY_DIR, "constraints.txt"): protocol.CONSTRAINTS,
              os.path.join(DEPLOY_DIR, "worker.sh"): protocol.WORKER_SCRIPT,
-             os.path.join(DEPLOY_DIR, "worker_check.py"): protocol.CHECK_SCRIPT}
+             os.path.join(DEPLOY_DIR, "worker_check.py"): protocol.CHECK_SCRIPT,
+             os.path.join(DEPLOY_DIR, "worker_probe.py"): protocol.PROBE_SCRIPT}
     staged = os.path.join(os.path.dirname(wheel), "worker-files")
     os.makedirs(staged, exist_ok=True)
     for src, name in files.items():  # scp keeps names: stage the files as workers see them
@@ -63,7 +67,7 @@ def build_wheel(settings: Settings) -> str:
 
 def check(settings: Settings, workers: Workers, tpu_type: str) -> None:
     """Every worker: its Python, `import vitpod`, the processes that hold its TPU (stopped with
-    FREE_TPU=1), the devices JAX sees against the slice."""
+    FREE_TPU=1), the devices JAX sees against the slice; then the coordinator's port."""
     devices, n = slice_devices(tpu_type), workers.count
     local = devices // n if devices and devices % n == 0 else 0
     script = protocol.WORKER_SCRIPT
@@ -72,5 +76,42 @@ def check(settings: Settings, workers: Workers, tpu_type: str) -> None:
                f"{script_env(settings, LOCAL_DEVICES=str(local))} bash {script} check"
                + (" --free_tpu" if settings.free_tpu else ""))
     workers.on_each("pod-check", lambda i: workers.run(i, command, retries=2))
+    probe_coordinator(settings, workers)
     log(f"pod-check: all {n} worker(s) ok" + (f", {local} {settings.platform} devices each"
-                                              if local else ""))
+                                              if local else "")
+        + f"; worker 0's coordinator port {settings.coordinator_port} reachable from every worker")
+
+
+def probe_coordinator(settings: Settings, workers: Workers) -> None:
+    """JAX's coordinator port as jax.distributed will use it, all workers at once: worker 0
+    listens on COORDINATOR_PORT, every other worker connects to its internal IP."""
+    port, python = settings.coordinator_port, f"{protocol.VENV}/bin/python"
+    ip, network, cidr = workers.coordinator()
+    host = ip or "WORKER0_IP"  # a dry run's describe has no address
+
+    def probe(i: int):
+        args = (["listen", port, workers.count - 1, PROBE_SECONDS + 5] if i == 0 else
+                ["connect", host, port, i, PROBE_SECONDS])
+        return workers.run(i, f"cd ~ && {python} {protocol.PROBE_SCRIPT} "
+                              f"{shlex.join(map(str, args))}", retries=1)
+
+    results = workers.each(probe)
+    failed = {i: r for i, r in results.items() if isinstance(r, Exception) or r[0]}
+    why = {i: str(r) if isinstance(r, Exception) else reason(r[2] or r[1], f"exit {r[0]}")
+           for i, r in failed.items()}
+    for i in sorted(failed):
+        log(f"worker {i}: the coordinator probe failed: {why[i]}")
+    if 0 in failed and not isinstance(failed[0], Exception) and failed[0][0] == IN_USE:
+        raise PodError(f"port {port} (COORDINATOR_PORT) is in use on worker 0: a stale process "
+                       "may hold it (a trainer vitpod did not stop?); stop it, or set "
+                       "COORDINATOR_PORT to a free port")
+    peers = sorted(i for i in failed if i)
+    if peers:
+        raise PodError(
+            f"worker(s) {', '.join(map(str, peers))} cannot reach worker 0 ({host}) on the "
+            f"coordinator port {port}: open it (gcloud compute firewall-rules create "
+            f"vitpod-coordinator --project={settings.project} --network={network or 'NETWORK'} "
+            f"--allow=tcp:{port} --source-ranges={cidr or 'RANGE'}), or set COORDINATOR_PORT to "
+            "a port the network allows")
+    if failed:
+        raise PodError(f"the coordinator probe failed on worker 0 ({why[0]})")

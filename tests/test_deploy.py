@@ -8,6 +8,7 @@ import os
 import platform
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -117,6 +118,7 @@ def _venv(home, python: str, pre: str = ""):
     (bin_dir / "python").chmod(0o755)
     (home / "vitpod-check.py").write_bytes((ROOT / "deploy" / "worker_check.py").read_bytes())
     (home / "vitpod-worker.sh").write_bytes((ROOT / "deploy" / "worker.sh").read_bytes())
+    (home / "vitpod-probe.py").write_bytes((ROOT / "deploy" / "worker_probe.py").read_bytes())
 
 
 @pytest.mark.parametrize("capacity,flags", [("spot", ["--spot"]), ("reserved", ["--reserved"]),
@@ -243,7 +245,9 @@ def test_pod_check_names_each_failing_worker_and_why(cloud):
     result = cloud.pod("check", TPU_TYPE="v4-24", PYTHON_VERSION=platform.python_version())
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("ok: Python") == 3
-    assert "pod-check: all 3 worker(s) ok, 4 cpu devices each" in result.stdout
+    assert "pod-check: all 3 worker(s) ok, 4 cpu devices each; worker 0's coordinator port " \
+        f"{cloud.port} reachable from every worker" in result.stdout
+    assert f"[w0] ok: port {cloud.port} free here, 2 worker(s) connected" in result.stdout
 
 
 def _venv_replace(home, python):
@@ -271,7 +275,7 @@ def test_a_first_gcloud_on_a_machine_makes_its_ssh_key_before_the_parallel_calls
     assert state["keys_made"] == 1 and "keygen_races" not in state
     first, *others = [c for c in state["calls"] if c[3:4] in (["ssh"], ["scp"])]
     assert first[4:6] == ["vp", "--worker=0"] and "--command=true" in first
-    assert sorted(c[5] for c in others) == [f"--worker={i}" for i in range(4)]
+    assert sorted(c[5] for c in others) == sorted([f"--worker={i}" for i in range(4)] * 2)
 
 
 @contextlib.contextmanager
@@ -342,6 +346,46 @@ def test_the_tpu_holders_are_found_without_lsof(tmp_path, monkeypatch):
         [(pid, command)] = worker_check.tpu_holders()
         assert pid == holder.pid and command.startswith(f"{sys.executable} -c import time")
         assert len(command) <= 80
+
+
+def _quickly_checked(cloud, workers=2):
+    assert cloud.pod("create", TPU_TYPE=f"v4-{8 * workers}").returncode == 0
+    for i in range(workers):
+        _venv(cloud.home("vp", i), str(ROOT / ".venv" / "bin" / "python"), QUICK_CHECK)
+
+
+def test_pod_check_names_the_workers_that_cannot_reach_the_coordinator_port(cloud):
+    """A network whose firewall lets JAX's coordinator port through to no one: worker 0's
+    address answers nothing (RFC 5737's TEST-NET-1 in the simulated describe)."""
+    _quickly_checked(cloud, workers=3)
+    cloud.set(unreachable_coordinator=True)
+    start = time.monotonic()
+    result = cloud.pod("check", TPU_TYPE="v4-24")
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.strip() == (
+        f"error: worker(s) 1, 2 cannot reach worker 0 (192.0.2.1) on the coordinator port "
+        f"{cloud.port}: open it (gcloud compute firewall-rules create vitpod-coordinator "
+        f"--project=proj --network=default --allow=tcp:{cloud.port} --source-ranges=127.0.0.0/8)"
+        ", or set COORDINATOR_PORT to a port the network allows")
+    assert f"[w1] FAILED: cannot reach worker 0 at 192.0.2.1:{cloud.port} within 15 s (" in \
+        result.stdout
+    assert f"[w0] FAILED: listened on port {cloud.port} for 20 s: 0 of 2 worker(s) " \
+        "connected" in result.stdout
+    assert time.monotonic() - start < 60
+
+
+def test_pod_check_says_when_the_coordinator_port_is_taken_on_worker_0(cloud):
+    _quickly_checked(cloud)
+    stranger = socket.create_server(("", int(cloud.port)))  # a listener vitpod did not start
+    try:
+        result = cloud.pod("check")
+    finally:
+        stranger.close()
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.strip() == (
+        f"error: port {cloud.port} (COORDINATOR_PORT) is in use on worker 0: a stale process may "
+        "hold it (a trainer vitpod did not stop?); stop it, or set COORDINATOR_PORT to a free port")
+    assert f"[w0] FAILED: port {cloud.port} is in use here" in result.stdout
 
 
 def test_pod_logs_of_all_workers_are_prefixed_by_their_index(cloud):

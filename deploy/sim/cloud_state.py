@@ -25,6 +25,7 @@ SCENARIO = {
     "chips_per_host": 4,
     "capacity_limits": {},    # {TYPE: n}: TYPE becomes ACTIVE at most n times, then waits
     "bucket_location": "US-CENTRAL2",  # what `storage buckets describe` says
+    "unreachable_coordinator": False,  # worker 0's address in `tpu-vm describe` answers nothing
     "watch_workdir": "",      # the run the preemption watches
     "worker_env": {},         # environment every worker sees (the emulator's endpoints ...)
     "image_bin": "",          # the stand-in image's bin folder (python3 = 3.10, no venv)

@@ -198,9 +198,13 @@ def tpu_vm(verb: str, args: list[str]) -> None:
     name = positional(args)[0] if verb != "scp" else positional(args)[-1].split(":")[0]
     if verb == "describe":
         res = active_node(name, verb)
+        # Every worker is this machine; TEST-NET-1 (RFC 5737) stands for a blocked worker 0.
+        ips = ["127.0.0.1"] * res["workers"]
+        ips[0] = "192.0.2.1" if scenario()["unreachable_coordinator"] else ips[0]
         print(json.dumps({"name": name, "state": "READY", "acceleratorType": res["type"],
-                          "networkEndpoints": [{"ipAddress": "127.0.0.1", "port": 8470}
-                                               for _ in range(res["workers"])]}))
+                          "networkEndpoints": [{"ipAddress": ip, "port": 8470} for ip in ips],
+                          "networkConfig": {"network": "projects/sim/global/networks/default"},
+                          "cidrBlock": "127.0.0.0/8"}))
         return
     res = active_node(name, verb)
     if verb in ("scp", "ssh"):

@@ -58,6 +58,7 @@ PIDFILE = "vitpod.pid"
 CONFIGS = "vitpod-configs"
 WORKER_SCRIPT = "vitpod-worker.sh"
 CHECK_SCRIPT = "vitpod-check.py"
+PROBE_SCRIPT = "vitpod-probe.py"
 CONSTRAINTS = "vitpod-constraints.txt"
 
 
