@@ -5,8 +5,9 @@
 
 Worker 0 listens on PORT on every interface, as JAX's coordinator does, until PEERS workers have
 connected or SECONDS have passed; the others try to connect to worker 0's internal IP for
-SECONDS. Each prints one line (`ok: ...` or `FAILED: ...`) and exits 0, 1, or IN_USE when the
-port is taken on worker 0. Standard library only.
+SECONDS. Each prints one line (`ok: ...` or `FAILED: ...`) and exits 0 when it worked; the
+listener 1 when not every worker connected, CANNOT_LISTEN or IN_USE (the port is taken); a
+connector UNREACHABLE. Standard library only.
 """
 
 import argparse
@@ -15,7 +16,7 @@ import socket
 import sys
 import time
 
-IN_USE = 3  # the exit code of a listener whose port another process holds
+CANNOT_LISTEN, IN_USE, UNREACHABLE = 2, 3, 4
 
 
 def listen(port: int, peers: int, seconds: float) -> int:
@@ -32,7 +33,7 @@ def listen(port: int, peers: int, seconds: float) -> int:
                   "trainer's JAX coordinator?)")
             return IN_USE
         print(f"FAILED: cannot listen on port {port} ({e.strerror or e})")
-        return 1
+        return CANNOT_LISTEN
     seen, deadline = set(), time.monotonic() + seconds
     with server:
         while len(seen) < peers and time.monotonic() < deadline:
@@ -80,7 +81,7 @@ def connect(host: str, port: int, worker: int, seconds: float) -> int:
             break
         time.sleep(0.2)
     print(f"FAILED: cannot reach worker 0 at {host}:{port} within {seconds:g} s ({why})")
-    return 1
+    return UNREACHABLE
 
 
 def main() -> int:

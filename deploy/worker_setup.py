@@ -11,7 +11,7 @@ import sys
 from deploy.gcloud_cli import PodError, log, reason
 from deploy.settings import DEPLOY_DIR, Settings, slice_devices
 from deploy.slices import Workers
-from deploy.worker_probe import IN_USE
+from deploy.worker_probe import IN_USE, UNREACHABLE
 from vitpod.workdir import protocol
 
 PROBE_SECONDS = 15  # how long each worker tries to reach worker 0; worker 0 listens 5 s longer
@@ -92,21 +92,24 @@ def probe_coordinator(settings: Settings, workers: Workers) -> None:
     def probe(i: int):
         args = (["listen", port, workers.count - 1, PROBE_SECONDS + 5] if i == 0 else
                 ["connect", host, port, i, PROBE_SECONDS])
-        return workers.run(i, f"cd ~ && {python} {protocol.PROBE_SCRIPT} "
+        script = protocol.PROBE_SCRIPT
+        return workers.run(i, f"cd ~ && if [ ! -f {script} ]; then echo 'FAILED: no ~/{script}: "
+                              f"run make pod-setup'; exit 2; fi; {python} {script} "
                               f"{shlex.join(map(str, args))}", retries=1)
 
     results = workers.each(probe)
-    failed = {i: r for i, r in results.items() if isinstance(r, Exception) or r[0]}
-    why = {i: str(r) if isinstance(r, Exception) else reason(r[2] or r[1], f"exit {r[0]}")
-           for i, r in failed.items()}
-    for i in sorted(failed):
-        log(f"worker {i}: the coordinator probe failed: {why[i]}")
-    if 0 in failed and not isinstance(failed[0], Exception) and failed[0][0] == IN_USE:
+    codes = {i: -1 if isinstance(r, Exception) else r[0] for i, r in results.items()}
+    failed = sorted(i for i, code in codes.items() if code)
+    for i in failed:
+        r = results[i]
+        log(f"worker {i}: the coordinator probe failed: "
+            f"{r if isinstance(r, Exception) else reason(r[2] or r[1], f'exit {r[0]}')}")
+    if codes[0] == IN_USE:
         raise PodError(f"port {port} (COORDINATOR_PORT) is in use on worker 0: a stale process "
                        "may hold it (a trainer vitpod did not stop?); stop it, or set "
                        "COORDINATOR_PORT to a free port")
-    peers = sorted(i for i in failed if i)
-    if peers:
+    peers = [i for i in failed if codes[i] == UNREACHABLE]
+    if peers and codes[0] in (0, 1):  # worker 0 listened, and they did not get through
         raise PodError(
             f"worker(s) {', '.join(map(str, peers))} cannot reach worker 0 ({host}) on the "
             f"coordinator port {port}: open it (gcloud compute firewall-rules create "
@@ -114,4 +117,5 @@ def probe_coordinator(settings: Settings, workers: Workers) -> None:
             f"--allow=tcp:{port} --source-ranges={cidr or 'RANGE'}), or set COORDINATOR_PORT to "
             "a port the network allows")
     if failed:
-        raise PodError(f"the coordinator probe failed on worker 0 ({why[0]})")
+        raise PodError(f"the coordinator probe failed on worker(s) {', '.join(map(str, failed))} "
+                       "(reasons above)")

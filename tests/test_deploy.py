@@ -388,6 +388,17 @@ def test_pod_check_says_when_the_coordinator_port_is_taken_on_worker_0(cloud):
     assert f"[w0] FAILED: port {cloud.port} is in use here" in result.stdout
 
 
+def test_a_worker_set_up_before_the_probe_existed_is_told_to_set_up_again(cloud):
+    _quickly_checked(cloud)
+    for i in (0, 1):
+        (cloud.home("vp", i) / "vitpod-probe.py").unlink()
+    result = cloud.pod("check")
+    assert result.returncode == 1, result.stdout
+    assert "[w1] FAILED: no ~/vitpod-probe.py: run make pod-setup" in result.stdout
+    assert result.stderr.strip() == ("error: the coordinator probe failed on worker(s) 0, 1 "
+                                     "(reasons above)")
+
+
 def test_pod_logs_of_all_workers_are_prefixed_by_their_index(cloud):
     assert cloud.pod("create").returncode == 0
     for i in range(2):
