@@ -55,6 +55,10 @@ class Launch:
                 f"vitpod.podworker start --workdir={shlex.quote(s.workdir)} "
                 f"--sync_seconds={s.log_sync_seconds:g} -- {shlex.join(train)}")
 
+        if s.free_tpu:  # our earlier trainer by its pid file (a chance to save), then the rest
+            workers.on_each("freeing the TPU", lambda i: workers.run(
+                i, f"cd ~ && {protocol.WORKER_ENV}={i} {PYTHON} -m vitpod.podworker stop && "
+                   f"{PYTHON} {protocol.CHECK_SCRIPT} --tpu_only --free_tpu"))
         if timeline is not None:
             self.write_timeline({**timeline, "launched": time.time()})
         try:

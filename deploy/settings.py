@@ -14,7 +14,7 @@ DEFAULTS = {"WORKER": "0", "PLATFORM": "tpu", "PYTHON_VERSION": "3.11.7", "UV_VE
             "DESCRIBE_RETRIES": "8", "LOG_SYNC_SECONDS": "30", "CRASH_GRACE": "120",
             "STALL_TIMEOUT": "1800", "NUM_SLICES": "1",
             "COORDINATOR_PORT": str(protocol.DEFAULT_COORDINATOR_PORT), "INIT_TIMEOUT": "1800",
-            "CAPACITY": "spot"}
+            "CAPACITY": "spot", "FREE_TPU": "0"}
 KEYS = ("PROJECT", "ZONE", "NAME", "TPU_TYPE", "TPU_TYPES", "QUEUE_TIMEOUT", "RUNTIME_VERSION",
         "CAPACITY", "WORKDIR", "CONFIG", "TRAIN_FLAGS", "WHEEL", "PYPI_MIRROR", "PYTHON_MIRROR",
         "PRICE_PER_CHIP_HOUR", *DEFAULTS)
@@ -88,6 +88,7 @@ class Settings:
     slice_counts: tuple[int, ...]
     coordinator_port: int
     init_timeout: float
+    free_tpu: bool
     dry_run: bool = False
 
     @property
@@ -148,6 +149,9 @@ def load_settings(path: str, env: dict) -> Settings:
                             "several, most wanted first (4,2,1)")
             break
         slice_counts.append(int(item))
+    if raw["FREE_TPU"] not in ("0", "1"):
+        problems.append(f"FREE_TPU={raw['FREE_TPU']!r}: use 1 (stop the processes that hold "
+                        "the TPU) or 0")
     port = number("COORDINATOR_PORT", int)
     if raw["COORDINATOR_PORT"].isdigit() and not 0 < port < 65536:
         problems.append(f"COORDINATOR_PORT={raw['COORDINATOR_PORT']!r}: not a TCP port")
@@ -175,7 +179,7 @@ def load_settings(path: str, env: dict) -> Settings:
         log_sync_seconds=number("LOG_SYNC_SECONDS"), crash_grace=number("CRASH_GRACE"),
         stall_timeout=number("STALL_TIMEOUT"), slice_counts=tuple(slice_counts) or (1,),
         coordinator_port=port, init_timeout=number("INIT_TIMEOUT"),
-        dry_run=env.get("DRY_RUN") == "1")
+        free_tpu=raw["FREE_TPU"] == "1", dry_run=env.get("DRY_RUN") == "1")
     if problems:
         raise PodError("\n".join(problems))
     return settings

@@ -49,6 +49,11 @@ class Workers(Protocol):
         """An interactive shell on a worker (`all` where the kind allows it)."""
         ...
 
+    def coordinator(self) -> tuple[str, str, str]:
+        """Where JAX's coordinator listens, worker 0 (of the first slice): its internal IP, its
+        network and the network's range ('' for what the cloud does not say)."""
+        ...
+
 
 class Slice(Protocol):
     """A set of accelerator hosts that is asked for, may be taken back, and is deleted."""

@@ -4,11 +4,18 @@ One node is a slice; a multislice job is several nodes whose workers are numbere
 after slice, as JAX numbers their processes.
 """
 
+import os
 import subprocess
+import threading
 
 from deploy.gcloud_cli import Gcloud, PodError, for_each_worker, log, reason
 from deploy.settings import Settings
 from deploy.slices import Result
+from vitpod.workdir import protocol
+
+# A slice recreated under its name has new host keys; gcloud's default (no on the first
+# connection, yes afterwards) would then refuse every worker.
+HOST_KEYS = "--strict-host-key-checking=no"
 
 
 def report_failures(what: str, results: dict[int, object]) -> None:
@@ -20,6 +27,40 @@ def report_failures(what: str, results: dict[int, object]) -> None:
     if failed:
         raise PodError(f"{what} failed on worker(s) {', '.join(map(str, sorted(failed)))} "
                        "(reasons above)")
+
+
+_key_lock = threading.Lock()
+_key_checked = False
+
+
+def ssh_key_first(node: "TpuVmWorkers") -> None:
+    """gcloud makes its ssh key (~/.ssh/google_compute_engine) on the first ssh or scp of this
+    machine, and parallel first calls race to make it: without a key, one ssh to worker 0 of
+    `node` goes first, alone. Checked once per process."""
+    global _key_checked
+    with _key_lock:
+        if _key_checked:
+            return
+        _key_checked = True
+        if os.path.exists(os.path.join(os.path.expanduser("~"), protocol.GCLOUD_SSH_KEY)):
+            return
+        log(f"no ~/{protocol.GCLOUD_SSH_KEY} yet: one ssh to worker 0 first (gcloud makes the "
+            "key), then the others")
+        code, out, err = node.run(0, "true", stream=False)
+        if code:
+            log(f"warning: that first ssh failed ({reason(err or out, f'exit {code}')}); going on")
+
+
+def worker0_address(node: "TpuVmWorkers") -> tuple[str, str, str]:
+    """Worker 0 of `node` from `tpu-vm describe`: its internal IP (networkEndpoints[0]), the
+    node's network and CIDR block; '' for what describe does not say."""
+    found = node.g.describe(*node._vm("describe", node.node),
+                            retries=node.settings.describe_retries)
+    if found is None:
+        raise PodError(f"no TPU VM named {node.node}: make pod-create first")
+    endpoint = (found.get("networkEndpoints") or [{}])[0]
+    network = found.get("networkConfig", {}).get("network", "").rsplit("/", 1)[-1]
+    return endpoint.get("ipAddress", ""), network, found.get("cidrBlock", "")
 
 
 class TpuVmWorkers:
@@ -36,12 +77,14 @@ class TpuVmWorkers:
 
     def run(self, i: int, command: str, stream: bool = True,
             retries: int | None = None) -> Result:
-        return self.g.call(*self._vm("ssh", self.node, f"--worker={i}", f"--command={command}"),
+        return self.g.call(*self._vm("ssh", self.node, f"--worker={i}", HOST_KEYS,
+                                     f"--command={command}"),
                            retries=retries or self.settings.ssh_retries,
                            prefix=f"[w{self.first + i}] ", stream=stream)
 
     def copy(self, i: int, target: str, *sources: str) -> Result:
-        return self.g.call(*self._vm("scp", *sources, f"{self.node}:{target}", f"--worker={i}"),
+        return self.g.call(*self._vm("scp", *sources, f"{self.node}:{target}", f"--worker={i}",
+                                     HOST_KEYS),
                            retries=self.settings.ssh_retries, prefix=f"[w{self.first + i}] ")
 
     def on_each(self, what: str, call) -> dict[int, object]:
@@ -50,10 +93,14 @@ class TpuVmWorkers:
         return results
 
     def each(self, call) -> dict[int, object]:
+        ssh_key_first(self)
         return for_each_worker(self.count, call)
 
     def shell(self, worker: str) -> None:
-        subprocess.run(["gcloud", *self._vm("ssh", self.node, f"--worker={worker}")])
+        subprocess.run(["gcloud", *self._vm("ssh", self.node, f"--worker={worker}", HOST_KEYS)])
+
+    def coordinator(self) -> tuple[str, str, str]:
+        return worker0_address(self)
 
 
 class MultisliceWorkers:
@@ -81,6 +128,7 @@ class MultisliceWorkers:
         return results
 
     def each(self, call) -> dict[int, object]:
+        ssh_key_first(self.nodes[0])
         return for_each_worker(self.count, call)
 
     def shell(self, worker: str) -> None:
@@ -89,3 +137,6 @@ class MultisliceWorkers:
                            "slice, as make pod-logs WORKER=all numbers them)")
         node, local = self.slots[int(worker)]
         node.shell(str(local))
+
+    def coordinator(self) -> tuple[str, str, str]:
+        return worker0_address(self.nodes[0])

@@ -2,7 +2,8 @@
 # What `make pod-setup` / `pod-check` run on each TPU worker (deploy/worker_setup.py copies it
 # into the worker's home):
 #   bash WORKER_SCRIPT setup WHEEL   uv, a Python of its own, the wheel with pinned deps
-#   bash WORKER_SCRIPT check         Python, vitpod and the devices JAX sees (one line)
+#   bash WORKER_SCRIPT check [--free_tpu]   Python, vitpod, who holds the TPU and the devices
+#                                    JAX sees (one line); --free_tpu stops those holders first
 # Settings come from the environment worker_setup.py sets: PYTHON_VERSION, UV_VERSION,
 # PLATFORM, LOCAL_DEVICES, and optionally PYPI_MIRROR (a package index URL) and PYTHON_MIRROR
 # (where uv downloads interpreters from, for VMs without internet). So do the names of the
@@ -48,11 +49,11 @@ check() {
     echo "FAILED: no ~/$VENV: run make pod-setup"; exit 1
   fi
   JAX_PLATFORMS="$PLATFORM" "$VENV/bin/python" "$CHECK_SCRIPT" --python="$PYTHON_VERSION" \
-    --platform="$PLATFORM" --local_devices="$LOCAL_DEVICES"
+    --platform="$PLATFORM" --local_devices="$LOCAL_DEVICES" "$@"
 }
 
 case "${1:-}" in
   setup) setup "$2" ;;
-  check) check ;;
-  *) echo "usage: $0 setup WHEEL | check" >&2; exit 2 ;;
+  check) shift; check "$@" ;;
+  *) echo "usage: $0 setup WHEEL | check [--free_tpu]" >&2; exit 2 ;;
 esac

@@ -2,10 +2,13 @@
 control plane and executes what real gcloud would: copies into worker homes, runs commands
 there with bash, reads the bucket. The whole pod-run is rehearsed in tests/test_pod_sim.py."""
 
+import contextlib
 import json
 import os
 import platform
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +20,7 @@ from deploy.sim import gcloud as sim_gcloud
 from deploy.sim import image
 from tests.conftest import ROOT
 from vitpod.distributed import free_port
+from vitpod.workdir import protocol
 
 BASE = {"PROJECT": "proj", "ZONE": "us-central2-b", "NAME": "vp", "TPU_TYPE": "v4-16",
         "CAPACITY": "spot", "WORKDIR": "gs://bkt/run", "CONFIG": "configs/tiny.py",
@@ -35,6 +39,10 @@ class Cloud:
         self.scenario = {"image_bin": image_bin, "downloads_bin": downloads,
                          "cache_dir": str(root / "cache")}
         sim_gcloud.install(str(self.bin))
+        # The machine gcloud runs on has used it before: it has its ssh key.
+        self.client = self.dir / "client"
+        (self.client / ".ssh").mkdir(parents=True)
+        (self.client / protocol.GCLOUD_SSH_KEY).write_text("key\n")
         # Every worker is on loopback: a free port for the job's coordinator, not JAX's default.
         self.port = str(free_port())
         self.set()
@@ -45,7 +53,8 @@ class Cloud:
 
     def env(self, **settings):
         return {**os.environ, "PATH": f"{self.bin}:{os.environ['PATH']}", "SIM_DIR": str(self.dir),
-                "POD_ENV": os.devnull, "COORDINATOR_PORT": self.port, **BASE, **settings}
+                "HOME": str(self.client), "POD_ENV": os.devnull, "COORDINATOR_PORT": self.port,
+                **BASE, **settings}
 
     def pod(self, verb, timeout=300, **settings):
         return subprocess.run([sys.executable, "-m", "deploy.pod", verb], cwd=ROOT,
@@ -92,14 +101,24 @@ def _verbs(calls):
     return [" ".join(c[2:4]) if c[0] == "compute" else " ".join(c[:2]) for c in calls]
 
 
+# A venv whose pod-check answers ok at once (the check itself is tested on its own).
+QUICK_CHECK = '[[ "$*" == *--platform=* ]] && { echo "ok: checked"; exit 0; }'
+
+
 def _venv(home, python: str, pre: str = ""):
-    """A worker's ~/vitpod-venv/bin/python that runs `python` (skipping the real setup)."""
+    """A worker's ~/vitpod-venv/bin/python that runs `python` (skipping the real setup); the
+    project's venv gets this checkout's vitpod first on its path, as the wheel pod-setup builds
+    from it would be (its own editable install may point at another checkout)."""
     bin_dir = home / "vitpod-venv" / "bin"
     bin_dir.mkdir(parents=True)
-    (bin_dir / "python").write_text(f"#!/bin/bash\n{pre}\nexec {shlex.quote(python)} \"$@\"\n")
+    checkout = f"export PYTHONPATH={shlex.quote(str(ROOT))}" if python == str(
+        ROOT / ".venv" / "bin" / "python") else ""
+    (bin_dir / "python").write_text(f"#!/bin/bash\n{pre}\n{checkout}\n"
+                                    f"exec {shlex.quote(python)} \"$@\"\n")
     (bin_dir / "python").chmod(0o755)
     (home / "vitpod-check.py").write_bytes((ROOT / "deploy" / "worker_check.py").read_bytes())
     (home / "vitpod-worker.sh").write_bytes((ROOT / "deploy" / "worker.sh").read_bytes())
+    (home / "vitpod-probe.py").write_bytes((ROOT / "deploy" / "worker_probe.py").read_bytes())
 
 
 @pytest.mark.parametrize("capacity,flags", [("spot", ["--spot"]), ("reserved", ["--reserved"]),
@@ -226,7 +245,9 @@ def test_pod_check_names_each_failing_worker_and_why(cloud):
     result = cloud.pod("check", TPU_TYPE="v4-24", PYTHON_VERSION=platform.python_version())
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("ok: Python") == 3
-    assert "pod-check: all 3 worker(s) ok, 4 cpu devices each" in result.stdout
+    assert "pod-check: all 3 worker(s) ok, 4 cpu devices each; worker 0's coordinator port " \
+        f"{cloud.port} reachable from every worker" in result.stdout
+    assert f"[w0] ok: port {cloud.port} free here, 2 worker(s) connected" in result.stdout
 
 
 def _venv_replace(home, python):
@@ -234,6 +255,148 @@ def _venv_replace(home, python):
 
     shutil.rmtree(home / "vitpod-venv")
     _venv(home, python)
+
+
+def test_a_first_gcloud_on_a_machine_makes_its_ssh_key_before_the_parallel_calls(cloud):
+    """gcloud makes ~/.ssh/google_compute_engine on its first ssh; parallel first calls race
+    ("already exists"): one call goes first, alone."""
+    assert cloud.pod("create", TPU_TYPE="v4-32").returncode == 0  # 4 workers
+    project = str(ROOT / ".venv" / "bin" / "python")
+    for i in range(4):
+        _venv(cloud.home("vp", i), project, QUICK_CHECK)
+    fresh = cloud.dir / "fresh-home"
+    fresh.mkdir()
+    result = cloud.pod("check", HOME=str(fresh), TPU_TYPE="v4-32")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "already exists" not in result.stdout and "retry" not in result.stdout
+    assert "no ~/.ssh/google_compute_engine yet: one ssh to worker 0 first" in result.stdout
+    assert (fresh / protocol.GCLOUD_SSH_KEY).exists()
+    state = cloud.state()
+    assert state["keys_made"] == 1 and "keygen_races" not in state
+    first, *others = [c for c in state["calls"] if c[3:4] in (["ssh"], ["scp"])]
+    assert first[4:6] == ["vp", "--worker=0"] and "--command=true" in first
+    assert sorted(c[5] for c in others) == sorted([f"--worker={i}" for i in range(4)] * 2)
+
+
+@contextlib.contextmanager
+def _holding(device):
+    """A process vitpod did not start that holds `device` open, as a stale TPU program would;
+    killed at the end whatever happens."""
+    holder = subprocess.Popen([sys.executable, "-c", f"import time; f = open({str(device)!r}); "
+                               "print('held', flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_pod_check_names_who_holds_the_tpu_and_free_tpu_stops_them(cloud):
+    assert cloud.pod("create").returncode == 0
+    project = str(ROOT / ".venv" / "bin" / "python")
+    for i in (0, 1):
+        _venv(cloud.home("vp", i), project)
+    lock = cloud.home("vp", 1) / "tmp" / "libtpu_lockfile"  # the rehearsal's /tmp/libtpu_lockfile
+    lock.parent.mkdir()
+    lock.write_text("")
+    with _holding(cloud.home("vp", 1) / "dev" / "accel2") as holder:
+        held = cloud.pod("check", PYTHON_VERSION=platform.python_version())
+        assert held.returncode == 1, held.stdout
+        assert f"[w1] FAILED: the TPU is held by pid {holder.pid} ({sys.executable} " in \
+            held.stdout
+        assert "pass FREE_TPU=1 to stop them, or stop them yourself" in held.stdout
+        assert held.stderr.strip() == "error: pod-check failed on worker(s) 1 (reasons above)"
+        assert holder.poll() is None and lock.exists()
+        freed = cloud.pod("check", PYTHON_VERSION=platform.python_version(), FREE_TPU="1")
+        assert freed.returncode == 0, freed.stdout + freed.stderr
+        assert holder.wait(timeout=10) == -signal.SIGTERM
+        assert f"[w1] ok: Python {platform.python_version()}, vitpod " in freed.stdout
+        assert f"stopped pid {holder.pid} (" in freed.stdout
+        assert f"removed {lock}" in freed.stdout and not lock.exists()
+        assert "[w0] ok: " in freed.stdout and "no other process holds the TPU" in freed.stdout
+
+
+def test_pod_launch_with_free_tpu_stops_who_holds_the_tpu_first(cloud, gcs, tmp_path):
+    assert cloud.pod("create").returncode == 0
+    settings = _hung_trainers(cloud, gcs, tmp_path, "free-tpu")
+    with _holding(cloud.home("vp", 0) / "dev" / "accel0") as holder:
+        launched = cloud.pod("launch", FREE_TPU="1", **settings)
+        assert launched.returncode == 0, launched.stdout + launched.stderr
+        assert holder.wait(timeout=10) == -signal.SIGTERM
+        assert f"[w0] ok: stopped pid {holder.pid} (" in launched.stdout
+        assert "[w1] ok: no other process holds the TPU" in launched.stdout
+        lines = launched.stdout.splitlines()
+        freed = [n for n, line in enumerate(lines) if "which held the TPU" in line]
+        started = [n for n, line in enumerate(lines) if "podworker start" in line or
+                   "started, process group" in line]
+        assert freed and started and max(freed) < min(started)
+
+
+def test_the_tpu_holders_are_found_without_lsof(tmp_path, monkeypatch):
+    from deploy import worker_check
+
+    (tmp_path / "dev" / "vfio").mkdir(parents=True)
+    (tmp_path / "dev" / "vfio" / "0").write_text("")
+    monkeypatch.setenv(protocol.SIM_ROOT_ENV, str(tmp_path))
+    monkeypatch.setattr(worker_check.shutil, "which", lambda name: None)
+    assert worker_check.tpu_holders() == []
+    with _holding(tmp_path / "dev" / "vfio" / "0") as holder:
+        [(pid, command)] = worker_check.tpu_holders()
+        assert pid == holder.pid and command.startswith(f"{sys.executable} -c import time")
+        assert len(command) <= 80
+
+
+def _quickly_checked(cloud, workers=2):
+    assert cloud.pod("create", TPU_TYPE=f"v4-{8 * workers}").returncode == 0
+    for i in range(workers):
+        _venv(cloud.home("vp", i), str(ROOT / ".venv" / "bin" / "python"), QUICK_CHECK)
+
+
+def test_pod_check_names_the_workers_that_cannot_reach_the_coordinator_port(cloud):
+    """A network whose firewall lets JAX's coordinator port through to no one: worker 0's
+    address answers nothing (RFC 5737's TEST-NET-1 in the simulated describe)."""
+    _quickly_checked(cloud, workers=3)
+    cloud.set(unreachable_coordinator=True)
+    start = time.monotonic()
+    result = cloud.pod("check", TPU_TYPE="v4-24")
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.strip() == (
+        f"error: worker(s) 1, 2 cannot reach worker 0 (192.0.2.1) on the coordinator port "
+        f"{cloud.port}: open it (gcloud compute firewall-rules create vitpod-coordinator "
+        f"--project=proj --network=default --allow=tcp:{cloud.port} --source-ranges=127.0.0.0/8)"
+        ", or set COORDINATOR_PORT to a port the network allows")
+    assert f"[w1] FAILED: cannot reach worker 0 at 192.0.2.1:{cloud.port} within 15 s (" in \
+        result.stdout
+    assert f"[w0] FAILED: listened on port {cloud.port} for 20 s: 0 of 2 worker(s) " \
+        "connected" in result.stdout
+    assert time.monotonic() - start < 60
+
+
+def test_pod_check_says_when_the_coordinator_port_is_taken_on_worker_0(cloud):
+    _quickly_checked(cloud)
+    stranger = socket.create_server(("", int(cloud.port)))  # a listener vitpod did not start
+    try:
+        result = cloud.pod("check")
+    finally:
+        stranger.close()
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.strip() == (
+        f"error: port {cloud.port} (COORDINATOR_PORT) is in use on worker 0: a stale process may "
+        "hold it (a trainer vitpod did not stop?); stop it, or set COORDINATOR_PORT to a free port")
+    assert f"[w0] FAILED: port {cloud.port} is in use here" in result.stdout
+
+
+def test_a_worker_set_up_before_the_probe_existed_is_told_to_set_up_again(cloud):
+    _quickly_checked(cloud)
+    for i in (0, 1):
+        (cloud.home("vp", i) / "vitpod-probe.py").unlink()
+    result = cloud.pod("check")
+    assert result.returncode == 1, result.stdout
+    assert "[w1] FAILED: no ~/vitpod-probe.py: run make pod-setup" in result.stdout
+    assert result.stderr.strip() == ("error: the coordinator probe failed on worker(s) 0, 1 "
+                                     "(reasons above)")
 
 
 def test_pod_logs_of_all_workers_are_prefixed_by_their_index(cloud):
@@ -252,6 +415,26 @@ def test_pod_check_without_setup_says_to_run_it(cloud):
     result = cloud.pod("check")
     assert result.returncode == 1
     assert "[w1] FAILED: vitpod was never set up here: run make pod-setup" in result.stdout
+
+
+def test_a_slice_recreated_under_its_name_is_reached_despite_new_host_keys(cloud):
+    """A node made anew under the same name has new host keys: a client that checks them (gcloud's
+    default once it has connected) refuses every worker, so every ssh and scp passes no."""
+    assert cloud.pod("create").returncode == 0
+    assert "[w1] FAILED: vitpod was never set up here" in cloud.pod("check").stdout
+    assert cloud.pod("delete").returncode == 0
+    assert cloud.pod("create").returncode == 0
+    plain = cloud.gcloud("compute", "tpus", "tpu-vm", "ssh", "vp", "--worker=1", "--command=true",
+                         "--zone=z")
+    assert plain.returncode == 255
+    assert "@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @" in plain.stderr
+    assert plain.stderr.strip().endswith("Host key verification failed.")
+    again = cloud.pod("check")
+    assert "Host key verification failed" not in again.stdout
+    for i in (0, 1):
+        assert f"[w{i}] FAILED: vitpod was never set up here" in again.stdout
+    calls = [c for c in cloud.state()["calls"] if c[3:4] in (["ssh"], ["scp"])]
+    assert all("--strict-host-key-checking=no" in c for c in calls if "--command=true" not in c)
 
 
 @pytest.mark.parametrize("broken,expected", [
@@ -296,17 +479,20 @@ def test_the_launch_line_sets_the_coordinator_port_and_init_timeout(cloud, port)
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     [line] = [line for line in result.stdout.splitlines() if "podworker start" in line]
+    assert "--strict-host-key-checking=no" in shlex.split(line)
     command = shlex.split(shlex.split(line)[-3].removeprefix("--command="))
     assert f"JAX_COORDINATOR_PORT={port or 8482}" in command
     assert "VITPOD_INIT_TIMEOUT=900" in command
 
 
 def test_bad_slice_settings_are_named(cloud):
-    result = cloud.pod("create", DRY_RUN="1", NUM_SLICES="2,zero", COORDINATOR_PORT="70000")
+    result = cloud.pod("create", DRY_RUN="1", NUM_SLICES="2,zero", COORDINATOR_PORT="70000",
+                       FREE_TPU="yes")
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         "error: NUM_SLICES='2,zero': use a number of slices >= 1, or several, most wanted first "
-        "(4,2,1)", "error: COORDINATOR_PORT='70000': not a TCP port"]
+        "(4,2,1)", "error: FREE_TPU='yes': use 1 (stop the processes that hold the TPU) or 0",
+        "error: COORDINATOR_PORT='70000': not a TCP port"]
 
 
 def test_hostile_values_stay_single_arguments(cloud):
@@ -484,10 +670,22 @@ def test_make_passes_values_as_typed_and_dry_run_prints_the_create_request(tmp_p
             "--runtime-version=tpu-ubuntu2204-base --spot --project=p --zone=z") in result.stdout
 
 
-def test_watch_stops_a_launch_whose_record_stops_moving(cloud, gcs, tmp_path):
-    """Trainers that got ready and then hang (a collective waiting forever) would bill the
-    slice until someone looks: no change of the launch record for STALL_TIMEOUT is a crash."""
-    assert cloud.pod("create").returncode == 0
+def test_make_pod_launch_dry_run_connects_whatever_the_host_keys(tmp_path):
+    """Every ssh and scp that `make pod-launch` would send accepts a changed host key."""
+    result = subprocess.run(
+        ["make", "-s", "pod-launch", "DRY_RUN=1", f"POD_ENV={os.devnull}", "PROJECT=p", "ZONE=z",
+         "NAME=n", "TPU_TYPE=v4-8", "WORKDIR=gs://b/run", "CONFIG=configs/tiny.py"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    lines = [shlex.split(line) for line in result.stdout.splitlines()
+             if line.startswith("gcloud compute tpus tpu-vm ")]
+    assert {line[4] for line in lines} == {"scp", "ssh"}
+    assert all("--strict-host-key-checking=no" in line for line in lines)
+
+
+def _hung_trainers(cloud, gcs, tmp_path, bucket):
+    """Workers whose trainer gets ready at once, then hangs; the launch settings for them."""
     hung = tmp_path / "hung_trainer.py"
     hung.write_text("import sys, time\nfrom vitpod import podworker\n"
                     "workdir = [a for a in sys.argv if a.startswith('--workdir=')][0][10:]\n"
@@ -500,9 +698,16 @@ def test_watch_stops_a_launch_whose_record_stops_moving(cloud, gcs, tmp_path):
               f'[[ "$1 $2" == "-m vitpod.train" ]] && exec {project} {hung} "$@"')
         (cloud.home("vp", i) / "vitpod-configs").mkdir()
     cloud.set(worker_env=gcs.env())
-    bucket = f"stall-{int(time.time() * 1000)}"
+    bucket = f"{bucket}-{int(time.time() * 1000)}"
     gcs.create_bucket(bucket)
-    settings = dict(WORKDIR=f"gs://{bucket}/run", STALL_TIMEOUT="3", **gcs.env())
+    return dict(WORKDIR=f"gs://{bucket}/run", **gcs.env())
+
+
+def test_watch_stops_a_launch_whose_record_stops_moving(cloud, gcs, tmp_path):
+    """Trainers that got ready and then hang (a collective waiting forever) would bill the
+    slice until someone looks: no change of the launch record for STALL_TIMEOUT is a crash."""
+    assert cloud.pod("create").returncode == 0
+    settings = dict(_hung_trainers(cloud, gcs, tmp_path, "stall"), STALL_TIMEOUT="3")
     launched = cloud.pod("launch", **settings)
     assert launched.returncode == 0, launched.stdout + launched.stderr
     watched = cloud.pod("watch", **settings)

@@ -26,8 +26,6 @@ import time
 from vitpod import storage
 from vitpod.workdir import protocol
 
-LIBTPU_LOCK = "/tmp/libtpu_lockfile"
-
 
 def mark(workdir: str, marker: str, **info) -> None:
     """Write WORKDIR/launches/LAUNCH/worker-N.MARKER (JSON) when launched by `make pod-launch`
@@ -79,9 +77,10 @@ def stop(pidfile: str, grace: float) -> str:
             said = f"killed the earlier trainer (process group {pid}) after {grace:.0f} s"
     if os.path.exists(pidfile):
         os.remove(pidfile)
-    if pid is not None and os.path.exists(LIBTPU_LOCK):
+    lock = protocol.libtpu_lockfile(os.environ)
+    if pid is not None and os.path.exists(lock):
         try:  # left behind by a killed trainer, it makes the next one see "TPU in use"
-            os.remove(LIBTPU_LOCK)
+            os.remove(lock)
         except OSError:
             pass
     return said

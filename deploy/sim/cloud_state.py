@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 
 NODE_ENV = "VITPOD_SIM_NODE"  # SIM_DIR:NAME:WORKER, in every worker process's environment
@@ -26,6 +27,7 @@ SCENARIO = {
     "chips_per_host": 4,
     "capacity_limits": {},    # {TYPE: n}: TYPE becomes ACTIVE at most n times, then waits
     "bucket_location": "US-CENTRAL2",  # what `storage buckets describe` says
+    "unreachable_coordinator": False,  # worker 0's address in `tpu-vm describe` answers nothing
     "watch_workdir": "",      # the run the preemption watches
     "worker_env": {},         # environment every worker sees (the emulator's endpoints ...)
     "image_bin": "",          # the stand-in image's bin folder (python3 = 3.10, no venv)
@@ -116,3 +118,25 @@ def image_env(home: str) -> dict:
             "UV_PYTHON_DOWNLOADS": "never", "UV_CACHE_DIR": os.path.join(sc["cache_dir"], "uv"),
             "PIP_CACHE_DIR": os.path.join(sc["cache_dir"], "pip"),
             "PIP_ROOT_USER_ACTION": "ignore", **sc["worker_env"]}
+
+
+# --- how the simulated gcloud reads its arguments and answers ----------------------------
+def fail(message: str, code: int = 1) -> None:
+    print(message, file=sys.stderr)
+    sys.exit(code)
+
+
+def not_found(kind: str, name: str, command: str) -> None:
+    fail(f"ERROR: (gcloud.compute.tpus.{command}) NOT_FOUND: Resource "
+         f"'projects/sim/locations/sim/{kind}/{name}' was not found")
+
+
+def flag(args: list[str], name: str, default: str = "") -> str:
+    for a in args:
+        if a.startswith(f"--{name}="):
+            return a.split("=", 1)[1]
+    return default
+
+
+def positional(args: list[str]) -> list[str]:
+    return [a for a in args if not a.startswith("--")]

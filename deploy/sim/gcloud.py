@@ -5,7 +5,8 @@ Queued resources move through their documented states (one state per `describe`,
 rehearsal is deterministic); an ACTIVE slice has one worker per host, each a home directory
 under $SIM_DIR/nodes whose `python3` is a Python 3.10 stand-in without venv, as on Google's
 TPU images. `tpu-vm scp` copies into those homes, `tpu-vm ssh --command` runs the command with
-bash in them, `storage ls|cat|cp` read and write the bucket of a GCS server on loopback.
+bash in them (as OpenSSH would connect: deploy/sim/ssh.py), `storage ls|cat|cp` read and write
+the bucket of a GCS server on loopback.
 Worker processes carry cloud_state.NODE_ENV in their environment, which is how the simulated
 preemption and `delete` find them. Knobs for a rehearsal or a test: $SIM_DIR/scenario.json (see
 cloud_state.SCENARIO). `install(BIN_DIR)` puts a `gcloud` that runs this module into BIN_DIR.
@@ -22,14 +23,20 @@ import time
 from deploy.sim.cloud_state import (
     NODE_ENV,
     cloud_log,
+    fail,
+    flag,
     image_env,
     locked_state,
     node_dir,
     node_tag,
+    not_found,
+    positional,
     scenario,
     sim_dir,
     tear_down,
 )
+from deploy.sim.ssh import check_host_keys, make_client_key, new_host_keys
+from deploy.sim.storage_cli import storage
 from vitpod.workdir import protocol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,27 +50,6 @@ def install(bin_dir: str) -> str:
                 f"exec {shlex.quote(sys.executable)} -m deploy.sim.gcloud \"$@\"\n")
     os.chmod(path, 0o755)
     return path
-
-
-def fail(message: str, code: int = 1) -> None:
-    print(message, file=sys.stderr)
-    sys.exit(code)
-
-
-def not_found(kind: str, name: str, command: str) -> None:
-    fail(f"ERROR: (gcloud.compute.tpus.{command}) NOT_FOUND: Resource "
-         f"'projects/sim/locations/sim/{kind}/{name}' was not found")
-
-
-def flag(args: list[str], name: str, default: str = "") -> str:
-    for a in args:
-        if a.startswith(f"--{name}="):
-            return a.split("=", 1)[1]
-    return default
-
-
-def positional(args: list[str]) -> list[str]:
-    return [a for a in args if not a.startswith("--")]
 
 
 def hosts(tpu_type: str, chips_per_host: int) -> int:
@@ -159,9 +145,12 @@ def make_node(state: dict, name: str, res: dict, sc: dict) -> None:
         (f"{n} x " if n > 1 else "") + f"{res['type']} ({res['workers']} workers"
         + (" each)" if n > 1 else ")"))
     for node in res["nodes"]:
+        new_host_keys(state, node)
         shutil.rmtree(node_dir(node), ignore_errors=True)
-        for i in range(res["workers"]):
-            os.makedirs(os.path.join(node_dir(node), f"w{i}"))
+        for i in range(res["workers"]):  # its chips as device files, as on a v4 host
+            os.makedirs(os.path.join(node_dir(node), f"w{i}", "dev"))
+            for chip in range(sc["chips_per_host"]):
+                open(os.path.join(node_dir(node), f"w{i}", "dev", f"accel{chip}"), "w").close()
     if sc["preempt_at_step"] and res["spot"] and not state.get("preempted"):
         subprocess.Popen([sys.executable, "-m", "deploy.sim.capacity", name], cwd=ROOT,
                          start_new_session=True, stdin=subprocess.DEVNULL,
@@ -199,12 +188,12 @@ def workers_of(args: list[str], res: dict) -> list[int]:
 def worker_env(name: str, res: dict, i: int) -> dict:
     """What a process on worker i sees: a clean login environment of the image, plus the
     channels that stand in for the metadata server and the emulator's endpoints."""
-    sc, nodes = scenario(), res["nodes"]
+    sc, nodes, home = scenario(), res["nodes"], os.path.join(node_dir(name), f"w{i}")
     # A multislice job: the runtime's slice values; the megascale coordinator is worker 0 of
     # slice 0 (every simulated host is 127.0.0.1).
     slices = protocol.slices_env(len(nodes), nodes.index(name), "127.0.0.1") \
         if len(nodes) > 1 else {}
-    return {**image_env(os.path.join(node_dir(name), f"w{i}")),
+    return {**image_env(home), protocol.SIM_ROOT_ENV: home,
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={sc['chips_per_host']}",
             **protocol.sim_metadata_env("127.0.0.1", res["workers"], i), **slices,
             NODE_ENV: node_tag(name, i)}
@@ -214,12 +203,18 @@ def tpu_vm(verb: str, args: list[str]) -> None:
     name = positional(args)[0] if verb != "scp" else positional(args)[-1].split(":")[0]
     if verb == "describe":
         res = active_node(name, verb)
+        # Every worker is this machine; TEST-NET-1 (RFC 5737) stands for a blocked worker 0.
+        ips = ["127.0.0.1"] * res["workers"]
+        ips[0] = "192.0.2.1" if scenario()["unreachable_coordinator"] else ips[0]
         print(json.dumps({"name": name, "state": res["lost"].get(name) or "READY",
                           "acceleratorType": res["type"],
-                          "networkEndpoints": [{"ipAddress": "127.0.0.1", "port": 8470}
-                                               for _ in range(res["workers"])]}))
+                          "networkEndpoints": [{"ipAddress": ip, "port": 8470} for ip in ips],
+                          "networkConfig": {"network": "projects/sim/global/networks/default"},
+                          "cidrBlock": "127.0.0.0/8"}))
         return
     res = active_node(name, verb)
+    if verb in ("scp", "ssh"):
+        make_client_key(verb)
     if verb == "scp":
         with locked_state() as state:
             failing = state.get("scp_failures", 0) < scenario()["scp_failures"]
@@ -228,6 +223,7 @@ def tpu_vm(verb: str, args: list[str]) -> None:
             fail("ssh: connect to host 127.0.0.1 port 22: Connection refused\n"
                  "ERROR: (gcloud.compute.tpus.tpu-vm.scp) [/usr/bin/scp] exited with return "
                  "code [255].", 255)
+        check_host_keys(verb, flag(args, "strict-host-key-checking"), name, workers_of(args, res))
         *sources, target = positional(args)
         target = target.split(":", 1)[1].removeprefix("~/").removeprefix("~")
         for i in workers_of(args, res):
@@ -245,6 +241,7 @@ def tpu_vm(verb: str, args: list[str]) -> None:
         command = flag(args, "command")
         if not command:
             fail("sim gcloud: an interactive ssh is not simulated; pass --command", 2)
+        check_host_keys(verb, flag(args, "strict-host-key-checking"), name, workers_of(args, res))
         procs = [subprocess.Popen(["bash", "-c", command], cwd=os.path.join(node_dir(name),
                                                                              f"w{i}"),
                                   env=worker_env(name, res, i), stdin=subprocess.DEVNULL)
@@ -254,36 +251,6 @@ def tpu_vm(verb: str, args: list[str]) -> None:
 
 
 # --- storage ---------------------------------------------------------------------------------
-def storage(verb: str, args: list[str]) -> None:
-    from google.cloud import storage as gcs
-
-    if verb == "buckets" and args[:1] == ["describe"]:
-        print(json.dumps({"name": positional(args)[1].removeprefix("gs://"),
-                          "location": scenario()["bucket_location"]}))
-        return
-    url = positional(args)[-1]
-    bucket, _, prefix = url.removeprefix("gs://").partition("/")
-    client = gcs.Client(project="test-project")
-    if verb == "ls":
-        names = [b.name for b in client.list_blobs(bucket, prefix=prefix)]
-        if not names:
-            fail("ERROR: (gcloud.storage.ls) One or more URLs matched no objects.")
-        for n in names:
-            print(f"gs://{bucket}/{n}")
-        return
-    if verb == "cat":
-        blob = client.bucket(bucket).blob(prefix)
-        if not blob.exists():
-            fail(f"ERROR: (gcloud.storage.cat) The following URLs matched no objects or "
-                 f"files:\n-{url}")
-        sys.stdout.buffer.write(blob.download_as_bytes())
-        return
-    if verb == "cp":  # cp LOCAL_FILE gs://BUCKET/OBJECT
-        client.bucket(bucket).blob(prefix).upload_from_filename(positional(args)[0])
-        return
-    fail(f"sim gcloud: storage {verb} is not simulated", 2)
-
-
 def main(args: list[str]) -> None:
     with locked_state() as state:
         state["calls"].append(args)

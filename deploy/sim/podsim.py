@@ -123,7 +123,7 @@ def main() -> int:
     config = os.environ.get("CONFIG", "configs/demo.py")
     train_flags = os.environ.get("TRAIN_FLAGS") or DEFAULT_FLAGS
     preempt_at = int(os.environ.get("PREEMPT_AT_STEP", "30"))
-    for sub in ("nodes", "workdir", "image", "downloads", "warm-home"):
+    for sub in ("nodes", "workdir", "image", "downloads", "warm-home", "client"):
         shutil.rmtree(os.path.join(SIM_DIR, sub), ignore_errors=True)
     for f in ("state.json", "cloud.log", "capacity.log", "scenario.json"):
         if os.path.exists(os.path.join(SIM_DIR, f)):
@@ -164,7 +164,10 @@ def main() -> int:
         say(f"pod-run of {config} on a simulated {settings.get('TPU_TYPES', tpu_type)}"
             + (f" x {slices} slices" if slices != "1" else "") + ", workdir "
             f"{WORKDIR}, preemption at step {preempt_at or 'never'}")
-        env = {**os.environ, **settings, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+        # The machine pod-run runs on, as on first use: gcloud makes its ssh key in this home.
+        client = os.path.join(SIM_DIR, "client")
+        os.makedirs(client, exist_ok=True)
+        env = {**os.environ, **settings, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": client}
         for key in ("VIRTUAL_ENV", "PYTHONPATH"):
             env.pop(key, None)
         code = subprocess.run([sys.executable, "-m", "deploy.pod", "run"], cwd=ROOT,

@@ -32,6 +32,13 @@ SIM_WORKER0_ENV = "VITPOD_SIM_WORKER0"
 SIM_HOSTS_ENV = "VITPOD_SIM_HOSTS"
 SIM_WORKER_ID_ENV = "VITPOD_SIM_WORKER_ID"
 
+# A TPU host's chips as device files (v4: /dev/accel*; v5e, v5p, v6e: /dev/vfio/*) and the lock
+# file libtpu leaves behind; the rehearsal, which has no chips, sets SIM_ROOT_ENV to a folder of
+# each worker's that holds stand-ins at the same paths (FOLDER/dev/accel0 ...).
+TPU_DEVICE_GLOBS = ("/dev/accel*", "/dev/vfio/*")
+LIBTPU_LOCKFILE = "/tmp/libtpu_lockfile"
+SIM_ROOT_ENV = "VITPOD_SIM_ROOT"
+
 # A worker's readiness, in the order it is reached.
 STARTED, JOINING, READY, EXITED = "started", "joining", "ready", "exited"
 MARKERS = (STARTED, JOINING, READY, EXITED)
@@ -51,8 +58,12 @@ PIDFILE = "vitpod.pid"
 CONFIGS = "vitpod-configs"
 WORKER_SCRIPT = "vitpod-worker.sh"
 CHECK_SCRIPT = "vitpod-check.py"
+PROBE_SCRIPT = "vitpod-probe.py"
 CONSTRAINTS = "vitpod-constraints.txt"
 
+
+# In the home of whoever runs gcloud: the ssh key gcloud makes on its first ssh or scp.
+GCLOUD_SSH_KEY = ".ssh/google_compute_engine"
 
 def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
@@ -93,6 +104,14 @@ def sim_metadata_env(worker0_host: str, hosts: int, worker: int) -> dict[str, st
     return {SIM_WORKER0_ENV: worker0_host, SIM_HOSTS_ENV: str(hosts),
             SIM_WORKER_ID_ENV: str(worker)}
 
+
+def tpu_device_globs(env: dict) -> list[str]:
+    """The patterns of this host's TPU device files."""
+    return [env.get(SIM_ROOT_ENV, "") + pattern for pattern in TPU_DEVICE_GLOBS]
+
+
+def libtpu_lockfile(env: dict) -> str:
+    return env.get(SIM_ROOT_ENV, "") + LIBTPU_LOCKFILE
 
 def slices_env(slices: int, slice_id: int, coordinator_host: str) -> dict[str, str]:
     return {NUM_SLICES_ENV: str(slices), SLICE_ID_ENV: str(slice_id),
