@@ -12,7 +12,9 @@ import os
 import posixpath
 import time
 
-# The environment every launcher sets for the trainer on each worker.
+# The environment every launcher sets for the trainer on each worker. JAX_PLATFORMS (JAX's own)
+# makes JAX fail instead of falling back to the CPU.
+PLATFORMS_ENV = "JAX_PLATFORMS"
 LAUNCH_ENV = "VITPOD_LAUNCH_ID"
 WORKER_ENV = "VITPOD_WORKER"
 SLICE_ENV = "VITPOD_TPU_TYPE"
