@@ -1,10 +1,11 @@
 """GKE: the JobSet `make gke-manifest` writes, against the JobSet API's own types and
-Kubernetes' schemas; the trainer's side (joining the job on a GKE pod, the exit code of a
-preempted run)."""
+Kubernetes' schemas; the image `make image` builds, rehearsed without a daemon; the trainer's
+side (joining the job on a GKE pod, the exit code of a preempted run)."""
 
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from deploy.gcloud_cli import PodError
-from deploy.gke import jobset, tpus, yamltext
+from deploy.gke import image, jobset, tpus, yamltext
 from deploy.gke.__main__ import main as gke_main
 from deploy.settings import load_settings, slice_devices
 from tests.conftest import ROOT
@@ -290,6 +291,105 @@ def test_make_gke_manifest_prints_only_yaml(tmp_path):
         TPU_TYPE="v6e-16", NUM_SLICES="2", TPU_TYPES="v6e-16,v5litepod-16"))
     assert all(line.startswith("[gke-manifest] ") for line in done.stderr.splitlines())
     assert "the first of TPU_TYPES" in done.stderr and "preflight: 2xv6e-16: ok" in done.stderr
+
+
+# --- make image, without a daemon ------------------------------------------------------------
+def _fake(folder, name, script):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("#!/bin/bash\n" + script)
+    (folder / name).chmod(0o755)
+
+
+def _image(tmp_path, path, **env):
+    return subprocess.run([sys.executable, "-m", "deploy.gke", "image"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **BASE, "POD_ENV": os.devnull, "PATH": str(path),
+                               "WHEEL": str(tmp_path / "vitpod-0.1.0-py3-none-any.whl"), **env})
+
+
+def test_make_image_says_in_one_line_that_docker_has_no_daemon(tmp_path):
+    daemonless = ("Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the "
+                  "docker daemon running?")
+    _fake(tmp_path / "bin", "docker", f'[ "$1" = info ] && {{ echo "{daemonless}" >&2; exit 1; }}\n'
+                                      "echo built >> $0.log\n")
+    done = _image(tmp_path, tmp_path / "bin")
+    assert done.returncode == 1 and done.stdout == "", done.stderr
+    assert done.stderr == (f"error: docker cannot build here (docker info: {daemonless}): run "
+                           "make image where a docker daemon can be reached, or with podman\n")
+    assert not (tmp_path / "bin" / "docker.log").exists()
+    (tmp_path / "empty").mkdir()
+    done = _image(tmp_path, tmp_path / "empty")
+    assert done.stderr == ("error: make image needs docker (with a daemon it can reach) or "
+                           "podman; neither is on PATH here\n")
+
+
+def _dockerfile() -> tuple[list[str], dict[str, str], str]:
+    """The Dockerfile's ARG names, ENV values and its one RUN command."""
+    text = (ROOT / "deploy" / "gke" / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines() if line.strip()
+             and not line.startswith("#")]
+    args = [line.split()[1] for line in lines if line.startswith("ARG ")]
+    env = dict(line.split()[1].split("=", 1) for line in lines if line.startswith("ENV "))
+    (run,) = [line[4:] for line in lines if line.startswith("RUN ")]
+    assert not any(line.startswith(("ENTRYPOINT", "CMD")) for line in lines)
+    assert re.fullmatch(r"FROM python:\d+\.\d+\.\d+-slim-\w+", lines[0])  # pinned
+    assert f"WORKDIR {jobset.IMAGE_HOME}" in lines
+    return args, env, run
+
+
+def test_make_image_builds_what_worker_sh_sets_up_at_the_manifests_paths(tmp_path):
+    """A docker that answers `info` records the build; the Dockerfile's RUN then runs on the
+    staged context with a stand-in uv, as the build would: the venv lands where the manifest
+    runs it."""
+    (tmp_path / "vitpod-0.1.0-py3-none-any.whl").write_text("wheel")
+    record = tmp_path / "record"
+    _fake(tmp_path / "bin", "docker", f'[ "$1" = info ] && exit 0\n'
+          f'printf "%s\\n" "$@" > {record}.args; cp -r "${{@: -1}}" {record}\n')
+    done = _image(tmp_path, f"{tmp_path / 'bin'}:/usr/bin:/bin", PYTHON_VERSION="3.11.9")
+    assert done.returncode == 0, done.stderr
+    argv = (tmp_path / "record.args").read_text().splitlines()
+    assert argv[:5] == ["build", "-f", image.DOCKERFILE, "-t", BASE["IMAGE"]]
+    build_args = dict(a.removeprefix("--build-arg=").split("=", 1) for a in argv[5:-1])
+    args, env, run = _dockerfile()
+    assert sorted(build_args) == sorted(args)
+    assert build_args["PYTHON_VERSION"] == "3.11.9" and build_args["VENV"] == protocol.VENV
+    assert env["HOME"] == jobset.IMAGE_HOME
+    home = tmp_path / "record"  # the context, copied to the image's home (COPY . ./)
+    assert sorted(os.listdir(home)) == sorted([
+        "vitpod-0.1.0-py3-none-any.whl", protocol.CONSTRAINTS, protocol.WORKER_SCRIPT,
+        protocol.CHECK_SCRIPT, protocol.CONFIGS])
+    assert (home / protocol.CONFIGS / "demo.py").read_text() == (
+        ROOT / "configs" / "demo.py").read_text()
+    _fake(home / ".local" / "bin", "uv", 'echo "$* | $(env | grep ^UV_ | sort | xargs)" >> '
+          '"$HOME/uv.log"\ncase "$1" in --version) echo "uv $UV_VERSION";;\n'
+          '  venv) mkdir -p "${@: -1}/bin" && touch "${@: -1}/bin/python";; esac\n')
+    done = subprocess.run(["bash", "-c", run], cwd=home, capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], **build_args, "HOME": str(home)},
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    calls = (home / "uv.log").read_text().splitlines()
+    assert calls[1].startswith(f"venv --quiet --clear --python 3.11.9 {protocol.VENV} |")
+    assert calls[2].startswith(f"pip install --quiet --python {protocol.VENV}/bin/python "
+                               f"--constraint {protocol.CONSTRAINTS} "
+                               "vitpod-0.1.0-py3-none-any.whl[tpu] |")
+    assert all("UV_NO_CACHE=1 UV_PYTHON_PREFERENCE=only-managed" in c for c in calls[1:])
+    assert (home / protocol.VENV / "bin" / "python").exists()
+    assert not (home / "vitpod-0.1.0-py3-none-any.whl").exists()
+    assert jobset.IMAGE_PYTHON == f"{env['HOME']}/{protocol.VENV}/bin/python"
+    assert env["PATH"].startswith(f"{jobset.IMAGE_HOME}/${{VENV}}/bin:")
+
+
+def test_make_image_dry_run_prints_the_build():
+    done = subprocess.run(["make", "-s", "image", "DRY_RUN=1", f"POD_ENV={os.devnull}",
+                           f"IMAGE={BASE['IMAGE']}", f"PYTHON={sys.executable}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    lines = done.stdout.splitlines()
+    tool = shlex.split(lines[-1])[0] if lines else ""
+    if done.returncode and "neither is on PATH" in done.stderr:
+        pytest.skip("no docker or podman client here")
+    assert done.returncode == 0, done.stderr
+    assert tool in image.TOOLS and f"-t {BASE['IMAGE']}" in lines[-1]
+    assert "pip wheel --no-deps" in lines[0]
 
 
 # --- In the pod --------------------------------------------------------------------------------

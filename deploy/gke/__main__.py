@@ -1,4 +1,4 @@
-"""python3 -m deploy.gke manifest: `make gke-manifest`.
+"""python3 -m deploy.gke {image|manifest}: `make image` and `make gke-manifest`.
 
 Same settings as `make pod-*` (deploy/pod.env or $POD_ENV, overridden by environment
 variables). `manifest` prints the JobSet's YAML and nothing else on stdout (apply it with
@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 from deploy.gcloud_cli import PodError
-from deploy.gke import jobset, yamltext
+from deploy.gke import image, jobset, yamltext
 from deploy.pod import preflight
 from deploy.settings import DEPLOY_DIR, Settings, load_settings
 
@@ -30,7 +30,7 @@ def manifest(settings: Settings) -> None:
     sys.stdout.write(yamltext.dump(document))
 
 
-VERBS = {"manifest": manifest}
+VERBS = {"image": image.build, "manifest": manifest}
 
 
 def main(argv: list[str]) -> int:
