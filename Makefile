@@ -17,7 +17,7 @@ DEMO_WORKDIR ?= runs/demo
 
 .PHONY: install demo test test-fast lint format debug debug-multihost clean \
 	bench constraints test-pod-sim test-pod-sim-multislice pod-sim pod-create pod-setup pod-check pod-launch pod-watch \
-	pod-status pod-logs pod-ssh pod-delete pod-run
+	pod-status pod-logs pod-ssh pod-delete pod-run image gke-manifest
 
 install: $(VENV)/.installed
 
@@ -121,6 +121,15 @@ pod-delete:
 	$(POD) delete
 pod-run:
 	$(POD) run
+
+# GKE (docs/gke.md), from the same settings. Plain python3 too.
+GKE := $(PYTHON) -m deploy.gke
+# The container image IMAGE from this checkout, set up by deploy/worker.sh (docker or podman).
+image:
+	$(GKE) image
+# The run's JobSet as YAML on stdout, nothing else: make -s gke-manifest | kubectl apply -f -
+gke-manifest:
+	@$(GKE) manifest
 
 clean:
 	rm -rf runs data .pytest_cache

@@ -17,6 +17,22 @@ from vitpod.workdir import protocol
 PYTHON = f"{protocol.VENV}/bin/python"  # on a worker, from its home
 
 
+def train_command(s: Settings, python: str, config: str, devices: int,
+                  *extra: str) -> list[str]:
+    """The trainer's command line on every host: the config and workdir, the platform and
+    device count it must find (`devices`: the whole job's; 0 leaves it unchecked), `extra`
+    flags, then TRAIN_FLAGS (last, so that they win)."""
+    return [python, "-m", "vitpod.train", f"--config={config}", f"--workdir={s.workdir}",
+            f"--expect_platform={s.platform}",
+            *([f"--expect_devices={devices}"] if devices else []), *extra,
+            *shlex.split(s.train_flags)]
+
+
+def slice_label(tpu_type: str, slices: int) -> str:
+    """What the goodput report calls the job's hardware: v4-32, or 2xv4-16 for two slices."""
+    return tpu_type if slices == 1 else f"{slices}x{tpu_type}"
+
+
 class Launch:
     """The trainers of one launch (`id`) on `slice`; an id of '' in `watch` means the newest."""
 
@@ -36,19 +52,14 @@ class Launch:
                         lambda i: workers.copy(i, f"~/{protocol.CONFIGS}/", config_file))
         remote_config = protocol.join(protocol.CONFIGS, os.path.basename(config_file)) + (
             f":{arg}" if arg else "")
-        devices = (slice_devices(tpu_type) or 0) * slices
-        label = tpu_type if slices == 1 else f"{slices}x{tpu_type}"  # for the goodput report
-        train = [PYTHON, "-m", "vitpod.train", f"--config={remote_config}",
-                 f"--workdir={s.workdir}", f"--expect_platform={s.platform}",
-                 *([f"--expect_devices={devices}"] if devices else []),
-                 *shlex.split(s.train_flags)]
+        label = slice_label(tpu_type, slices)
+        train = train_command(s, PYTHON, remote_config, (slice_devices(tpu_type) or 0) * slices)
         self.id = protocol.new_launch_id()
         log(f"launch {self.id} on {workers.count} worker(s)"
             + (f" of {slices} slices" if slices > 1 else "") + f": {shlex.join(train)}")
 
         def start(i: int):
-            # JAX_PLATFORMS makes JAX fail instead of falling back to the CPU.
-            env = {"JAX_PLATFORMS": s.platform, **protocol.launch_env(
+            env = {protocol.PLATFORMS_ENV: s.platform, **protocol.launch_env(
                 self.id, i, label, s.coordinator_port, s.init_timeout)}
             return workers.run(i, "cd ~ && " + " ".join(
                 f"{k}={shlex.quote(v)}" for k, v in env.items()) + f" {PYTHON} -m "

@@ -60,27 +60,10 @@ class Pod:
         return Launch(self.settings, self.g, self.slice).watch()
 
     def preflight(self) -> None:
-        """The config against every slice type and count it may get (vitpod.preflight, in the
-        local venv) before a slice is created: a fallback that cannot run it would be billed to
-        fail (the global batch must divide over every one)."""
+        """The config against every slice type and count it may get, before a slice is
+        created: a fallback that cannot run it would be billed to fail."""
         s = self.settings
-        python = os.path.join(os.path.dirname(DEPLOY_DIR), ".venv", "bin", "python")
-        counts = [(t.name, slice_devices(t.name), n) for t in s.slice_types
-                  for n in s.slice_counts]
-        if not os.path.exists(python) or not all(d for _, d, _ in counts):
-            log("config not checked against the slice types (no .venv here: make install; or "
-                "a type whose device count is unknown)")
-            return
-        flags = [f for f in shlex.split(s.train_flags) if f.startswith("--config.")]
-        slices = ",".join(f"{t}={d}" if n == 1 else f"{n}x{t}={d * n}/{n}" for t, d, n in counts)
-        check = [python, "-m", "vitpod.preflight", f"--config={s.config}", f"--slices={slices}",
-                 *flags]
-        done = subprocess.run(check, capture_output=True, text=True, timeout=300)
-        for line in done.stdout.splitlines():
-            log(f"preflight: {line}")
-        if done.returncode:
-            why = reason(done.stderr, "").removeprefix("error: ") or f"exit {done.returncode}"
-            raise PodError(f"preflight: {why} (nothing created)")
+        preflight(s, [(t.name, n) for t in s.slice_types for n in s.slice_counts])
 
     def run(self) -> None:
         """Create, set up, launch, watch; replace a lost slice and resume; delete when DONE."""
@@ -150,6 +133,28 @@ class Pod:
 
     def shell(self) -> None:
         self.slice.workers().shell(self.settings.worker)
+
+
+def preflight(s: Settings, jobs: list[tuple[str, int]], say=log,
+              outcome: str = "nothing created") -> None:
+    """The config against each (slice type, slice count) in `jobs` (vitpod.preflight, in the
+    local venv): the global batch must divide over every one. Its lines go to `say`."""
+    python = os.path.join(os.path.dirname(DEPLOY_DIR), ".venv", "bin", "python")
+    counts = [(t, slice_devices(t), n) for t, n in jobs]
+    if not os.path.exists(python) or not all(d for _, d, _ in counts):
+        say("config not checked against the slice types (no .venv here: make install; or "
+            "a type whose device count is unknown)")
+        return
+    flags = [f for f in shlex.split(s.train_flags) if f.startswith("--config.")]
+    slices = ",".join(f"{t}={d}" if n == 1 else f"{n}x{t}={d * n}/{n}" for t, d, n in counts)
+    check = [python, "-m", "vitpod.preflight", f"--config={s.config}", f"--slices={slices}",
+             *flags]
+    done = subprocess.run(check, capture_output=True, text=True, timeout=300)
+    for line in done.stdout.splitlines():
+        say(f"preflight: {line}")
+    if done.returncode:
+        why = reason(done.stderr, "").removeprefix("error: ") or f"exit {done.returncode}"
+        raise PodError(f"preflight: {why} ({outcome})")
 
 
 VERBS = {"create": Pod.create, "setup": Pod.setup, "check": Pod.check, "launch": Pod.launch,

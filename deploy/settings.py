@@ -14,10 +14,10 @@ DEFAULTS = {"WORKER": "0", "PLATFORM": "tpu", "PYTHON_VERSION": "3.11.7", "UV_VE
             "DESCRIBE_RETRIES": "8", "LOG_SYNC_SECONDS": "30", "CRASH_GRACE": "120",
             "STALL_TIMEOUT": "1800", "NUM_SLICES": "1",
             "COORDINATOR_PORT": str(protocol.DEFAULT_COORDINATOR_PORT), "INIT_TIMEOUT": "1800",
-            "CAPACITY": "spot", "FREE_TPU": "0"}
+            "CAPACITY": "spot", "FREE_TPU": "0", "NAMESPACE": "default", "GRACE_SECONDS": "300"}
 KEYS = ("PROJECT", "ZONE", "NAME", "TPU_TYPE", "TPU_TYPES", "QUEUE_TIMEOUT", "RUNTIME_VERSION",
         "CAPACITY", "WORKDIR", "CONFIG", "TRAIN_FLAGS", "WHEEL", "PYPI_MIRROR", "PYTHON_MIRROR",
-        "PRICE_PER_CHIP_HOUR", *DEFAULTS)
+        "PRICE_PER_CHIP_HOUR", "IMAGE", "CLUSTER", *DEFAULTS)
 RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite",
             "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
 CAPACITY_FLAGS = {"spot": ["--spot"], "reserved": ["--reserved"], "on-demand": []}
@@ -89,6 +89,12 @@ class Settings:
     coordinator_port: int
     init_timeout: float
     free_tpu: bool
+    # GKE (deploy/gke): the container image, the cluster, the JobSet's namespace, and how long
+    # a pod may take to save after its SIGTERM.
+    image: str = ""
+    cluster: str = ""
+    namespace: str = "default"
+    grace_seconds: int = 300
     dry_run: bool = False
 
     @property
@@ -123,8 +129,9 @@ def _read_env_file(path: str) -> dict[str, str]:
     return values
 
 
-def load_settings(path: str, env: dict) -> Settings:
-    """DEFAULTS, then the file at `path`, then `env`; every bad value named, one per line."""
+def load_settings(path: str, env: dict, tpu_vms: bool = True) -> Settings:
+    """DEFAULTS, then the file at `path`, then `env`; every bad value named, one per line.
+    `tpu_vms=False` (GKE) asks no software version of a TPU type: GKE's node pools carry it."""
     raw = {**DEFAULTS, **_read_env_file(path), **{k: env[k] for k in KEYS if k in env}}
     problems = []
 
@@ -152,6 +159,8 @@ def load_settings(path: str, env: dict) -> Settings:
     if raw["FREE_TPU"] not in ("0", "1"):
         problems.append(f"FREE_TPU={raw['FREE_TPU']!r}: use 1 (stop the processes that hold "
                         "the TPU) or 0")
+    if raw["GRACE_SECONDS"].lstrip("-").isdigit() and int(raw["GRACE_SECONDS"]) < 0:
+        problems.append(f"GRACE_SECONDS={raw['GRACE_SECONDS']!r}: use a number of seconds >= 0")
     port = number("COORDINATOR_PORT", int)
     if raw["COORDINATOR_PORT"].isdigit() and not 0 < port < 65536:
         problems.append(f"COORDINATOR_PORT={raw['COORDINATOR_PORT']!r}: not a TCP port")
@@ -159,7 +168,7 @@ def load_settings(path: str, env: dict) -> Settings:
     for item in filter(None, (raw.get("TPU_TYPES") or raw.get("TPU_TYPE", "")).split(",")):
         tpu_type, _, zone = (part.strip() for part in item.partition("@"))
         try:
-            runtime = runtime_for(tpu_type, raw.get("RUNTIME_VERSION", ""))
+            runtime = runtime_for(tpu_type, raw.get("RUNTIME_VERSION", "")) if tpu_vms else ""
         except PodError as e:
             problems.append(str(e))
             continue
@@ -179,7 +188,9 @@ def load_settings(path: str, env: dict) -> Settings:
         log_sync_seconds=number("LOG_SYNC_SECONDS"), crash_grace=number("CRASH_GRACE"),
         stall_timeout=number("STALL_TIMEOUT"), slice_counts=tuple(slice_counts) or (1,),
         coordinator_port=port, init_timeout=number("INIT_TIMEOUT"),
-        free_tpu=raw["FREE_TPU"] == "1", dry_run=env.get("DRY_RUN") == "1")
+        free_tpu=raw["FREE_TPU"] == "1", image=raw.get("IMAGE", ""),
+        cluster=raw.get("CLUSTER", ""), namespace=raw["NAMESPACE"],
+        grace_seconds=number("GRACE_SECONDS", int), dry_run=env.get("DRY_RUN") == "1")
     if problems:
         raise PodError("\n".join(problems))
     return settings

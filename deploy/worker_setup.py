@@ -21,11 +21,16 @@ HOME_NAMES = {"VENV": protocol.VENV, "CONFIGS": protocol.CONFIGS,
               "CONSTRAINTS": protocol.CONSTRAINTS, "CHECK_SCRIPT": protocol.CHECK_SCRIPT}
 
 
+def script_vars(settings: Settings, **extra: str) -> dict[str, str]:
+    """worker.sh's environment (the container image's build passes the same names)."""
+    return {"PYTHON_VERSION": settings.python_version, "UV_VERSION": settings.uv_version,
+            "PLATFORM": settings.platform, "PYPI_MIRROR": settings.pypi_mirror,
+            "PYTHON_MIRROR": settings.python_mirror, **HOME_NAMES, **extra}
+
+
 def script_env(settings: Settings, **extra: str) -> str:
     """worker.sh's environment as `KEY=value ...`, every value shell-quoted."""
-    pairs = {"PYTHON_VERSION": settings.python_version, "UV_VERSION": settings.uv_version,
-             "PLATFORM": settings.platform, "PYPI_MIRROR": settings.pypi_mirror,
-             "PYTHON_MIRROR": settings.python_mirror, **HOME_NAMES, **extra}
+    pairs = script_vars(settings, **extra)
     return " ".join(f"{k}={shlex.quote(str(v))}" for k, v in pairs.items())
 
 

@@ -28,10 +28,18 @@ def _on_cloud_tpu_vm() -> bool:
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
+def _on_gke_tpu_slice(env) -> bool:
+    """A pod of a multi-host TPU slice on GKE, whatever devices its container sees: GKE lists
+    the slice's hosts in TPU_WORKER_HOSTNAMES (one host, or `localhost` where a compile job
+    quiets libtpu with it, is no job to join)."""
+    hosts = [h for h in env.get(protocol.WORKER_HOSTNAMES_ENV, "").split(",") if h.strip()]
+    return len(hosts) > 1
+
+
 def initialize(coordinator_address: str = "", num_processes: int = 0,
                process_id: int = -1) -> None:
-    """Join the job: explicit flags for local multi-process runs, auto-detect on TPU VMs (and in
-    the rehearsal, from its stand-in for the metadata server)."""
+    """Join the job: explicit flags for local multi-process runs, auto-detect on TPU VMs and
+    GKE TPU pods (and in the rehearsal, from its stand-in for the metadata server)."""
     timeout = init_timeout(os.environ)
     if not coordinator_address and os.environ.get(protocol.SIM_WORKER0_ENV):
         coordinator_address, num_processes, process_id = rehearsed_cluster(os.environ)
@@ -42,8 +50,9 @@ def initialize(coordinator_address: str = "", num_processes: int = 0,
         jax.distributed.initialize(coordinator_address=coordinator_address,
                                    num_processes=num_processes, process_id=process_id,
                                    initialization_timeout=timeout)
-    elif _on_cloud_tpu_vm():
-        # Worker list, coordinator (JAX_COORDINATOR_PORT) and slices from the TPU metadata.
+    elif _on_cloud_tpu_vm() or _on_gke_tpu_slice(os.environ):
+        # Worker list, coordinator (JAX_COORDINATOR_PORT) and slices from the TPU metadata, or
+        # on GKE from the environment GKE gives the pod (JAX's GkeTpuCluster).
         jax.distributed.initialize(initialization_timeout=timeout)
 
 

@@ -7,6 +7,7 @@ a finished run (DONE in the workdir) says so and exits 0.
 """
 
 import json
+import sys
 import time
 
 import jax
@@ -274,6 +275,9 @@ def define_flags() -> None:
                         "platform (tpu, cpu); make pod-launch sets it.")
     flags.DEFINE_integer("expect_devices", 0, "Stop at start unless the job has this many "
                          "devices in all; make pod-launch sets it from the slice type.")
+    flags.DEFINE_integer("exit_code_if_preempted", 0, "Exit with this code, on every process, "
+                         "when a SIGTERM stopped the run (checkpoint saved, not DONE): the GKE "
+                         "JobSet passes one its failure policy restarts.")
 
 
 def main(argv) -> None:
@@ -290,11 +294,16 @@ def main(argv) -> None:
     logging.info("process %d of %d: %s", jax.process_index(), jax.process_count(), found)
     podworker.mark(f.workdir, protocol.READY, process=jax.process_index(), devices=found)
     final = run(config, f.workdir, f.stop_after, f.profile, _PROCESS_START)
-    if jax.process_index() != 0:
-        return
+    if jax.process_index() == 0:
+        _say_how_it_ended(final, config, f.stop_after)
+    if final.get("stopped") == "preempted" and f.exit_code_if_preempted:
+        sys.exit(f.exit_code_if_preempted)
+
+
+def _say_how_it_ended(final: dict, config, stop_after: int) -> None:
     if final.get("stopped", "").startswith("nothing to train"):
         print(f"nothing to train: the run is at step {final['step']} of {config.total_steps}, "
-              f"not before --stop_after={f.stop_after}; drop it or pass a later step")
+              f"not before --stop_after={stop_after}; drop it or pass a later step")
     elif final.get("stopped"):
         print(f"{final['stopped']} at step {final['step']} of {config.total_steps}, checkpoint "
               "saved; relaunch the same command to continue")

@@ -12,7 +12,9 @@ import os
 import posixpath
 import time
 
-# The environment every launcher sets for the trainer on each worker.
+# The environment every launcher sets for the trainer on each worker. JAX_PLATFORMS (JAX's own)
+# makes JAX fail instead of falling back to the CPU.
+PLATFORMS_ENV = "JAX_PLATFORMS"
 LAUNCH_ENV = "VITPOD_LAUNCH_ID"
 WORKER_ENV = "VITPOD_WORKER"
 SLICE_ENV = "VITPOD_TPU_TYPE"
@@ -25,6 +27,9 @@ INIT_TIMEOUT_ENV = "VITPOD_INIT_TIMEOUT"
 NUM_SLICES_ENV = "MEGASCALE_NUM_SLICES"
 SLICE_ID_ENV = "MEGASCALE_SLICE_ID"
 SLICE_COORDINATOR_ENV = "MEGASCALE_COORDINATOR_ADDRESS"
+# Set by GKE on each pod of a multi-host TPU slice (the slice's hosts, comma-separated), with
+# TPU_WORKER_ID; JAX's GKE detection reads them itself.
+WORKER_HOSTNAMES_ENV = "TPU_WORKER_HOSTNAMES"
 # What a TPU VM's metadata server tells JAX about its own slice, where there is none: only the
 # rehearsal sets these (the host of the slice's worker 0, the slice's host count, this host's
 # index in the slice).

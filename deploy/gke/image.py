@@ -1,0 +1,96 @@
+"""`make image`: the container image the JobSet runs, built from this checkout with docker or
+podman, wherever one can build.
+
+The image is set up by the same script as a TPU VM (deploy/worker.sh setup: uv, a uv-managed
+Python, the wheel[tpu] under deploy/constraints.txt), with the same environment names
+(worker_setup.script_vars), in a home of its own: deploy/gke/Dockerfile. The build context is
+staged as worker_setup stages a worker's files, plus the checkout's configs/.
+"""
+
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+
+from deploy.gcloud_cli import PodError, reason
+from deploy.gke.jobset import CONFIGS_DIR
+from deploy.settings import DEPLOY_DIR, Settings
+from deploy.worker_setup import build_wheel, script_vars
+from vitpod.workdir import protocol
+
+DOCKERFILE = os.path.join(DEPLOY_DIR, "gke", "Dockerfile")
+TOOLS = ("docker", "podman")
+
+
+def say(message: str) -> None:
+    print(f"[image] {message}", flush=True)
+
+
+def container_tool(dry_run: bool = False, run=subprocess.run, which=shutil.which) -> str:
+    """docker when its daemon answers `docker info`, else podman when `podman info` works; a
+    PodError of one line saying what is missing otherwise."""
+    found = [tool for tool in TOOLS if which(tool)]
+    if not found:
+        raise PodError("make image needs docker (with a daemon it can reach) or podman; "
+                       "neither is on PATH here")
+    if dry_run:
+        return found[0]
+    problems = []
+    for tool in found:
+        try:
+            done = run([tool, "info"], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            problems.append(f"{tool} info: {reason(str(e), type(e).__name__)}")
+            continue
+        if done.returncode == 0:
+            return tool
+        problems.append(f"{tool} info: {reason(done.stderr or done.stdout, done.returncode)}")
+    raise PodError(f"{' and '.join(found)} cannot build here ({'; '.join(problems)}): run "
+                   "make image where a docker daemon can be reached, or with podman")
+
+
+def build_args(settings: Settings, wheel: str) -> dict[str, str]:
+    """The Dockerfile's ARGs: worker.sh's environment, its file name and the wheel's."""
+    return {**script_vars(settings), "WORKER_SCRIPT": protocol.WORKER_SCRIPT,
+            "WHEEL": os.path.basename(wheel)}
+
+
+def stage(wheel: str, context: str) -> None:
+    """The build context: the files a worker gets, named as it gets them, and configs/."""
+    os.makedirs(context)
+    files = {wheel: os.path.basename(wheel),
+             os.path.join(DEPLOY_DIR, "constraints.txt"): protocol.CONSTRAINTS,
+             os.path.join(DEPLOY_DIR, "worker.sh"): protocol.WORKER_SCRIPT,
+             os.path.join(DEPLOY_DIR, "worker_check.py"): protocol.CHECK_SCRIPT}
+    for src, name in files.items():
+        shutil.copyfile(src, os.path.join(context, name))
+    shutil.copytree(os.path.join(os.path.dirname(DEPLOY_DIR), CONFIGS_DIR),
+                    os.path.join(context, protocol.CONFIGS),
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def build(settings: Settings, run=subprocess.run) -> None:
+    """Build IMAGE (a tag, e.g. REGION-docker.pkg.dev/PROJECT/REPO/vitpod:TAG)."""
+    settings.require("IMAGE")
+    tool = container_tool(settings.dry_run, run)
+    wheel = build_wheel(settings)
+    args = build_args(settings, wheel)
+
+    def command(context: str) -> list[str]:
+        return [tool, "build", "-f", DOCKERFILE, "-t", settings.image,
+                *[f"--build-arg={k}={v}" for k, v in args.items()], context]
+
+    if settings.dry_run:
+        print(shlex.join(command("BUILD_CONTEXT")))
+        return
+    say(f"building {settings.image} with {tool}: uv {settings.uv_version}, Python "
+        f"{settings.python_version}, {args['WHEEL']}[tpu] with deploy/constraints.txt")
+    with tempfile.TemporaryDirectory(prefix="vitpod-image-") as scratch:
+        context = os.path.join(scratch, "context")
+        stage(wheel, context)
+        done = run(command(context))
+    if done.returncode:
+        raise PodError(f"{tool} build failed (exit {done.returncode}; its output is above)")
+    say(f"built {settings.image}; push it where the cluster pulls from: {tool} push "
+        f"{shlex.quote(settings.image)}")
