@@ -37,7 +37,8 @@ def log(message: str) -> None:
 def is_not_found(stderr: str) -> bool:
     """gcloud's own answer that something does not exist (a resource, or objects in a bucket):
     final, unlike a failure to ask."""
-    return any(s in stderr for s in ("NOT_FOUND", "was not found", "matched no objects"))
+    return any(s in stderr for s in ("NOT_FOUND", "was not found", "matched no objects",
+                                     "(NotFound)"))  # the last: kubectl's
 
 
 def reason(output: str, otherwise: object) -> str:
@@ -46,16 +47,18 @@ def reason(output: str, otherwise: object) -> str:
 
 
 class Gcloud:
-    """Runs gcloud (or prints it with dry_run); `sleep` is injectable for fast retries."""
+    """Runs gcloud (or prints it with dry_run); `sleep` is injectable for fast retries. `tool`:
+    another CLI called the same way (kubectl for GKE)."""
 
-    def __init__(self, dry_run: bool = False, sleep=time.sleep, timeout: float = 600):
-        self.dry_run, self.sleep, self.timeout = dry_run, sleep, timeout
+    def __init__(self, dry_run: bool = False, sleep=time.sleep, timeout: float = 600,
+                 tool: str = "gcloud"):
+        self.dry_run, self.sleep, self.timeout, self.tool = dry_run, sleep, timeout, tool
 
     def call(self, *args: str, retries: int = 1, timeout: float | None = None,
              prefix: str = "", stream: bool = False) -> tuple[int, str, str]:
         """(exit code, stdout, stderr); retries any failure but NOT_FOUND, with backoff.
         `stream` prints output lines as they come, each after `prefix`."""
-        cmd = ["gcloud", *args]
+        cmd = [self.tool, *args]
         if self.dry_run:
             print(shlex.join(cmd), flush=True)
             return 0, "", ""
@@ -63,7 +66,8 @@ class Gcloud:
             code, out, err = self._once(cmd, timeout or self.timeout, prefix, stream)
             if code == 0 or is_not_found(err) or attempt == retries:
                 return code, out, err
-            log(f"{prefix}gcloud {' '.join(args[2:4])} failed ({reason(err, code)}); "
+            what = " ".join(args[2:4] if self.tool == "gcloud" else args[:2])
+            log(f"{prefix}{self.tool} {what} failed ({reason(err, code)}); "
                 f"retry {attempt}/{retries - 1}")
             self.sleep(min(60, 2 ** attempt))
         raise AssertionError("unreachable")
@@ -74,7 +78,7 @@ class Gcloud:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     stdin=subprocess.DEVNULL, text=True, start_new_session=True)
         except FileNotFoundError:
-            raise PodError("gcloud is not installed or not on PATH") from None
+            raise PodError(f"{self.tool} is not installed or not on PATH") from None
         lines = {"out": [], "err": []}
 
         def pump(name, pipe):
