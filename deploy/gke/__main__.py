@@ -1,4 +1,5 @@
-"""python3 -m deploy.gke {image|manifest}: `make image` and `make gke-manifest`.
+"""python3 -m deploy.gke {image|manifest|run|logs}: `make image`, `make gke-manifest`,
+`make gke-run` and `make gke-logs`.
 
 Same settings as `make pod-*` (deploy/pod.env or $POD_ENV, overridden by environment
 variables). `manifest` prints the JobSet's YAML and nothing else on stdout (apply it with
@@ -12,6 +13,7 @@ import sys
 
 from deploy.gcloud_cli import PodError
 from deploy.gke import image, jobset, yamltext
+from deploy.gke.run import GkeRun
 from deploy.pod import preflight
 from deploy.settings import DEPLOY_DIR, Settings, load_settings
 
@@ -30,7 +32,8 @@ def manifest(settings: Settings) -> None:
     sys.stdout.write(yamltext.dump(document))
 
 
-VERBS = {"image": image.build, "manifest": manifest}
+VERBS = {"image": image.build, "manifest": manifest,
+         "run": lambda s: GkeRun(s).run(), "logs": lambda s: GkeRun(s).logs()}
 
 
 def main(argv: list[str]) -> int:

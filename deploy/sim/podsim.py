@@ -83,17 +83,18 @@ def capacity_limits(text: str) -> dict:
     return limits
 
 
-def build_wheel() -> str:
-    dist = os.path.join(SIM_DIR, "dist")
+def build_wheel(sim_dir: str = SIM_DIR) -> str:
+    dist = os.path.join(sim_dir, "dist")
     shutil.rmtree(dist, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", dist,
                     ROOT], check=True)
     return glob.glob(os.path.join(dist, "vitpod-*.whl"))[0]
 
 
-def warm_caches(wheel: str, python_version: str) -> None:
-    """Run the workers' setup once, so that every simulated worker installs from the cache."""
-    home = os.path.join(SIM_DIR, "warm-home")
+def warm_caches(wheel: str, python_version: str, sim_dir: str = SIM_DIR) -> str:
+    """Run the workers' setup once, so that every simulated worker installs from the cache;
+    the home it set up."""
+    home = os.path.join(sim_dir, "warm-home")
     os.makedirs(home, exist_ok=True)
     shutil.copy(wheel, home)
     shutil.copy(os.path.join(ROOT, "deploy", "constraints.txt"),
@@ -104,11 +105,12 @@ def warm_caches(wheel: str, python_version: str) -> None:
     subprocess.run(["bash", os.path.join(ROOT, "deploy", "worker.sh"), "setup",
                     os.path.basename(wheel)], cwd=home, env=env, check=True)
     say(f"package caches warm ({time.monotonic() - start:.0f} s)")
+    return home
 
 
-def copy_workdir(client, target: str) -> None:
+def copy_workdir(client, target: str, workdir: str = WORKDIR) -> None:
     shutil.rmtree(target, ignore_errors=True)
-    prefix = WORKDIR.removeprefix(f"gs://{BUCKET}/") + "/"
+    prefix = workdir.removeprefix(f"gs://{BUCKET}/") + "/"
     for blob in client.list_blobs(BUCKET, prefix=prefix):
         rel = blob.name[len(prefix):]
         if rel.startswith("compile_cache/"):

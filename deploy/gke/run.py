@@ -1,0 +1,211 @@
+"""`make gke-run` and `make gke-logs`: one run as a JobSet, applied, watched to DONE, deleted.
+
+The JobSet itself restarts the run (a preempted or repaired node pool fails a Job, and JobSet
+recreates every Job: `status.restarts` grows); the trainers resume from the workdir. This
+side only watches: DONE in the workdir ends the run (the pods exit 0, the goodput report is
+printed, the JobSet deleted); a JobSet that failed (a pod exit code its policy does not
+restart, or MAX_RETRIES restarts spent) is reported in one line with the failing pod's log
+tail, and deleted. kubectl talks to the cluster of its current context.
+"""
+
+import json
+import os
+import subprocess
+import time
+
+from deploy.gcloud_cli import Bucket, Gcloud, PodError, log
+from deploy.gke import jobset, yamltext
+from deploy.gke.tpus import gke_tpu
+from deploy.pod import preflight
+from deploy.settings import DEPLOY_DIR, Settings
+from vitpod.workdir import protocol
+
+JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"
+JOB_INDEX_LABEL = "jobset.sigs.k8s.io/job-index"
+POD_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+ENDED = ("Succeeded", "Failed")
+
+
+class GkeRun:
+    """The JobSet of one run (NAME in NAMESPACE), through kubectl."""
+
+    def __init__(self, settings: Settings, kubectl: Gcloud | None = None,
+                 gcloud: Gcloud | None = None):
+        self.s = settings
+        self.k = kubectl or Gcloud(settings.dry_run, timeout=120, tool="kubectl")
+        self.bucket = Bucket(gcloud or Gcloud(settings.dry_run, timeout=120))
+        self.sleep = self.k.sleep
+
+    def kubectl(self, *args: str, retries: int = 3) -> tuple[int, str, str]:
+        return self.k.call(f"--namespace={self.s.namespace}", *args, retries=retries)
+
+    # --- what the cluster says ---------------------------------------------------------------
+    def status(self) -> dict | None:
+        """The JobSet's status; None when it does not exist. PodError when unreadable."""
+        code, out, err = self.kubectl("get", "jobset", self.s.name, "-o", "json")
+        if code and "(NotFound)" in err:
+            return None
+        if code:
+            raise PodError(f"kubectl get jobset {self.s.name}: {err.strip() or code}")
+        return json.loads(out or "{}").get("status", {}) if not self.s.dry_run else {}
+
+    def pods(self) -> list[dict]:
+        """The JobSet's pods, worker order (slice, then index in the slice)."""
+        code, out, err = self.kubectl("get", "pods", "-l", f"{JOBSET_LABEL}={self.s.name}",
+                                      "-o", "json")
+        if code:
+            raise PodError(f"kubectl get pods: {err.strip() or code}")
+        items = json.loads(out or "{}").get("items", []) if not self.s.dry_run else []
+        return sorted(items, key=self.worker)
+
+    def worker(self, pod: dict) -> int:
+        labels = pod["metadata"].get("labels", {})
+        vms = gke_tpu(self.s.tpu_type).vms_per_slice
+        return int(labels.get(JOB_INDEX_LABEL, 0)) * vms + int(labels.get(POD_INDEX_LABEL, 0))
+
+    def log_tail(self, pod: dict, lines: int) -> str:
+        code, out, err = self.kubectl("logs", pod["metadata"]["name"], f"--tail={lines}",
+                                      retries=2)
+        return out if code == 0 else f"(kubectl logs: {err.strip() or code})\n"
+
+    def show_tail(self, pod: dict, lines: int = 30) -> None:
+        for line in self.log_tail(pod, lines).splitlines():
+            print(f"[w{self.worker(pod)}] {line}", flush=True)
+
+    # --- the run -----------------------------------------------------------------------------
+    def apply(self) -> None:
+        document = jobset.build(self.s)
+        preflight(self.s, [(self.s.tpu_type, self.s.num_slices)])
+        text, cmd = yamltext.dump(document), ["kubectl", f"--namespace={self.s.namespace}",
+                                             "apply", "-f", "-"]
+        if self.s.dry_run:
+            print(" ".join(cmd) + " <<EOF\n" + text + "EOF", flush=True)
+            return
+        try:
+            done = subprocess.run(cmd, input=text, capture_output=True, text=True, timeout=120)
+        except FileNotFoundError:
+            raise PodError("kubectl is not installed or not on PATH") from None
+        if done.returncode:
+            raise PodError(f"kubectl apply refused the JobSet: {done.stderr.strip()}")
+        log(done.stdout.strip())
+
+    def wait_running(self, expected: int) -> None:
+        deadline, said = time.monotonic() + self.s.ready_timeout, ""
+        while True:
+            pods = self.pods()
+            phases = [p.get("status", {}).get("phase", "Pending") for p in pods]
+            if len(pods) == expected and all(p != "Pending" for p in phases):
+                log(f"{expected} pod(s) of {self.s.name} started; follow with make gke-logs "
+                    "WORKER=all")
+                return
+            note = f"{phases.count('Running')}/{expected} pod(s) running"
+            if note != said:
+                log(f"waiting for the pods: {note}")
+                said = note
+            if time.monotonic() > deadline:
+                raise PodError(f"{note} after READY_TIMEOUT={self.s.ready_timeout:g} s; the "
+                               f"JobSet is left as it is: kubectl describe jobset {self.s.name}")
+            self.sleep(min(self.s.poll_seconds, 5))
+
+    def run(self) -> None:
+        s = self.s
+        s.require("NAME", "TPU_TYPE", "WORKDIR", "CONFIG", "IMAGE")
+        tpu = gke_tpu(s.tpu_type)
+        expected = tpu.vms_per_slice * s.num_slices
+        self.apply()
+        if s.dry_run:
+            return
+        self.wait_running(expected)
+        outcome = self.watch()
+        if outcome == "done":
+            self.finish(expected)
+            return
+        self.delete()
+        raise PodError(outcome)
+
+    def watch(self) -> str:
+        """'done' at DONE; else why the run failed (after showing the failing pod's log)."""
+        restarts = 0
+        while True:
+            if self.bucket.exists(protocol.done_path(self.s.workdir)):
+                return "done"
+            status = self.status()
+            if status is None:
+                return f"the JobSet {self.s.name} is gone (deleted outside gke-run?)"
+            if status.get("restarts", 0) > restarts:
+                restarts = status["restarts"]
+                log(f"the JobSet restarted its Jobs ({restarts}/{self.s.max_retries} restarts): "
+                    "the trainers resume from the workdir")
+            conditions = {c.get("type"): c for c in status.get("conditions", [])
+                          if c.get("status") == "True"}
+            if "Failed" in conditions:
+                return self.failed(conditions["Failed"])
+            if "Completed" in conditions and not self.bucket.exists(
+                    protocol.done_path(self.s.workdir)):
+                return (f"the JobSet completed but {protocol.done_path(self.s.workdir)} does "
+                        "not exist: every pod exited 0 before the end of training")
+            self.sleep(self.s.poll_seconds)
+
+    def failed(self, condition: dict) -> str:
+        pods = self.pods()
+        codes = {self.worker(p): exit_code(p) for p in pods}
+        bad = [p for p in pods if exit_code(p) not in (None, 0, jobset.PREEMPTED_EXIT_CODE)]
+        for pod in bad[:1] or pods[:1]:
+            self.show_tail(pod)
+        shown = ", ".join(f"w{w} exit {c}" for w, c in sorted(codes.items()) if c is not None)
+        return (f"the JobSet failed ({condition.get('reason', 'Failed')}: "
+                f"{condition.get('message', '').strip()}); pods: {shown or 'none exited'}"
+                + (f"; log tail of {bad[0]['metadata']['name']} above" if bad else "")
+                + "; deleted the JobSet")
+
+    def finish(self, expected: int) -> None:
+        done = self.bucket.read(protocol.done_path(self.s.workdir))
+        try:
+            step = json.loads(done or "{}").get("step", "?")
+        except ValueError:
+            step = "?"
+        log(f"{protocol.done_path(self.s.workdir)} exists: training finished at step {step}")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            phases = [p.get("status", {}).get("phase") for p in self.pods()]
+            if len(phases) == expected and all(p in ENDED for p in phases):
+                break
+            self.sleep(min(self.s.poll_seconds, 5))
+        self.report()
+        self.delete()
+
+    def report(self) -> None:
+        """The goodput report (vitpod.report in the local venv, which reads the bucket); the
+        pods are gone with the JobSet."""
+        python = os.path.join(os.path.dirname(DEPLOY_DIR), ".venv", "bin", "python")
+        if not os.path.exists(python):
+            log("no goodput report: no .venv here (make install), or run python -m "
+                f"vitpod.report --workdir={self.s.workdir} where vitpod is installed")
+            return
+        price = ([f"--price_per_chip_hour={self.s.price_per_chip_hour:g}"]
+                 if self.s.price_per_chip_hour else [])
+        done = subprocess.run([python, "-m", "vitpod.report", f"--workdir={self.s.workdir}",
+                               *price], timeout=600)
+        if done.returncode:
+            log(f"warning: vitpod.report exited {done.returncode}")
+
+    def delete(self) -> None:
+        code, _, err = self.kubectl("delete", "jobset", self.s.name, "--wait=true")
+        if code and "(NotFound)" not in err:
+            raise PodError(f"kubectl delete jobset {self.s.name}: {err.strip() or code}")
+        log(f"deleted the JobSet {self.s.name} and its pods")
+
+    def logs(self) -> None:
+        which = self.s.worker
+        for pod in self.pods():
+            if which == "all" or self.worker(pod) == int(which):
+                self.show_tail(pod, 50 if which == "all" else 200)
+
+
+def exit_code(pod: dict) -> int | None:
+    """The container's exit code once the pod ended, else None."""
+    for status in pod.get("status", {}).get("containerStatuses", []):
+        terminated = status.get("state", {}).get("terminated")
+        if terminated:
+            return terminated.get("exitCode")
+    return None

@@ -1,0 +1,133 @@
+"""`make gke-run` against the rehearsal's simulated kubectl and JobSet controller, with pods that
+are small scripts instead of trainers: a restart the run resumes from, DONE, a JobSet that
+fails with the failing pod's log, a manifest the API server refuses, the pods' environment."""
+
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from deploy.gcloud_cli import PodError
+from deploy.gke import jobset
+from deploy.gke import run as gke_run
+from deploy.settings import load_settings
+from deploy.sim import cloud_state, kubectl
+
+BUILD = jobset.build  # the real one: the tests patch it in deploy.gke.run
+POD = r"""
+import json, os, pathlib, signal, sys, time
+work = pathlib.Path(os.environ["STUB_WORKDIR"])
+worker = int(os.environ["MEGASCALE_SLICE_ID"]) * 2 + int(os.environ["TPU_WORKER_ID"])
+env = {k: v for k, v in os.environ.items() if k.startswith(("TPU_", "MEGASCALE_", "JAX_", "XLA"))}
+(work / f"env-{worker}.json").write_text(json.dumps(env))
+print(f"worker {worker} up", flush=True)
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))
+plan = os.environ["STUB_PLAN"]
+if plan == "restart-then-done":
+    if (work / "restarted").exists():
+        if worker == 0:
+            (work / "DONE").write_text(json.dumps({"step": 7}))
+        sys.exit(0)
+    if worker == 0:
+        time.sleep(0.5)
+        (work / "restarted").write_text("")
+        sys.exit(42)
+if plan == "crash" and worker == 1:
+    print("ValueError: a bad config", flush=True)
+    sys.exit(3)
+time.sleep(120)
+"""
+
+
+class Bucket:
+    """`gcloud storage ls|cat` on a local folder standing for gs://bkt/run."""
+
+    def __init__(self, folder):
+        self.folder, self.sleep = folder, time.sleep
+
+    def call(self, verb, what, url, **kw):
+        path = self.folder / url.removeprefix("gs://bkt/run/")
+        if not path.exists():
+            return 1, "", "ERROR: One or more URLs matched no objects."
+        return 0, path.read_text() if what == "cat" else url, ""
+
+
+@pytest.fixture
+def cluster(tmp_path, monkeypatch):
+    sim = tmp_path / "sim"
+    (sim / "bin").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    monkeypatch.setenv("SIM_DIR", str(sim))
+    monkeypatch.setenv("PATH", f"{sim / 'bin'}:{os.environ['PATH']}")
+    kubectl.install(str(sim / "bin"))
+    (sim / "scenario.json").write_text(json.dumps({"image_root": str(tmp_path / "image"),
+                                                   "worker_env": {}}))
+    monkeypatch.setattr(gke_run, "preflight", lambda *a, **kw: None)
+    monkeypatch.setattr(gke_run.GkeRun, "report", lambda self: print("report"))
+    yield tmp_path
+    for pid in cloud_state.node_processes():
+        os.kill(pid, signal.SIGKILL)
+
+
+def make_run(tmp_path, monkeypatch, plan, build=BUILD):
+    def stub_build(s):
+        doc = build(s)
+        (container,) = doc["spec"]["replicatedJobs"][0]["template"]["spec"]["template"][
+            "spec"]["containers"]
+        container["command"] = [sys.executable, "-c", POD]
+        container["env"] += [{"name": "STUB_PLAN", "value": plan},
+                             {"name": "STUB_WORKDIR", "value": str(tmp_path / "work")}]
+        return doc
+
+    monkeypatch.setattr(gke_run.jobset, "build", stub_build)
+    settings = load_settings(os.devnull, {
+        "NAME": "vit-run", "TPU_TYPE": "v5litepod-8", "NUM_SLICES": "2", "WORKDIR":
+        "gs://bkt/run", "CONFIG": "configs/demo.py", "IMAGE": "img", "POLL_SECONDS": "0.3",
+        "GRACE_SECONDS": "5", "MAX_RETRIES": "2", "READY_TIMEOUT": "60"}, tpu_vms=False)
+    return gke_run.GkeRun(settings, gcloud=Bucket(tmp_path / "work"))
+
+
+def test_a_restarted_jobset_runs_to_done_and_is_deleted(cluster, monkeypatch, capsys):
+    make_run(cluster, monkeypatch, "restart-then-done").run()
+    out = capsys.readouterr().out
+    for line in ("jobset.jobset.x-k8s.io/vit-run created", "4 pod(s) of vit-run started",
+                 "the JobSet restarted its Jobs (1/2 restarts)",
+                 "training finished at step 7", "report", "deleted the JobSet vit-run"):
+        assert line in out, out
+    log = (cluster / "sim" / "cloud.log").read_text()
+    assert "attempt 1: 4 pod(s) started" in log and "jobset vit-run: deleted" in log
+    assert cloud_state.node_processes() == []
+    env = json.loads((cluster / "work" / "env-3.json").read_text())
+    assert env == {"TPU_WORKER_HOSTNAMES": "127.0.0.1,127.0.0.1", "TPU_WORKER_ID": "1",
+                   "MEGASCALE_NUM_SLICES": "2", "MEGASCALE_SLICE_ID": "1",
+                   "MEGASCALE_COORDINATOR_ADDRESS": "127.0.0.1", "JAX_FORCE_TPU_INIT": "1",
+                   "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_PORT": "8482",
+                   "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+
+
+def test_a_crash_fails_the_jobset_in_one_line_with_the_pods_log(cluster, monkeypatch, capsys):
+    with pytest.raises(PodError) as failed:
+        make_run(cluster, monkeypatch, "crash").run()
+    message = str(failed.value)
+    assert message.startswith("the JobSet failed (FailedJobs: applying FailJobSet failure "
+                              'policy rule "failOnNonRestartableExit": job vit-run-slice-0: pod '
+                              "vit-run-slice-0-1-"), message
+    assert "exit code 3 (PodFailurePolicy)" in message and "w1 exit 3" in message
+    assert "deleted the JobSet" in message and "\n" not in message
+    out = capsys.readouterr().out
+    assert "[w1] ValueError: a bad config" in out, out
+    assert cloud_state.node_processes() == []
+
+
+def test_the_simulated_api_server_refuses_a_misspelt_field(cluster, monkeypatch):
+    def misspelt(s):
+        doc = BUILD(s)
+        doc["spec"]["failurePolicy"]["maxRestart"] = 3
+        return doc
+
+    with pytest.raises(PodError, match=r"kubectl apply refused the JobSet: The JobSet "
+                                       r"\"vit-run\" is invalid: .*'maxRestart' is not a field"):
+        make_run(cluster, monkeypatch, "crash", build=misspelt).run()
