@@ -16,6 +16,7 @@ import time
 from deploy.gcloud_cli import Bucket, Gcloud, PodError, log
 from deploy.gke import jobset, yamltext
 from deploy.gke.tpus import gke_tpu
+from deploy.launch import _Stall
 from deploy.pod import preflight
 from deploy.settings import DEPLOY_DIR, Settings
 from vitpod.workdir import protocol
@@ -125,10 +126,19 @@ class GkeRun:
 
     def watch(self) -> str:
         """'done' at DONE; else why the run failed (after showing the failing pod's log)."""
-        restarts = 0
+        restarts, stall, look, record = 0, _Stall(self.s.stall_timeout), 0.0, None
         while True:
             if self.bucket.exists(protocol.done_path(self.s.workdir)):
                 return "done"
+            if time.monotonic() >= look and stall.timeout > 0:  # the record, every 30 s
+                look = time.monotonic() + 30
+                record = self.newest_record()
+            if stall.timeout > 0 and stall.stuck(record):
+                for pod in self.pods():
+                    self.show_tail(pod)
+                return (f"no progress for {stall.timeout:g} s (STALL_TIMEOUT): the newest launch "
+                        f"record {stall.seen_as()}; the trainers look hung (log tails above); "
+                        "deleted the JobSet")
             status = self.status()
             if status is None:
                 return f"the JobSet {self.s.name} is gone (deleted outside gke-run?)"
@@ -145,6 +155,13 @@ class GkeRun:
                 return (f"the JobSet completed but {protocol.done_path(self.s.workdir)} does "
                         "not exist: every pod exited 0 before the end of training")
             self.sleep(self.s.poll_seconds)
+
+    def newest_record(self) -> str | None:
+        """The newest launch's record (process 0 rewrites it at every log row), or None."""
+        listed = self.bucket.list(protocol.launches_dir(self.s.workdir) + "/") or []
+        newest = max(filter(None, (protocol.launch_of(self.s.workdir, line) for line in listed)),
+                     default="")
+        return self.bucket.read(protocol.record_path(self.s.workdir, newest)) if newest else None
 
     def failed(self, condition: dict) -> str:
         pods = self.pods()
