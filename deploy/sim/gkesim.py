@@ -1,0 +1,142 @@
+"""`make gke-sim`: the whole `make gke-run`, rehearsed on localhost before a cluster is paid for.
+
+    python -m deploy.sim.gkesim      (from the repository root, in the venv: make gke-sim)
+
+Only Kubernetes' side is simulated: a `kubectl` (deploy/sim/kubectl.py) that checks the real
+manifest and a JobSet controller (deploy/sim/jobset_controller.py) that runs its pods as local
+process groups with the environment GKE gives TPU pods; the gcloud of pod-sim reads the
+bucket. deploy.gke runs as it would against a cluster. The image is a folder set up by the
+same `deploy/worker.sh setup` the Dockerfile runs, with the wheel built from this checkout
+and the checkout's configs. Settings as for `gke-run` (TPU_TYPE, NUM_SLICES, CONFIG,
+TRAIN_FLAGS) plus PREEMPT_AT_STEP (0: never; else every node pool is preempted once at that
+step). Ends with one summary line and a copy of the bucket's workdir in SIM_DIR/workdir.
+"""
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+from deploy.gke.jobset import CONFIGS_DIR
+from deploy.sim import cloud_state as sim
+from deploy.sim import gcloud as sim_gcloud
+from deploy.sim import image, kubectl, podsim
+from deploy.sim.gcs import Emulator
+from vitpod.distributed import free_port
+from vitpod.workdir import protocol
+
+ROOT = podsim.ROOT
+SIM_DIR = os.path.abspath(os.environ.get("SIM_DIR", os.path.join(ROOT, "runs", "gke-sim")))
+# The package caches pod-sim's workers install from: the image's set-up shares them.
+CACHE_DIR = os.path.abspath(os.environ.get(
+    "SIM_CACHE_DIR", os.path.join(ROOT, "runs", "pod-sim", "cache")))
+NAME = "vitpod-sim"
+WORKDIR = f"gs://{podsim.BUCKET}/runs/gke-sim"
+
+
+def say(message: str) -> None:
+    print(f"[gke-sim] {message}", flush=True)
+
+
+def make_image(python_version: str) -> str:
+    """The image's IMAGE_HOME: worker.sh setup with the checkout's wheel (as the Dockerfile
+    runs it), and the checkout's configs where the manifest points."""
+    home = podsim.warm_caches(podsim.build_wheel(SIM_DIR), python_version, SIM_DIR)
+    shutil.copytree(os.path.join(ROOT, CONFIGS_DIR), os.path.join(home, protocol.CONFIGS),
+                    dirs_exist_ok=True)
+    return home
+
+
+def main() -> int:
+    os.environ["SIM_DIR"] = SIM_DIR
+    tpu_type = os.environ.get("TPU_TYPE", "v5litepod-8")
+    slices = os.environ.get("NUM_SLICES", "1")
+    config = os.environ.get("CONFIG", "configs/demo.py")
+    train_flags = os.environ.get("TRAIN_FLAGS") or podsim.DEFAULT_FLAGS
+    preempt_at = int(os.environ.get("PREEMPT_AT_STEP", "30"))
+    for sub in ("pods", "workdir", "image", "downloads", "warm-home", "client", "bin"):
+        shutil.rmtree(os.path.join(SIM_DIR, sub), ignore_errors=True)
+    os.makedirs(SIM_DIR, exist_ok=True)
+    for f in os.listdir(SIM_DIR):
+        if f.endswith((".json", ".log", ".lock")):
+            os.remove(os.path.join(SIM_DIR, f))
+    python_version = os.environ.get("PYTHON_VERSION") or platform.python_version()
+    image_bin, downloads = image.make(SIM_DIR, python_version)
+    emulator = Emulator()
+    try:
+        emulator.create_bucket(podsim.BUCKET)
+        client_env = emulator.env(direct=True)
+        os.environ.update(client_env)
+        scenario = {"preempt_at_step": preempt_at, "watch_workdir": WORKDIR,
+                    "worker_env": client_env, "image_bin": image_bin,
+                    "downloads_bin": downloads, "cache_dir": CACHE_DIR}
+        with open(os.path.join(SIM_DIR, "scenario.json"), "w") as f:
+            json.dump(scenario, f)
+        # No compile cache: a pod that finds the step there reaches the first collective long
+        # before the pods that compile it, and on a few busy CPU cores that can outlast the
+        # 30 s the CPU collectives (gloo) wait for their peers. TRAIN_FLAGS can turn it on.
+        flags = (f"--config.compile_cache=False {train_flags} "
+                 f"{podsim.data_flags(config, train_flags)}").strip()
+        scenario["image_root"] = make_image(python_version)
+        with open(os.path.join(SIM_DIR, "scenario.json"), "w") as f:
+            json.dump(scenario, f)
+        bin_dir = os.path.join(SIM_DIR, "bin")
+        os.makedirs(bin_dir, exist_ok=True)
+        sim_gcloud.install(bin_dir)
+        kubectl.install(bin_dir)
+        settings = {"NAME": NAME, "TPU_TYPE": tpu_type, "NUM_SLICES": slices,
+                    "WORKDIR": WORKDIR, "CONFIG": config, "TRAIN_FLAGS": flags,
+                    "IMAGE": "localhost/vitpod:sim", "PLATFORM": "cpu", "POLL_SECONDS": "1",
+                    "READY_TIMEOUT": "120", "MAX_RETRIES": "3", "GRACE_SECONDS": "60",
+                    "INIT_TIMEOUT": "120", "POD_ENV": os.devnull,
+                    # every pod is on loopback: a free port, not JAX's default
+                    "COORDINATOR_PORT": str(free_port())}
+        say(f"gke-run of {config} on a simulated {tpu_type}"
+            + (f" x {slices} slices" if slices != "1" else "") + f", workdir {WORKDIR}, "
+            f"node pools preempted at step {preempt_at or 'never'}")
+        client = os.path.join(SIM_DIR, "client")
+        os.makedirs(client, exist_ok=True)
+        env = {**os.environ, **settings, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+               "HOME": client}
+        for key in ("VIRTUAL_ENV", "PYTHONPATH"):
+            env.pop(key, None)
+        code = subprocess.run([sys.executable, "-m", "deploy.gke", "run"], cwd=ROOT,
+                              env=env).returncode
+        return summarize(code)
+    finally:
+        emulator.stop()
+
+
+def summarize(code: int) -> int:
+    from google.cloud import storage as gcs
+
+    target = os.path.join(SIM_DIR, "workdir")
+    podsim.copy_workdir(gcs.Client(project="test-project"), target, WORKDIR)
+    with sim.locked_state() as state:
+        jobsets, preempted = state.get("jobsets", {}), state.get("preempted", 0)
+        restarts = sum(js["restarts"] for js in state.get("deleted", {}).values())
+    for name, js in jobsets.items():  # gke-run deletes its JobSet: one left is a failure
+        print(f"error: JobSet {name} still exists after gke-run (its controller stopped)",
+              file=sys.stderr)
+        if js.get("controller"):
+            sim.signal_node("", 9)
+            os.kill(js["controller"], 9)
+        code = code or 1
+    leftovers = sim.node_processes()
+    if leftovers:
+        sim.signal_node("", 9)
+        print(f"error: {len(leftovers)} pod process(es) still ran after gke-run (now killed): "
+              f"{leftovers}", file=sys.stderr)
+        code = code or 1
+    done = protocol.done_path(target)
+    steps = json.load(open(done))["step"] if os.path.exists(done) else 0
+    say(f"{'DONE' if steps else 'NOT DONE'}: {steps} steps, {restarts} restart(s), "
+        f"{preempted} preemption(s); workdir copied to {os.path.relpath(target, ROOT)} "
+        f"(exit {code})")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
