@@ -72,7 +72,7 @@ def cluster(tmp_path, monkeypatch):
         os.kill(pid, signal.SIGKILL)
 
 
-def make_run(tmp_path, monkeypatch, plan, build=BUILD):
+def make_run(tmp_path, monkeypatch, plan, build=BUILD, **env):
     def stub_build(s):
         doc = build(s)
         (container,) = doc["spec"]["replicatedJobs"][0]["template"]["spec"]["template"][
@@ -86,7 +86,8 @@ def make_run(tmp_path, monkeypatch, plan, build=BUILD):
     settings = load_settings(os.devnull, {
         "NAME": "vit-run", "TPU_TYPE": "v5litepod-8", "NUM_SLICES": "2", "WORKDIR":
         "gs://bkt/run", "CONFIG": "configs/demo.py", "IMAGE": "img", "POLL_SECONDS": "0.3",
-        "GRACE_SECONDS": "5", "MAX_RETRIES": "2", "READY_TIMEOUT": "60"}, tpu_vms=False)
+        "GRACE_SECONDS": "5", "MAX_RETRIES": "2", "READY_TIMEOUT": "60", **env},
+        tpu_vms=False)
     return gke_run.GkeRun(settings, gcloud=Bucket(tmp_path / "work"))
 
 
@@ -131,3 +132,17 @@ def test_the_simulated_api_server_refuses_a_misspelt_field(cluster, monkeypatch)
     with pytest.raises(PodError, match=r"kubectl apply refused the JobSet: The JobSet "
                                        r"\"vit-run\" is invalid: .*'maxRestart' is not a field"):
         make_run(cluster, monkeypatch, "crash", build=misspelt).run()
+
+
+def test_gke_logs_prefixes_each_pods_lines_with_its_worker(cluster, monkeypatch, capsys):
+    run = make_run(cluster, monkeypatch, "idle", WORKER="all")
+    run.apply()
+    run.wait_running(4)
+    deadline = time.monotonic() + 30
+    while len(list((cluster / "work").glob("env-*.json"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    capsys.readouterr()
+    run.logs()
+    assert capsys.readouterr().out.splitlines() == [f"[w{i}] worker {i} up" for i in range(4)]
+    run.delete()
+    assert cloud_state.node_processes() == []
