@@ -17,7 +17,8 @@ DEMO_WORKDIR ?= runs/demo
 
 .PHONY: install demo test test-fast lint format debug debug-multihost clean \
 	bench constraints test-pod-sim test-pod-sim-multislice pod-sim pod-create pod-setup pod-check pod-launch pod-watch \
-	pod-status pod-logs pod-ssh pod-delete pod-run image gke-manifest
+	pod-status pod-logs pod-ssh pod-delete pod-run image gke-manifest gke-run gke-logs \
+	gke-sim test-gke-sim
 
 install: $(VENV)/.installed
 
@@ -68,6 +69,11 @@ test-pod-sim: install $(DIGITS)/.done
 test-pod-sim-multislice: install $(DIGITS)/.done
 	$(BIN)/python -m pytest -q -m podsim tests/test_pod_sim_multislice.py
 
+# `make gke-sim NUM_SLICES=2` on 2 x v5litepod-8, every node pool preempted once, checked
+# against an uninterrupted 2-process run.
+test-gke-sim: install $(DIGITS)/.done
+	$(BIN)/python -m pytest -q -m podsim tests/test_gke_sim.py
+
 lint: install
 	$(BIN)/ruff check vitpod tests configs deploy benchmarks
 
@@ -97,6 +103,12 @@ bench: install
 # as pod-run (NUM_SLICES=2: two such slices as one job, the last one preempted).
 pod-sim: install $(DIGITS)/.done
 	$(BIN)/python -m deploy.sim.podsim
+
+# Rehearse gke-run on localhost: a simulated kubectl and JobSet controller run the JobSet's
+# pods as local processes (v5litepod-8: 2 pods x 4 fake devices per slice), every node pool
+# preempted at step PREEMPT_AT_STEP, to DONE. Takes TPU_TYPE, NUM_SLICES, CONFIG, TRAIN_FLAGS.
+gke-sim: install $(DIGITS)/.done
+	$(BIN)/python -m deploy.sim.gkesim
 
 # Cloud TPU slices: settings in deploy/pod.env, overridable here (make pod-run TPU_TYPE=v4-32).
 # DRY_RUN=1 prints the gcloud commands instead of running them. Plain python3, no venv needed.
@@ -130,6 +142,12 @@ image:
 # The run's JobSet as YAML on stdout, nothing else: make -s gke-manifest | kubectl apply -f -
 gke-manifest:
 	@$(GKE) manifest
+# Apply the JobSet, watch it to DONE (its restarts are the run's relaunches), delete it.
+gke-run:
+	$(GKE) run
+# The pods' log tails, each line prefixed [wN] (WORKER=all), or one worker's (WORKER=N).
+gke-logs:
+	$(GKE) logs
 
 clean:
 	rm -rf runs data .pytest_cache
