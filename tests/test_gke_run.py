@@ -28,6 +28,7 @@ signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))
 plan = os.environ["STUB_PLAN"]
 if plan == "restart-then-done":
     if (work / "restarted").exists():
+        time.sleep(3)  # gke-run sees the restart before DONE
         if worker == 0:
             (work / "DONE").write_text(json.dumps({"step": 7}))
         sys.exit(0)
