@@ -147,3 +147,12 @@ def test_gke_logs_prefixes_each_pods_lines_with_its_worker(cluster, monkeypatch,
     assert capsys.readouterr().out.splitlines() == [f"[w{i}] worker {i} up" for i in range(4)]
     run.delete()
     assert cloud_state.node_processes() == []
+
+
+def test_a_jobset_that_makes_no_progress_is_stopped_as_hung(cluster, monkeypatch, capsys):
+    with pytest.raises(PodError, match=r"no progress for 2 s \(STALL_TIMEOUT\): the newest "
+                                       r"launch record was never written; the trainers look "
+                                       r"hung \(log tails above\); deleted the JobSet"):
+        make_run(cluster, monkeypatch, "idle", STALL_TIMEOUT="5").run()
+    assert "[w3] worker 3 up" in capsys.readouterr().out
+    assert cloud_state.node_processes() == []
