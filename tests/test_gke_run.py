@@ -150,7 +150,7 @@ def test_gke_logs_prefixes_each_pods_lines_with_its_worker(cluster, monkeypatch,
 
 
 def test_a_jobset_that_makes_no_progress_is_stopped_as_hung(cluster, monkeypatch, capsys):
-    with pytest.raises(PodError, match=r"no progress for 2 s \(STALL_TIMEOUT\): the newest "
+    with pytest.raises(PodError, match=r"no progress for 5 s \(STALL_TIMEOUT\): the newest "
                                        r"launch record was never written; the trainers look "
                                        r"hung \(log tails above\); deleted the JobSet"):
         make_run(cluster, monkeypatch, "idle", STALL_TIMEOUT="5").run()
