@@ -150,3 +150,41 @@ def gcs(gcs_server):
     gcs_server.faults.reset()
     yield gcs_server
     gcs_server.faults.reset()
+
+
+# The rehearsals' flags: a short demo run that saves and logs every step.
+REHEARSAL_FLAGS = ["--config.total_steps=60", "--config.log_every=1", "--config.save_every=20",
+                   "--config.eval_every=0"]
+
+
+def uninterrupted_losses() -> dict[int, float]:
+    """Per-step losses of an uninterrupted 2-process x 4-device run of configs/demo.py with
+    REHEARSAL_FLAGS on data/digits: what every rehearsal (pod-sim, multislice, gke-sim)
+    compares with, since the same global batch gives the same losses on any layout. Trained
+    once per version of the code (runs/reference/KEY, KEY a hash of vitpod/, configs/, the
+    flags and the data), as CI's rehearsal steps are separate sessions."""
+    import hashlib
+    import shutil
+    import subprocess
+    import sys
+
+    digits = ROOT / "data" / "digits"
+    digest = hashlib.sha256(" ".join(REHEARSAL_FLAGS).encode())
+    for path in sorted([*(ROOT / "vitpod").rglob("*.py"), *(ROOT / "configs").glob("*.py"),
+                        *digits.rglob("*.png")]):
+        digest.update(str(path.relative_to(ROOT)).encode() + path.read_bytes())
+    reference = ROOT / "runs" / "reference" / digest.hexdigest()[:16]
+    if not (reference / "DONE").exists():
+        scratch = reference.with_name(reference.name + f".{os.getpid()}")
+        shutil.rmtree(scratch, ignore_errors=True)
+        ran = subprocess.run(
+            [sys.executable, "-m", "vitpod.launch", "--num_processes=2",
+             "--devices_per_process=4", "--", "--config=configs/demo.py",
+             f"--workdir={scratch}", *REHEARSAL_FLAGS,
+             f"--config.data.train_dir={digits / 'train'}",
+             f"--config.data.val_dir={digits / 'val'}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert ran.returncode == 0, ran.stdout[-3000:]
+        shutil.rmtree(reference, ignore_errors=True)
+        scratch.rename(reference)
+    return read_losses(reference)
