@@ -197,8 +197,12 @@ def test_a_bad_setting_is_one_line_and_no_manifest(capsys, monkeypatch, env, mes
 
 
 def test_make_gke_manifest_prints_only_yaml(tmp_path):
-    env = {**os.environ, **BASE, "POD_ENV": os.devnull, "TPU_TYPE": "v6e-16",
-           "NUM_SLICES": "2", "TPU_TYPES": "v6e-16,v5litepod-16", "PYTHON": sys.executable}
+    # As a user runs it at the top level: not as a sub-make of `make test`, which would print
+    # "make[1]: Entering directory" on stdout.
+    outer = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")
+    env = {**{k: v for k, v in os.environ.items() if k not in outer}, **BASE,
+           "POD_ENV": os.devnull, "TPU_TYPE": "v6e-16", "NUM_SLICES": "2",
+           "TPU_TYPES": "v6e-16,v5litepod-16", "PYTHON": sys.executable}
     done = subprocess.run(["make", "gke-manifest"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
