@@ -53,7 +53,9 @@ def _fits_with(result: dict, overrides: dict, tried: dict) -> dict:
     result["fits_with"] = " ".join(f"--config.{k}={v}" for k, v in overrides.items())
     result["with_remedy"] = {k: tried[k] for k in (
         "mesh", "total_gib", "tflops_per_step_per_chip", "img_per_sec_per_chip_at_40pct_mfu",
-        "img_per_sec_per_chip_at_60pct_mfu", "dcn_verdict") if k in tried}
+        "img_per_sec_per_chip_at_60pct_mfu", "dcn_bytes_per_step_per_chip",
+        "dcn_gbps_per_chip_at_40pct_mfu", "dcn_gbps_per_chip_at_60pct_mfu", "dcn_verdict")
+        if k in tried}
     result["verdict"] += f"; fits with {result['fits_with']} ({tried['total_gib']} GiB per chip)"
     return result
 
