@@ -12,6 +12,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -164,3 +165,20 @@ class Bucket:
         finally:
             os.remove(f.name)
         return reason(err, code) if code else ""
+
+
+def exit_code(verb) -> int:
+    """Run a command-line verb: 0, or its failure as `error: ...` lines on stderr and 1 (130
+    on Ctrl-C). The one error form of every deploy entrypoint."""
+    try:
+        verb()
+    except PodError as e:
+        for line in str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, KeyError, subprocess.CalledProcessError) as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -18,7 +18,7 @@ import sys
 import time
 
 from deploy import worker_setup
-from deploy.gcloud_cli import Gcloud, PodError, StateUnreadable, log, reason
+from deploy.gcloud_cli import Gcloud, PodError, StateUnreadable, exit_code, log, reason
 from deploy.launch import PYTHON, Launch
 from deploy.settings import DEPLOY_DIR, Settings, load_settings, slice_devices
 from deploy.slices import Slice, Workers
@@ -166,25 +166,15 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[1] not in VERBS:
         print(f"usage: python3 -m deploy.pod {{{'|'.join(VERBS)}}}", file=sys.stderr)
         return 2
-    try:
+    def verb():
         path = os.environ.get("POD_ENV", os.path.join(DEPLOY_DIR, "pod.env"))
         settings = load_settings(path, dict(os.environ))
         gcloud = Gcloud(settings.dry_run, timeout=settings.ssh_timeout)
-        pod = Pod(settings, QueuedResource(settings, gcloud), gcloud)
-        outcome = VERBS[argv[1]](pod)
+        outcome = VERBS[argv[1]](Pod(settings, QueuedResource(settings, gcloud), gcloud))
         if argv[1] == "watch":
             log(f"watch: {outcome}")
-    except PodError as e:
-        for line in str(e).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError, KeyError, subprocess.CalledProcessError) as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
 
+    return exit_code(verb)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv))

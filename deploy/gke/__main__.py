@@ -8,10 +8,9 @@ before anything is printed.
 """
 
 import os
-import subprocess
 import sys
 
-from deploy.gcloud_cli import PodError
+from deploy.gcloud_cli import exit_code
 from deploy.gke import image, jobset, yamltext
 from deploy.gke.run import GkeRun
 from deploy.pod import preflight
@@ -40,20 +39,11 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[1] not in VERBS:
         print(f"usage: python3 -m deploy.gke {{{'|'.join(VERBS)}}}", file=sys.stderr)
         return 2
-    try:
+    def verb():
         path = os.environ.get("POD_ENV", os.path.join(DEPLOY_DIR, "pod.env"))
         VERBS[argv[1]](load_settings(path, dict(os.environ), tpu_vms=False))
-    except PodError as e:
-        for line in str(e).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError, KeyError, subprocess.CalledProcessError) as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
 
+    return exit_code(verb)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv))
