@@ -69,7 +69,7 @@ test-pod-sim: install $(DIGITS)/.done
 test-pod-sim-multislice: install $(DIGITS)/.done
 	$(BIN)/python -m pytest -q -m podsim tests/test_pod_sim_multislice.py
 
-# `make gke-sim NUM_SLICES=2` on 2 x v5litepod-8, every node pool preempted once, checked
+# `make gke-sim NUM_SLICES=2` on 2 x v4-16, every node pool preempted once, checked
 # against an uninterrupted 2-process run.
 test-gke-sim: install $(DIGITS)/.done
 	$(BIN)/python -m pytest -q -m podsim tests/test_gke_sim.py
@@ -88,10 +88,12 @@ debug: install $(DIGITS)/.done
 	  --workdir=runs/debug --config.data.train_dir=$(DIGITS)/train \
 	  --config.data.val_dir=$(DIGITS)/val --config.total_steps=20 --config.log_every=1
 
-# The demo as a real 2-host job: 2 processes x 4 fake devices, jax.distributed on loopback.
+# The demo as a real 2-host job: 2 processes x 4 fake devices, jax.distributed on loopback,
+# in a v4-16's device order (libtpu's v4:2x2x2: the two hosts' rows of the batch alternate).
 debug-multihost: install $(DIGITS)/.done
 	rm -rf runs/demo-2x4
-	$(BIN)/python -m vitpod.launch --num_processes=2 --devices_per_process=4 -- \
+	$(BIN)/python -m vitpod.launch --num_processes=2 --devices_per_process=4 \
+	  --topology=v4:2x2x2 -- \
 	  --config=configs/demo.py --workdir=runs/demo-2x4
 
 # Benchmarks with their baselines; writes benchmarks/results.json and results.md.
@@ -105,7 +107,7 @@ pod-sim: install $(DIGITS)/.done
 	$(BIN)/python -m deploy.sim.podsim
 
 # Rehearse gke-run on localhost: a simulated kubectl and JobSet controller run the JobSet's
-# pods as local processes (v5litepod-8: 2 pods x 4 fake devices per slice), every node pool
+# pods as local processes (v4-16: 2 pods x 4 fake devices per slice), every node pool
 # preempted at step PREEMPT_AT_STEP, to DONE. Takes TPU_TYPE, NUM_SLICES, CONFIG, TRAIN_FLAGS.
 gke-sim: install $(DIGITS)/.done
 	$(BIN)/python -m deploy.sim.gkesim

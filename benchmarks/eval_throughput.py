@@ -57,7 +57,8 @@ def main(argv) -> None:
         make_photos(FLAGS.data_dir, FLAGS.generate)
     import jax
 
-    from vitpod import config, distributed, evaluation, inference, model, optim, steps
+    from vitpod import config, evaluation, inference, model, optim, steps
+    from vitpod import mesh as mesh_lib
     from vitpod.data import imagefolder
 
     cfg = config.defaults()
@@ -65,7 +66,7 @@ def main(argv) -> None:
     cfg.data.num_workers, cfg.data.eval_batch_size = FLAGS.workers, FLAGS.batch_size
     split = imagefolder.scan(FLAGS.data_dir, "val")
     classes = len(split.classes)
-    mesh = distributed.make_mesh(cfg.mesh)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
     state = steps.state_initializer(cfg, classes, optim.make(cfg.optim, 10), mesh)(None)
     graphdef, _ = model.abstract_model(cfg.model, cfg.data.image_size, classes)
     eval_step = steps.make_eval_step(graphdef, mesh, cfg.data)

@@ -19,6 +19,7 @@ import time
 
 from deploy import worker_setup
 from deploy.gcloud_cli import Gcloud, PodError, StateUnreadable, exit_code, log, reason
+from deploy.gke.tpus import libtpu_topology
 from deploy.launch import PYTHON, Launch
 from deploy.settings import DEPLOY_DIR, Settings, load_settings, slice_devices
 from deploy.slices import Slice, Workers
@@ -138,7 +139,8 @@ class Pod:
 def preflight(s: Settings, jobs: list[tuple[str, int]], say=log,
               outcome: str = "nothing created") -> None:
     """The config against each (slice type, slice count) in `jobs` (vitpod.preflight, in the
-    local venv): the global batch must divide over every one. Its lines go to `say`."""
+    local venv): the global batch must divide over every one, and the launch's start-up runs on
+    libtpu's description of each type's chips, in their real order. Its lines go to `say`."""
     python = os.path.join(os.path.dirname(DEPLOY_DIR), ".venv", "bin", "python")
     counts = [(t, slice_devices(t), n) for t, n in jobs]
     if not os.path.exists(python) or not all(d for _, d, _ in counts):
@@ -146,7 +148,9 @@ def preflight(s: Settings, jobs: list[tuple[str, int]], say=log,
             "a type whose device count is unknown)")
         return
     flags = [f for f in shlex.split(s.train_flags) if f.startswith("--config.")]
-    slices = ",".join(f"{t}={d}" if n == 1 else f"{n}x{t}={d * n}/{n}" for t, d, n in counts)
+    slices = ",".join((f"{t}={d}" if n == 1 else f"{n}x{t}={d * n}/{n}")
+                      + (f"@{libtpu_topology(t)}" if libtpu_topology(t) else "")
+                      for t, d, n in counts)
     check = [python, "-m", "vitpod.preflight", f"--config={s.config}", f"--slices={slices}",
              *flags]
     done = subprocess.run(check, capture_output=True, text=True, timeout=300)

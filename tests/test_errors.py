@@ -166,7 +166,8 @@ ROWS = [
      "--config.data.train_dir=", "error: the config does not fit v4-16 (8 devices): config "
      "data.train_dir is empty; pass --config.data.train_dir=DIR"),
     ("preflight-bad-slices", "preflight", f"--config={CONFIGS}/tiny.py --slices=v4-16",
-     "error: --slices='v4-16': write NAME=DEVICES[/SLICES],... (e.g. v4-32=16,2xv4-16=16/2)"),
+     "error: --slices='v4-16': write NAME=DEVICES[/SLICES][@TOPOLOGY],... (e.g. "
+     "v4-32=16@v4:2x2x4,2xv4-16=16/2@v4:2x2x2)"),
 ]
 IN_SUBPROCESSES = ("train-positional-argument", "predict-folder-without-images",
                    "export-out-is-a-file", "launch-no-processes")

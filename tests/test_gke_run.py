@@ -156,3 +156,29 @@ def test_a_jobset_that_makes_no_progress_is_stopped_as_hung(cluster, monkeypatch
         make_run(cluster, monkeypatch, "idle", STALL_TIMEOUT="5").run()
     assert "[w3] worker 3 up" in capsys.readouterr().out
     assert cloud_state.node_processes() == []
+
+
+def test_a_spot_run_without_timed_saves_is_warned_in_one_line(monkeypatch, capsys):
+    def settings(**env):
+        return load_settings(os.devnull, {"NAME": "vit-run", "TPU_TYPE": "v5litepod-8",
+                                          "WORKDIR": "gs://bkt/run", "CONFIG": "configs/demo.py",
+                                          "IMAGE": "img", "DRY_RUN": "1", **env}, tpu_vms=False)
+
+    flags = "--config.save_every_minutes"
+    assert gke_run.save_every_minutes(settings(TRAIN_FLAGS=f"{flags}=0 {flags}=15")) == 15
+    assert gke_run.save_every_minutes(settings(TRAIN_FLAGS=f"{flags} 0")) == 0
+    assert gke_run.save_every_minutes(settings(CONFIG="configs/vit_s16_i1k.py")) == 15
+    assert gke_run.save_every_minutes(settings()) == 0  # configs/demo.py: the default, off
+    monkeypatch.setattr(gke_run, "preflight", lambda *a, **kw: None)
+
+    def warnings(**env):
+        gke_run.GkeRun(settings(**env)).run()
+        return [line for line in capsys.readouterr().out.splitlines() if "warning:" in line]
+
+    (line,) = warnings(CAPACITY="spot")
+    assert line.endswith("warning: CAPACITY=spot: a spot node gives its pods about 15 s, not "
+                         "GRACE_SECONDS, so a preemption may lose every step since the last "
+                         "save; set save_every_minutes (TRAIN_FLAGS="
+                         "--config.save_every_minutes=15) to bound that"), line
+    assert warnings(CAPACITY="spot", TRAIN_FLAGS=f"{flags}=10") == []
+    assert warnings(CAPACITY="reserved") == []

@@ -1,5 +1,6 @@
-"""`make gke-sim`: gke-run of a two-slice JobSet (2 x v5litepod-8: 2 pods x 4 fake devices per
-slice, one jax.distributed job over all 4 pods found by JAX's own GKE detection), every node
+"""`make gke-sim`: gke-run of a two-slice JobSet (2 x v4-16: 2 pods x 4 fake devices per
+slice in the order libtpu gives a v4-16's chips, one jax.distributed job over all 4 pods found
+by JAX's own GKE detection), every node
 pool preempted at step 25, the JobSet restarted once: the run finishes with the losses of an
 uninterrupted run of the same global batch, and no pod process is left.
 
@@ -25,7 +26,7 @@ def test_a_jobset_of_two_slices_preempted_restarts_and_matches_an_uninterrupted_
     digits = ROOT / "data" / "digits"
     assert (digits / "train").is_dir(), "make test-gke-sim prepares data/digits first"
     sim_dir = tmp_path / "sim"
-    env = {**os.environ, "SIM_DIR": str(sim_dir), "TPU_TYPE": "v5litepod-8", "NUM_SLICES": "2",
+    env = {**os.environ, "SIM_DIR": str(sim_dir), "TPU_TYPE": "v4-16", "NUM_SLICES": "2",
            "CONFIG": "configs/demo.py", "TRAIN_FLAGS": " ".join(FLAGS), "PREEMPT_AT_STEP": "25",
            "SIM_CACHE_DIR": str(ROOT / "runs" / "pod-sim" / "cache")}
     sim = subprocess.run([sys.executable, "-m", "deploy.sim.gkesim"], cwd=ROOT, env=env,
@@ -45,6 +46,8 @@ def test_a_jobset_of_two_slices_preempted_restarts_and_matches_an_uninterrupted_
 
     workdir = sim_dir / "workdir"
     assert json.loads((workdir / "DONE").read_text())["step"] == 60
+    logs = "".join(p.read_text() for p in (sim_dir / "pods").glob("*/log"))
+    assert "host 0 of 4 holds batch rows 0-7,16-23,32-39,48-55" in logs, logs[-3000:]
     simulated, uninterrupted = read_losses(workdir), uninterrupted_losses()
     assert sorted(simulated) == sorted(uninterrupted) == list(range(1, 61))
     # The same global batch on 16 devices as 2 slices of 2 pods, or on 8 as 2 processes: the same

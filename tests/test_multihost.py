@@ -11,14 +11,22 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, assert_params_close, load_config, read_losses, read_params
-from vitpod import distributed, train
+from vitpod import distributed, mesh, train
 
 pytestmark = pytest.mark.slow
 
 
-def _launch(workdir, data, *extra, processes=2, devices=4, timeout=240, env=None):
+# What a v4-16 is (libtpu's v4:2x2x2): 2 hosts of 4 chips, whose rows alternate in its mesh.
+V4_16 = "v4:2x2x2"
+
+
+def _launch(workdir, data, *extra, processes=2, devices=4, timeout=240, env=None, topology=None):
+    """A local job; 2 x 4 devices in a v4-16's device order unless `topology` says otherwise."""
+    if topology is None:
+        topology = V4_16 if (processes, devices) == (2, 4) else ""
     cmd = [sys.executable, "-m", "vitpod.launch", f"--num_processes={processes}",
-           f"--devices_per_process={devices}", "--", "--config=configs/tiny.py",
+           f"--devices_per_process={devices}", f"--topology={topology}", "--",
+           "--config=configs/tiny.py",
            f"--workdir={workdir}", f"--config.data.train_dir={data / 'train'}",
            f"--config.data.val_dir={data / 'val'}", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
@@ -50,12 +58,32 @@ def test_two_processes_match_one_process_with_eight_devices(one_by_eight, two_by
     assert_params_close(read_params(dir_1, 6), read_params(dir_2, 6))
 
 
+def test_a_v4_16s_interleaved_hosts_compute_the_steps_of_one_process(two_by_four):
+    """In a v4-16's device order each host holds every other block of the batch."""
+    log = two_by_four[2].stdout
+    assert "host 0 of 2 holds batch rows 0-1,4-5,8-9,12-13" in log, log[-3000:]
+    assert "host 1 of 2 holds batch rows 2-3,6-7,10-11,14-15" in log
+
+
+def test_two_v4_16_slices_in_their_chips_order_compute_the_steps_of_one(one_by_eight, colors,
+                                                                        tmp_path):
+    """2 x v4-16 as the hybrid mesh orders its 4 hosts' chips (0,1,0,1,...,2,3,2,3,...): the
+    same losses as one process with 8 devices."""
+    result = _launch(tmp_path, colors, processes=4, devices=4, topology=V4_16,
+                     env={mesh.NUM_SLICES_ENV: "2"}, timeout=420)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "host 0 of 4 holds batch rows 0-0,2-2,4-4,6-6" in result.stdout
+    losses, reference = read_losses(tmp_path), read_losses(one_by_eight[0])
+    np.testing.assert_allclose([losses[s] for s in range(1, 7)],
+                               [reference[s] for s in range(1, 7)], rtol=1e-5)
+
+
 def test_two_slices_compute_the_steps_of_one(one_by_eight, colors, tmp_path):
     """4 processes x 2 devices as 2 slices of 2 hosts (MEGASCALE_NUM_SLICES=2, as the TPU
     runtime sets it): data = 2 slices x 2, FSDP over 2 within a slice; the same losses and
     params as one process with 8 devices."""
     result = _launch(tmp_path, colors, "--config.mesh.fsdp=2", processes=4, devices=2,
-                     env={distributed.NUM_SLICES_ENV: "2"})
+                     env={mesh.NUM_SLICES_ENV: "2"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "mesh data=4 x fsdp=2 over 2 slice(s)" in result.stdout + result.stderr
     losses, reference = read_losses(tmp_path), read_losses(one_by_eight[0])

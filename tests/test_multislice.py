@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import load_config
 from vitpod import config as config_lib
-from vitpod import distributed
+from vitpod import distributed, mesh
 from vitpod.errors import UserError
 
 
@@ -27,14 +27,14 @@ def cpu_devices(processes: int, per_process: int) -> list:
 @pytest.mark.parametrize("data,fsdp", [(-1, 1), (2, 2), (1, -1)])
 def test_each_slice_is_a_contiguous_block_of_the_data_axis(data, fsdp):
     """4 processes x 2 devices as 2 slices: processes 0-1 are slice 0, 2-3 slice 1."""
-    mesh = load_config("tiny", mesh__data=data, mesh__fsdp=fsdp).mesh
-    grid = distributed.device_grid(mesh, cpu_devices(4, 2), 2)
-    ici = config_lib.hybrid_mesh_shapes(mesh, 8, 2)[1]
+    mesh_cfg = load_config("tiny", mesh__data=data, mesh__fsdp=fsdp).mesh
+    grid = mesh.device_grid(mesh_cfg, cpu_devices(4, 2), 2)
+    ici = config_lib.hybrid_mesh_shapes(mesh_cfg, 8, 2)[1]
     assert grid.shape == (2 * ici[0], ici[1])
     for s in range(2):
         block = grid[s * ici[0]:(s + 1) * ici[0]]
         assert {d.process_index // 2 for d in block.flat} == {s}
-    # Each host's devices are consecutive in the batch's (data, fsdp) order: host_block holds.
+    # CPU devices in process order: each host's devices are consecutive in the batch's order.
     order = [d.process_index for d in grid.flat]
     assert order == sorted(order)
 
@@ -53,7 +53,7 @@ def test_mesh_keys_that_do_not_fit_the_slices_are_one_line():
                                         "make their product 4"):
         config_lib.mesh_shape(load_config("tiny", mesh__data=8).mesh, 8, 2)
     with pytest.raises(UserError, match="3 processes cannot form 2 slices"):
-        distributed.device_grid(load_config("tiny").mesh, cpu_devices(3, 2), 2)
+        mesh.device_grid(load_config("tiny").mesh, cpu_devices(3, 2), 2)
 
 
 def test_the_slice_count_comes_from_the_devices_or_the_environment(monkeypatch):
@@ -61,17 +61,17 @@ def test_the_slice_count_comes_from_the_devices_or_the_environment(monkeypatch):
     class TpuDevice:
         slice_index: int
 
-    monkeypatch.delenv(distributed.NUM_SLICES_ENV, raising=False)
-    assert distributed.num_slices([TpuDevice(0), TpuDevice(1), TpuDevice(1)]) == 2
-    assert distributed.num_slices([TpuDevice(0), TpuDevice(0)]) == 1
-    assert distributed.num_slices(cpu_devices(2, 2)) == 1
-    monkeypatch.setenv(distributed.NUM_SLICES_ENV, "2")
-    assert distributed.num_slices(cpu_devices(2, 2)) == 2
+    monkeypatch.delenv(mesh.NUM_SLICES_ENV, raising=False)
+    assert mesh.num_slices([TpuDevice(0), TpuDevice(1), TpuDevice(1)]) == 2
+    assert mesh.num_slices([TpuDevice(0), TpuDevice(0)]) == 1
+    assert mesh.num_slices(cpu_devices(2, 2)) == 1
+    monkeypatch.setenv(mesh.NUM_SLICES_ENV, "2")
+    assert mesh.num_slices(cpu_devices(2, 2)) == 2
     # CPU devices under jax.distributed carry slice_index 0: the environment decides.
-    assert distributed.num_slices([TpuDevice(0), TpuDevice(0)]) == 2
-    monkeypatch.setenv(distributed.NUM_SLICES_ENV, "two")
+    assert mesh.num_slices([TpuDevice(0), TpuDevice(0)]) == 2
+    monkeypatch.setenv(mesh.NUM_SLICES_ENV, "two")
     with pytest.raises(UserError, match="MEGASCALE_NUM_SLICES='two'"):
-        distributed.num_slices(cpu_devices(2, 2))
+        mesh.num_slices(cpu_devices(2, 2))
 
 
 def test_batch_divisibility_counts_every_slice():

@@ -42,9 +42,10 @@ def data_cfg(**overrides):
 
 
 def batches(split, cfg, steps=8, batch=8, hosts=1, host=0):
+    local = batch // hosts
     return list(pipeline.train_batches(split, cfg, seed=5, global_batch=batch, start_step=0,
-                                       total_steps=steps, process_index=host,
-                                       process_count=hosts))
+                                       total_steps=steps,
+                                       rows=((host * local, (host + 1) * local),)))
 
 
 def test_blocks_order_is_a_permutation_of_shuffled_runs_that_changes_each_epoch():

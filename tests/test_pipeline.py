@@ -21,10 +21,12 @@ def data_cfg():
     return cfg
 
 
-def _steps(split, data_cfg, start=0, total=6, batch=8, hosts=1, host=0):
+def _steps(split, data_cfg, start=0, total=6, batch=8, hosts=1, host=0, rows=None):
+    """Host `host` of `hosts`' batches: one block of rows each, or the given `rows` runs."""
+    local = batch // hosts
     return list(pipeline.train_batches(split, data_cfg, seed=3, global_batch=batch,
                                        start_step=start, total_steps=total,
-                                       process_index=host, process_count=hosts))
+                                       rows=rows or ((host * local, (host + 1) * local),)))
 
 
 def test_resuming_at_step_s_yields_the_same_batches(split, data_cfg):
@@ -45,6 +47,23 @@ def test_hosts_read_disjoint_rows_that_rebuild_the_global_batch(split, data_cfg,
         assert all(len(p["index"]) == 8 // hosts for p in parts)
         np.testing.assert_array_equal(np.concatenate([p["index"] for p in parts]), whole["index"])
         np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), whole["image"])
+
+
+@pytest.mark.parametrize("rows", [
+    [((0, 1), (2, 3), (4, 5), (6, 7)), ((1, 2), (3, 4), (5, 6), (7, 8))],  # a v4-16's hosts
+    [((0, 1), (6, 7)), ((1, 3),), ((3, 4), (5, 6)), ((4, 5), (7, 8))]])  # 4 hosts, v5e-like
+def test_hosts_reading_interleaved_runs_rebuild_the_global_batch(split, data_cfg, rows):
+    """Each host reads exactly its runs of rows, in ascending order: put back where the runs
+    say, they are the global batch, augmentation included."""
+    full = _steps(split, data_cfg)
+    per_host = [_steps(split, data_cfg, rows=r) for r in rows]
+    for step, whole in enumerate(full):
+        for key in ("index", "image", "label"):
+            rebuilt = np.empty_like(whole[key])
+            for h, runs in enumerate(rows):
+                positions = [i for a, b in runs for i in range(a, b)]
+                rebuilt[positions] = per_host[h][step][key]
+            np.testing.assert_array_equal(rebuilt, whole[key])
 
 
 @pytest.mark.parametrize("shuffle,hosts", [("global", 1), ("global", 2), ("blocks", 2)])

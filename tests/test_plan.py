@@ -111,11 +111,11 @@ def test_two_slices_lay_the_data_axis_over_dcn_and_say_what_it_asks_of_it():
     """v5e:4x4 x 2 slices: each slice a contiguous block of the data axis; the compiled step
     hands the DCN runtime each chip's share of the gradient all-reduce, nothing else; v5e has
     no documented DCN figure, so the plan gives the bandwidth and says so."""
-    from vitpod import distributed
+    from vitpod import mesh
     from vitpod.planning.compile import tpu_devices
 
     config = load_config("tiny", batch_size=64)
-    grid = distributed.device_grid(config.mesh, tpu_devices("v5e:4x4", 2), 2)
+    grid = mesh.device_grid(config.mesh, tpu_devices("v5e:4x4", 2), 2)
     assert grid.shape == (32, 1)
     assert [d.slice_index for d in grid.flat] == [0] * 16 + [1] * 16
     result = plan.plan(config, "v5e:4x4", 5, input_budget=False, num_slices=2)

@@ -63,11 +63,16 @@ def test_pod_sim_survives_a_preemption_and_matches_an_uninterrupted_run(tmp_path
     assert len(stops) == 1  # both workers agreed on the step they saved
     assert "resuming from the checkpoint of step " + stops.pop() in (
         workdir / "logs" / launches[1] / "worker-0.log").read_text()
+    # In a v4-16's device order (libtpu's v4:2x2x2) the two hosts' rows alternate.
+    assert "host 0 of 2 holds batch rows 0-15,32-47,64-79,96-111" in first_logs[0]
+    assert "host 1 of 2 holds batch rows 16-31,48-63,80-95,112-127" in first_logs[1]
 
     simulated, uninterrupted = read_losses(workdir), uninterrupted_losses()
     assert sorted(simulated) == sorted(uninterrupted) == list(range(1, 61))
+    # The same global batch, its rows on other devices than the reference's process order:
+    # the same losses up to the order of float sums.
     for step, loss in uninterrupted.items():
-        assert simulated[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
+        assert simulated[step] == pytest.approx(loss, rel=1e-4, abs=1e-5), step
 
 
 def test_pod_sim_comes_back_on_a_smaller_slice_and_reports_its_goodput(tmp_path):

@@ -56,6 +56,11 @@ def test_two_slices_lose_one_come_back_on_one_and_match_an_uninterrupted_run(tmp
     stops = {re.search(r"preempted at step (\d+), checkpoint saved", (first / f"worker-{i}.log")
                        .read_text()).group(1) for i in range(4)}
     assert len(stops) == 1 and records[1]["start_step"] == int(stops.pop())
+    # 2 x v4-16 on the hybrid mesh: hosts 0,1 alternate in slice 0, 2,3 in slice 1.
+    assert "host 0 of 4 holds batch rows 0-7,16-23,32-39,48-55" in (
+        first / "worker-0.log").read_text()
+    assert "host 3 of 4 holds batch rows 72-79,88-95,104-111,120-127" in (
+        first / "worker-3.log").read_text()
 
     simulated, uninterrupted = read_losses(workdir), uninterrupted_losses()
     assert sorted(simulated) == sorted(uninterrupted) == list(range(1, 61))

@@ -1,4 +1,5 @@
-"""Process group start-up, the device mesh, and agreement between hosts.
+"""Process group start-up, the device check, and agreement between hosts (the mesh is
+vitpod/mesh.py).
 
 Every host runs the same program. Whatever the hosts decide (a config, a failure, a
 manifest) they decide identically, through the coordinator or a collective.
@@ -19,9 +20,6 @@ from vitpod import config as config_lib
 from vitpod import storage
 from vitpod.errors import UserError
 from vitpod.workdir import protocol  # a leaf: standard library only
-
-# Batch rows are split over both axes; params are replicated over 'data', sharded over 'fsdp'.
-BATCH_AXES = ("data", "fsdp")
 
 
 def _on_cloud_tpu_vm() -> bool:
@@ -115,81 +113,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-# The TPU runtime's slice count on every host of a multislice job; a CPU rehearsal sets it to
-# lay its processes out as slices.
-NUM_SLICES_ENV = protocol.NUM_SLICES_ENV
-
-
-def num_slices(devices=None) -> int:
-    """The job's slices: the distinct `slice_index`es of the devices on a multislice TPU job,
-    else `MEGASCALE_NUM_SLICES` (a CPU rehearsal: CPU devices carry none, or all 0 under
-    jax.distributed), else 1."""
-    devices = jax.devices() if devices is None else devices
-    if len(_slice_indices(devices)) > 1:
-        return len(_slice_indices(devices))
-    value = os.environ.get(NUM_SLICES_ENV, "1")
-    if not value.isdigit() or int(value) < 1:
-        raise UserError(f"{NUM_SLICES_ENV}={value!r} in the environment: need a number >= 1")
-    return int(value)
-
-
-def _slice_indices(devices) -> set:
-    return {getattr(d, "slice_index", 0) for d in devices}
-
-
-def make_mesh(mesh_cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    """Mesh ('data', 'fsdp') over all devices of all processes; with several slices, the data
-    axis runs over the slices first (each slice a contiguous block of it), FSDP within one."""
-    slices = num_slices()
-    if slices == 1:
-        shape = config_lib.mesh_shape(mesh_cfg, jax.device_count())
-        return jax.make_mesh(shape, BATCH_AXES)
-    grid = device_grid(mesh_cfg, jax.devices(), slices)
-    return jax.sharding.Mesh(grid, BATCH_AXES,
-                             axis_types=(jax.sharding.AxisType.Explicit,) * len(BATCH_AXES))
-
-
-def device_grid(mesh_cfg: ml_collections.ConfigDict, devices, slices: int) -> np.ndarray:
-    """The devices of `slices` slices as a (data, fsdp) array: each slice's own mesh (as
-    jax.make_mesh lays out one slice) placed as a block, slice s at data rows
-    [s*d, (s+1)*d). Devices without `slice_index` (CPU) are grouped into slices by process,
-    `process_index // processes per slice`, as the TPU runtime numbers multislice hosts;
-    so are devices whose `slice_index` does not tell the slices apart (CPU under
-    jax.distributed: all 0)."""
-    from jax.experimental import mesh_utils
-
-    dcn, ici = config_lib.hybrid_mesh_shapes(mesh_cfg, len(devices), slices)
-    if len(_slice_indices(devices)) == slices:
-        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
-    processes = sorted({d.process_index for d in devices})
-    if len(processes) % slices:
-        raise UserError(f"{len(processes)} processes cannot form {slices} slices "
-                        f"({NUM_SLICES_ENV}): each slice needs the same number of hosts")
-    per_slice = len(processes) // slices
-    groups = [[d for d in devices if processes.index(d.process_index) // per_slice == s]
-              for s in range(slices)]
-    blocks = [mesh_utils.create_device_mesh(ici, group) for group in groups]
-    return np.block([[b] for b in blocks])  # dcn shape (slices, 1): stacked along data
-
-
-def host_block(sharding: jax.sharding.Sharding, global_batch: int) -> tuple[int, int]:
-    """(i, n): this process's devices hold rows [i*b, (i+1)*b) of the global batch, b = B/n.
-
-    Read from the sharding itself, so the rows a host loads are always the rows its devices
-    hold, whatever order the mesh puts the devices in.
-    """
-    rows = set()
-    for index in sharding.addressable_devices_indices_map((global_batch,)).values():
-        rows.update(range(*index[0].indices(global_batch)))
-    n = jax.process_count()
-    local = global_batch // n
-    first = min(rows)
-    if len(rows) != local or first % local or max(rows) != first + local - 1:
-        raise UserError(f"this host's devices hold rows {sorted(rows)[:4]}... of the batch, "
-                        "not one contiguous block; use a mesh whose data axes follow the hosts")
-    return first // local, n
 
 
 def check_same_config(config: ml_collections.ConfigDict, workdir: str) -> None:

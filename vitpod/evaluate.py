@@ -13,8 +13,9 @@ from absl import flags, logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vitpod import cli, distributed, evaluation, inference, steps, storage
+from vitpod import cli, evaluation, inference, steps, storage
 from vitpod import config as config_lib
+from vitpod import mesh as mesh_lib
 from vitpod.data import imagefolder
 from vitpod.errors import UserError
 
@@ -51,7 +52,7 @@ def evaluate_classifier(classifier: inference.Classifier, data_dir: str,
     if global_batch != batch_size:
         logging.info("batch size %d rounded up to %d, a multiple of the %d devices", batch_size,
                      global_batch, devices)
-    mesh = distributed.make_mesh(config_lib.defaults().mesh)  # data parallel, any slices
+    mesh = mesh_lib.make_mesh(config_lib.defaults().mesh)  # data parallel, any slices
     params = jax.device_put(classifier.params, NamedSharding(mesh, P()))
     eval_step = steps.make_eval_step(classifier.graphdef, mesh, classifier.data_cfg)
     return evaluation.eval_split(eval_step, params, split, classifier.data_cfg, global_batch,

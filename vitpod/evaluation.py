@@ -5,7 +5,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from vitpod import distributed, steps
+from vitpod import mesh as mesh_lib
+from vitpod import steps
 from vitpod.data import imagefolder, pipeline
 
 
@@ -16,11 +17,12 @@ def eval_split(eval_step, params, split: imagefolder.Split, data_cfg: ml_collect
     sums: dict[str, np.ndarray] = {}
     sharding = steps.batch_sharding(mesh)
     batches = pipeline.eval_batches(split, data_cfg, global_batch,
-                                    *distributed.host_block(sharding, global_batch))
+                                    mesh_lib.this_host_rows(sharding, global_batch))
     warn = pipeline.SkipWarner(split)
     for host_batch in batches:
         warn(host_batch)
-        out = jax.device_get(eval_step(params, pipeline.to_global(host_batch, sharding)))
+        batch = pipeline.to_global(host_batch, sharding, global_batch)
+        out = jax.device_get(eval_step(params, batch))
         for k, v in out.items():
             sums[k] = sums.get(k, 0) + np.asarray(v, np.float64)
     count = int(sums["count"])

@@ -4,12 +4,16 @@
         --config=configs/demo.py --workdir=runs/demo2x4
 
 Each process gets its own D fake devices and joins a coordinator on a free loopback port.
+With `--topology=v4:2x2x2` (and MEGASCALE_NUM_SLICES for several slices) the processes build
+their mesh in the order that TPU type's chips have (libtpu's description, computed once here:
+vitpod/device_order.py), so each host's rows of the batch interleave as they would there.
 Logs are streamed with a `[pI]` prefix. If a process fails, or the others hang on after one
 has exited, the rest are stopped and the launcher exits non-zero with the failing process's
 last lines. SIGTERM or Ctrl-C to the launcher is forwarded to every process.
 """
 
 import collections
+import json
 import os
 import signal
 import subprocess
@@ -19,8 +23,9 @@ import time
 
 from absl import flags
 
-from vitpod import cli, distributed
+from vitpod import cli, device_order, distributed
 from vitpod.errors import UserError
+from vitpod.workdir import protocol
 
 
 def define_flags() -> None:
@@ -31,6 +36,8 @@ def define_flags() -> None:
     flags.DEFINE_float("straggler_timeout", 120, "After one process exits, stop the others if "
                        "they have not finished within this many seconds.")
     flags.DEFINE_string("module", "vitpod.train", "The entrypoint each process runs.")
+    flags.DEFINE_string("topology", "", "Rehearse this TPU topology's device order (e.g. "
+                        "v4:2x2x2, a v4-16: 2 processes x 4 devices); empty: process order.")
 
 
 _TAIL = 20
@@ -39,11 +46,14 @@ _TAIL = 20
 class Job:
     """N child processes, their prefixed log streams and the last lines of each."""
 
-    def __init__(self, module: str, args: list[str], num_processes: int, devices: int):
+    def __init__(self, module: str, args: list[str], num_processes: int, devices: int,
+                 device_order: str = ""):
         port = distributed.free_port()
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
                + os.environ.get("XLA_FLAGS_EXTRA", "")}
+        if device_order:
+            env[protocol.DEVICE_ORDER_ENV] = device_order
         self.tails = [collections.deque(maxlen=_TAIL) for _ in range(num_processes)]
         self.procs, self.threads = [], []
         for i in range(num_processes):
@@ -115,6 +125,23 @@ class Job:
         return code or 1
 
 
+def rehearsed_order(topology: str, processes: int, devices: int) -> str:
+    """The device order of `topology` (times MEGASCALE_NUM_SLICES) for the job's processes;
+    a UserError when its hosts and chips are not the job's processes and devices."""
+    if not topology:
+        return ""
+    slices = int(os.environ.get(protocol.NUM_SLICES_ENV) or 1)
+    order = device_order.computed(topology, slices)
+    hosts, per_host = json.loads(order)["hosts"], json.loads(order)["devices_per_host"]
+    if (hosts, per_host) != (processes, devices):
+        raise UserError(f"--topology={topology} x {slices} slice(s) has {hosts} hosts of "
+                        f"{per_host} chips; pass --num_processes={hosts} "
+                        f"--devices_per_process={per_host}")
+    print(f"[launch] device order of {slices} x {topology}: hosts interleave as on its chips",
+          flush=True)
+    return order
+
+
 def main(argv: list[str]) -> None:
     args = argv[1:]
     if not args:
@@ -123,7 +150,9 @@ def main(argv: list[str]) -> None:
     for name in ("num_processes", "devices_per_process"):
         if flags.FLAGS[name].value < 1:
             raise UserError(f"--{name}={flags.FLAGS[name].value} must be >= 1")
-    job = Job(flags.FLAGS.module, args, flags.FLAGS.num_processes, flags.FLAGS.devices_per_process)
+    f = flags.FLAGS
+    job = Job(f.module, args, f.num_processes, f.devices_per_process,
+              rehearsed_order(f.topology, f.num_processes, f.devices_per_process))
 
     def forward(signum, _frame):
         print(f"[launch] got signal {signum}; forwarding to every process", flush=True)

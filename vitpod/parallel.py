@@ -16,7 +16,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec as P
 
-from vitpod.distributed import BATCH_AXES
+from vitpod.mesh import BATCH_AXES
 
 MIN_SHARDED_SIZE = 1024
 

@@ -7,10 +7,12 @@ With the `tpu` extra installed (libtpu), compiles the real train step ahead of t
 topology (`gen:AxB[xC]`: `v4:2x2x4` is a v4-32, `v5e:2x4` a v5e-8, `v5:2x2x1` a v5p-8,
 `v6e:2x2` a v6e-4) and prints per-chip HBM (params, optimizer state, temporaries), FLOPs per
 step, the step time and img/s per chip implied at 40 % and 60 % MFU, the collective bytes
-per step, and whether it fits; if not, the first of FSDP over all chips, full remat and
-gradient accumulation (in that order, compiled to check) that makes it fit
-(vitpod/planning/compile.py compiles, vitpod/planning/fit.py searches). Then what each host
-must feed the chips (vitpod/planning/input_budget.py): img/s, decode cores, bucket reads/s.
+per step, and whether it fits (after the start-up a launch runs: the mesh and each host's
+rows of the batch, `host_rows`, in libtpu's order of the chips); if not, the first of FSDP
+over all chips, full remat and gradient accumulation (in that order, compiled to check)
+that makes it fit (vitpod/planning/compile.py compiles, vitpod/planning/fit.py searches).
+Then what each host must feed the chips (vitpod/planning/input_budget.py): img/s, decode
+cores, bucket reads/s.
 With `--num_slices=N` it compiles for N such slices (multislice, the data axis over DCN) and
 also prints the bytes each chip sends over DCN per step, the bandwidth that takes at 40 % and
 60 % MFU, and whether the documented per-chip figure carries it.
@@ -23,7 +25,7 @@ from absl import flags
 
 from vitpod import cli
 from vitpod.errors import UserError
-from vitpod.planning import fit
+from vitpod.planning import fit, startup
 from vitpod.planning.compile import tpu_devices
 
 
@@ -45,7 +47,11 @@ def plan(config, topology: str, num_classes: int, input_budget: bool = True,
     feed it (`input`). When it does not fit, also the first remedy that does, found by
     compiling."""
     config, model_line = _architecture(config)
-    result = {"model": model_line, **fit.search(config, topology, num_classes, num_slices)}
+    launch = config.copy_and_resolve_references()
+    launch.data.train_dir = launch.data.train_dir or "(not read by plan)"
+    start = startup.check(launch, tpu_devices(topology, num_slices), num_classes)
+    result = {"model": model_line, **fit.search(config, topology, num_classes, num_slices),
+              "host_rows": startup.rows_json(start.host_rows)}
     rates = result.get("with_remedy", result)
     if input_budget and rates.get("img_per_sec_per_chip_at_60pct_mfu"):
         from vitpod.planning import input_budget as budget_lib
@@ -86,7 +92,13 @@ def main(argv) -> None:
         print(json.dumps(result))
         return
     for key, value in result.items():
-        if key == "input":
+        if key == "host_rows":
+            for host, runs in list(value.items())[:4]:
+                text = ",".join(f"{a}-{b - 1}" for a, b in runs)
+                print(f"{'host ' + host + ' rows':36s} {text}")
+            if len(value) > 4:
+                print(f"{'(hosts)':36s} {len(value)}: see --format=json for the rest")
+        elif key == "input":
             for k, v in value.items():
                 print(f"{'input.' + k:36s} {v}")
         else:

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vitpod import mixing, model, parallel
-from vitpod.distributed import BATCH_AXES
+from vitpod.mesh import BATCH_AXES
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

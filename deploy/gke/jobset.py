@@ -5,7 +5,12 @@ The shape is the one xpk and JobSet's own TPU example use (docs/gke.md names the
 placement of each Job on one node pool, `backoffLimit: 0` (a pod that fails fails its slice's
 Job), `restartPolicy: Never`, host network, a privileged container with the VM's chips. Nothing
 in the pod is vitpod-specific: GKE gives each pod TPU_WORKER_ID, TPU_WORKER_HOSTNAMES and, with
-several slices, the MEGASCALE_* values, which JAX reads itself.
+several slices, the MEGASCALE_* values (who sets those is unverified: docs/gke.md), which JAX
+reads itself.
+
+Shared memory: a container's /dev/shm is 64 MB, and grain's decode processes hand every host
+batch to the trainer through it (vitpod/data/shared_memory.py), so the pod mounts a
+memory-backed emptyDir there, as xpk does (src/xpk/core/docker_resources.py, get_volumes).
 
 Failures: a failed Job restarts the whole JobSet up to MAX_RETRIES times, unless a pod exited
 with a code outside RESTARTABLE (xpk's: 42 and 127-255, signals and runtime aborts): then the
@@ -27,7 +32,13 @@ EXCLUSIVE_KEY = "alpha.jobset.sigs.k8s.io/exclusive-topology"
 NODE_POOL_LABEL = "cloud.google.com/gke-nodepool"
 REPLICATED_JOB = "slice"  # Jobs are NAME-slice-0, NAME-slice-1, ...; pods NAME-slice-J-P-xxxxx
 CONTAINER = "vitpod"
+SHM_VOLUME = "dshm"  # a memory-backed emptyDir at /dev/shm
 PREEMPTED_EXIT_CODE = 42
+# What a spot or preemptible node gives its pods after its notice: about 15 s, best effort; a
+# longer terminationGracePeriodSeconds has no effect there (GKE, "Use preemptible VMs",
+# https://cloud.google.com/kubernetes-engine/docs/how-to/preemptible-vms, and "Spot VMs",
+# https://cloud.google.com/kubernetes-engine/docs/concepts/spot-vms).
+SPOT_NOTICE_SECONDS = 15
 RESTARTABLE = (PREEMPTED_EXIT_CODE, *range(127, 256))
 # In the image (deploy/gke/Dockerfile): the home worker.sh set up, as on a TPU VM.
 IMAGE_HOME = "/opt/vitpod"
@@ -86,6 +97,7 @@ def build(s: Settings) -> dict:
         "env": [{"name": k, "value": v} for k, v in env.items()],
         "securityContext": {"privileged": True},
         "resources": {"limits": {TPU_RESOURCE: tpu.chips_per_vm}},
+        "volumeMounts": [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}],
     }
     pod_spec = {
         "restartPolicy": "Never",
@@ -95,6 +107,7 @@ def build(s: Settings) -> dict:
         "terminationGracePeriodSeconds": s.grace_seconds,
         "tolerations": [{"key": TPU_RESOURCE, "operator": "Exists"}],  # any effect
         "containers": [container],
+        "volumes": [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}}],
     }
     job_spec = {
         "parallelism": tpu.vms_per_slice,

@@ -6,10 +6,16 @@ side only watches: DONE in the workdir ends the run (the pods exit 0, the goodpu
 printed, the JobSet deleted); a JobSet that failed (a pod exit code its policy does not
 restart, or MAX_RETRIES restarts spent) is reported in one line with the failing pod's log
 tail, and deleted. kubectl talks to the cluster of its current context.
+
+A spot node gives its pods about 15 s after its notice, best effort
+(jobset.SPOT_NOTICE_SECONDS), too little to count on a save: with CAPACITY=spot, gke-run
+warns when save_every_minutes is off, since a preempted run then redoes every step since its
+last save.
 """
 
 import json
 import os
+import shlex
 import subprocess
 import time
 
@@ -25,6 +31,15 @@ JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"
 JOB_INDEX_LABEL = "jobset.sigs.k8s.io/job-index"
 POD_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 ENDED = ("Succeeded", "Failed")
+_ROOT = os.path.dirname(DEPLOY_DIR)
+# Prints a config file's save_every_minutes (CONFIG is configs/X.py[:arg]).
+_READ_SAVE_MINUTES = (
+    "import importlib.util, sys\n"
+    "path, _, arg = sys.argv[1].partition(':')\n"
+    "spec = importlib.util.spec_from_file_location('config', path)\n"
+    "module = importlib.util.module_from_spec(spec)\n"
+    "spec.loader.exec_module(module)\n"
+    "print(float((module.get_config(arg) if arg else module.get_config()).save_every_minutes))")
 
 
 class GkeRun:
@@ -113,6 +128,11 @@ class GkeRun:
         s.require("NAME", "TPU_TYPE", "WORKDIR", "CONFIG", "IMAGE")
         tpu = gke_tpu(s.tpu_type)
         expected = tpu.vms_per_slice * s.num_slices
+        if s.capacity == "spot" and not (save_every_minutes(s) or 0) > 0:
+            log(f"warning: CAPACITY=spot: a spot node gives its pods about "
+                f"{jobset.SPOT_NOTICE_SECONDS} s, not GRACE_SECONDS, so a preemption may lose "
+                "every step since the last save; set save_every_minutes (TRAIN_FLAGS="
+                "--config.save_every_minutes=15) to bound that")
         self.apply()
         if s.dry_run:
             return
@@ -217,6 +237,29 @@ class GkeRun:
         for pod in self.pods():
             if which == "all" or self.worker(pod) == int(which):
                 self.show_tail(pod, 50 if which == "all" else 200)
+
+
+def save_every_minutes(s: Settings) -> float | None:
+    """save_every_minutes as the trainers will have it: the last --config.save_every_minutes
+    in TRAIN_FLAGS, else the config file's (read with the local .venv, as preflight reads it);
+    None when it cannot be told."""
+    value, flags = None, shlex.split(s.train_flags)
+    for i, flag in enumerate(flags):
+        key, eq, text = flag.partition("=")
+        if key == "--config.save_every_minutes":
+            value = text if eq else " ".join(flags[i + 1:i + 2])
+    python = os.path.join(_ROOT, ".venv", "bin", "python")
+    if value is None and os.path.exists(python):
+        try:
+            done = subprocess.run([python, "-c", _READ_SAVE_MINUTES, s.config], cwd=_ROOT,
+                                  capture_output=True, text=True, timeout=120)
+            value = done.stdout.strip() if done.returncode == 0 else None
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def exit_code(pod: dict) -> int | None:

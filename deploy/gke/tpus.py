@@ -86,3 +86,17 @@ def gke_tpu(tpu_type: str) -> GkeTpu:
         raise PodError(f"TPU_TYPE={tpu_type!r}: no GKE slice of that size; use one of {shown}")
     raise PodError(f"TPU_TYPE={tpu_type!r}: not a TPU type vitpod knows on GKE; use "
                    f"{', '.join(g + '-N' for g in GENERATIONS)} (e.g. v5litepod-16)")
+
+
+# libtpu's names of the generations (jax.experimental.topologies.get_topology_desc).
+LIBTPU_GENERATIONS = {"v4": "v4", "v5p": "v5", "v5litepod": "v5e", "v6e": "v6e"}
+
+
+def libtpu_topology(tpu_type: str) -> str:
+    """The type's topology as libtpu names it (v4-32 -> v4:2x2x4, v5litepod-16 -> v5e:4x4), for
+    checking a launch's start-up on the chips' real order; "" for a type not in the table.
+    Cloud TPU VMs of these sizes get the same default topologies as GKE's node pools."""
+    tpu = known_types().get(tpu_type)
+    if tpu is None:
+        return ""
+    return f"{LIBTPU_GENERATIONS[tpu.name.rsplit('-', 1)[0]]}:{tpu.topology}"

@@ -13,6 +13,8 @@ import signal
 import sys
 import time
 
+from vitpod.workdir import protocol  # a leaf: standard library only
+
 NODE_ENV = "VITPOD_SIM_NODE"  # SIM_DIR:NAME:WORKER, in every worker process's environment
 SCENARIO = {
     "wait_polls": 1,          # describes spent WAITING_FOR_RESOURCES after a create
@@ -140,3 +142,24 @@ def flag(args: list[str], name: str, default: str = "") -> str:
 
 def positional(args: list[str]) -> list[str]:
     return [a for a in args if not a.startswith("--")]
+
+
+def device_order_key(tpu_type: str, slices: int) -> str:
+    return f"{slices}x{tpu_type}"
+
+
+def device_order_env(tpu_type: str, slices: int) -> dict:
+    """The rehearsed type's device order for its trainers (vitpod/mesh.py), as the rehearsal's
+    launcher computed it into the scenario (`device_orders`); none for a type it did not."""
+    order = scenario().get("device_orders", {}).get(device_order_key(tpu_type, slices))
+    return {protocol.DEVICE_ORDER_ENV: order} if order else {}
+
+
+def device_orders(types: list[str], counts: list[int]) -> dict:
+    """Each (type, slice count)'s order from libtpu's description of its chips, computed once
+    here, in a process of its own per job (vitpod.device_order), not in every trainer."""
+    from deploy.gke.tpus import libtpu_topology
+    from vitpod.device_order import computed
+
+    return {device_order_key(t, n): computed(libtpu_topology(t), n)
+            for t in types for n in counts if libtpu_topology(t)}

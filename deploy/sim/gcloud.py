@@ -23,6 +23,7 @@ import time
 from deploy.sim.cloud_state import (
     NODE_ENV,
     cloud_log,
+    device_order_env,
     fail,
     flag,
     image_env,
@@ -196,7 +197,7 @@ def worker_env(name: str, res: dict, i: int) -> dict:
     return {**image_env(home), protocol.SIM_ROOT_ENV: home,
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={sc['chips_per_host']}",
             **protocol.sim_metadata_env("127.0.0.1", res["workers"], i), **slices,
-            NODE_ENV: node_tag(name, i)}
+            **device_order_env(res["type"], len(nodes)), NODE_ENV: node_tag(name, i)}
 
 
 def tpu_vm(verb: str, args: list[str]) -> None:

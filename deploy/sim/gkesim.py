@@ -51,7 +51,7 @@ def make_image(python_version: str) -> str:
 
 def main() -> int:
     os.environ["SIM_DIR"] = SIM_DIR
-    tpu_type = os.environ.get("TPU_TYPE", "v5litepod-8")
+    tpu_type = os.environ.get("TPU_TYPE", "v4-16")
     slices = os.environ.get("NUM_SLICES", "1")
     config = os.environ.get("CONFIG", "configs/demo.py")
     train_flags = os.environ.get("TRAIN_FLAGS") or podsim.DEFAULT_FLAGS
@@ -71,7 +71,8 @@ def main() -> int:
         os.environ.update(client_env)
         scenario = {"preempt_at_step": preempt_at, "watch_workdir": WORKDIR,
                     "worker_env": client_env, "image_bin": image_bin,
-                    "downloads_bin": downloads, "cache_dir": CACHE_DIR}
+                    "downloads_bin": downloads, "cache_dir": CACHE_DIR,
+                    "tpu_type": tpu_type, "device_orders": podsim.rehearsed_orders(tpu_type)}
         with open(os.path.join(SIM_DIR, "scenario.json"), "w") as f:
             json.dump(scenario, f)
         # No compile cache: a pod that finds the step there reaches the first collective long

@@ -17,7 +17,8 @@ A failed Job fails the JobSet when a FailJobSet rule names its reason, else ever
 deleted (SIGTERM, SIGKILL after terminationGracePeriodSeconds) and recreated (Recreate,
 restarts + 1) up to maxRestarts. At the scenario's `preempt_at_step` (the workdir's
 metrics.jsonl, as deploy/sim/capacity.py watches) every pod is deleted that way once, as when
-a node pool is preempted: their exit codes decide as above.
+a spot node pool is preempted, with the notice GKE gives there (SPOT_NOTICE_SECONDS, not
+terminationGracePeriodSeconds): their exit codes decide as above.
 """
 
 import contextlib
@@ -28,9 +29,16 @@ import subprocess
 import sys
 import time
 
-from deploy.gke.jobset import IMAGE_HOME
+from deploy.gke.jobset import IMAGE_HOME, SPOT_NOTICE_SECONDS
 from deploy.sim.capacity import reached_step
-from deploy.sim.cloud_state import NODE_ENV, cloud_log, locked_state, node_tag, scenario
+from deploy.sim.cloud_state import (
+    NODE_ENV,
+    cloud_log,
+    device_order_env,
+    locked_state,
+    node_tag,
+    scenario,
+)
 from deploy.sim.kubectl import JOBSET_LABEL, pod_dir
 from vitpod.workdir import protocol
 
@@ -59,7 +67,7 @@ def pod_env(container: dict, tpu_chips: int, worker: int, hosts: int, slices: in
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={tpu_chips}"}
     if slices > 1:
         env.update(protocol.slices_env(slices, slice_id, "127.0.0.1"))
-    return env
+    return {**env, **device_order_env(sc.get("tpu_type", ""), slices)}
 
 
 class Controller:
@@ -123,11 +131,13 @@ class Controller:
                                                           for p, c in ended.items()))
         return ended
 
-    def delete_pods(self, why: str) -> dict[str, int]:
-        """SIGTERM to every running pod, SIGKILL after its grace period; their exit codes."""
+    def delete_pods(self, why: str, notice: float | None = None) -> dict[str, int]:
+        """SIGTERM to every running pod, SIGKILL after its grace period (or `notice`, when
+        shorter: a node's shutdown); their exit codes."""
         with locked_state() as state:
             grace = max((p["grace"] for p in state["jobsets"][self.name]["pods"].values()),
                         default=30)
+        grace = grace if notice is None else min(grace, notice)
         cloud_log(f"jobset {self.name}: {why}: SIGTERM to {len(self.procs)} pod(s)")
         for proc in self.procs.values():
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -215,7 +225,8 @@ class Controller:
                 if js is None or js["deleting"]:
                     break
             if active:
-                codes = self.delete_pods("preempted") if self.preempt_due() else self.reap()
+                codes = (self.delete_pods("preempted", SPOT_NOTICE_SECONDS)
+                         if self.preempt_due() else self.reap())
                 failure = self.job_failure(codes) if codes else None
                 if failure:
                     active = self.decide(failure)

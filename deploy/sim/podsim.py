@@ -74,6 +74,18 @@ def data_flags(config: str, train_flags: str) -> str:
     return shlex.join(extra)
 
 
+def rehearsed_orders(tpu_type: str) -> dict:
+    """The device order of every type and slice count pod-run may get (TPU_TYPES x
+    NUM_SLICES), so that its trainers interleave their batch rows as those chips do."""
+    types = [t.split("@")[0].strip() for t in
+             (os.environ.get("TPU_TYPES") or tpu_type).split(",") if t.strip()]
+    counts = [int(n) for n in os.environ.get("NUM_SLICES", "1").split(",") if n.strip()]
+    orders = sim.device_orders(types, counts)
+    say(f"device order of {', '.join(orders) or 'no type'} from libtpu's description: "
+        "the trainers' hosts interleave as those chips' do")
+    return orders
+
+
 def capacity_limits(text: str) -> dict:
     """SIM_CAPACITY="v4-32=1": a v4-32 is granted once, then never again (a fallback rehearsal)."""
     limits = {}
@@ -144,6 +156,7 @@ def main() -> int:
                        "cache_dir": CACHE_DIR,
                        "capacity_limits": capacity_limits(os.environ.get("SIM_CAPACITY", "")),
                        "bucket_location": "SIM-ZONE",  # the region of ZONE=sim-zone-a
+                       "device_orders": rehearsed_orders(tpu_type),
                        **json.loads(os.environ.get("SIM_SCENARIO", "{}"))}, f)
         flags = f"{train_flags} {data_flags(config, train_flags)}".strip()
         wheel = build_wheel()

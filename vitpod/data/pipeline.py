@@ -1,9 +1,10 @@
 """Step-indexed, host-sharded grain pipelines and their assembly into global jax.Arrays.
 
 The global batch of step s is a pure function of (manifest, seed, s): a seeded permutation
-per epoch, batches cut in order, augmentation seeded by the global example position. Host
-h of H reads only rows [h*b, (h+1)*b) of each global batch (b = B / H), so resuming needs
-only the step, and a different host count sees the same global batches.
+per epoch, batches cut in order, augmentation seeded by the global example position. Each
+host reads only the rows of each global batch that its devices hold (vitpod/mesh.py
+`host_rows`: one block on CPU, interleaved runs on a multi-host TPU slice), so resuming needs
+only the step, and another host count, slice count or device order sees the same batches.
 """
 
 import dataclasses
@@ -143,21 +144,21 @@ def read_all(split: Split, indices: list[int], run: int, threads: int) -> list[b
 
 @dataclasses.dataclass(frozen=True)
 class HostBatch:
-    """Step -> this host's rows of the global batch: positions [(s*H + h)*b, ...+b), their
-    bytes read together (read_all), then decoded in order. Example p gets the generator
-    grain's `random_map(fn, seed)` gives element p (Philox(seed) at counter [0, 0, 0, p]),
-    so the batches equal `random_map(...).batch(b)[h::H]` bit for bit (tested)."""
+    """Step -> this host's rows of the global batch: positions s*B + r for each row r of
+    `rows` (ascending [start, stop) runs), their bytes read together (read_all), then decoded
+    in order. Example p gets the generator grain's `random_map(fn, seed)` gives element p
+    (Philox(seed) at counter [0, 0, 0, p]), so the rows equal those of
+    `random_map(...).batch(B)` bit for bit (tested)."""
 
     example: TrainExample | EvalExample
-    local: int
-    process_index: int
-    process_count: int
+    global_batch: int
+    rows: tuple[tuple[int, int], ...]
     fetch_threads: int
     seed: int | None = None  # None: no augmentation randomness (eval)
 
     def __call__(self, step: int) -> dict:
-        first = (int(step) * self.process_count + self.process_index) * self.local
-        positions = range(first, first + self.local)
+        first = int(step) * self.global_batch
+        positions = [first + r for start, stop in self.rows for r in range(start, stop)]
         indices = [self.example.index(p) for p in positions]
         datas = read_all(self.example.split, indices, self.example.run, self.fetch_threads)
         rows = [self.example.decode(i, d, None if self.seed is None else np.random.Generator(
@@ -192,8 +193,9 @@ def _iterate(ds: grain.MapDataset, num_workers: int, read_threads: int):
 
 
 def train_batches(split: Split, data_cfg, seed: int, global_batch: int, start_step: int,
-                  total_steps: int, process_index: int = 0, process_count: int = 1):
-    """Iterator over this host's rows of the global batches for steps start_step..total-1."""
+                  total_steps: int, rows: tuple[tuple[int, int], ...] | None = None):
+    """Iterator over this host's `rows` of the global batches (default: all) for steps
+    start_step..total-1."""
     n = len(split.files)
     epochs = math.ceil(total_steps * global_batch / n) + 1
     run = 1
@@ -207,27 +209,29 @@ def train_batches(split: Split, data_cfg, seed: int, global_batch: int, start_st
                            tuple(data_cfg.crop_ratio), data_cfg.hflip,
                            (data_cfg.randaug_num_ops, data_cfg.randaug_magnitude),
                            data_cfg.reduced_decode, run, data_cfg.max_image_pixels)
-    batch = HostBatch(example, global_batch // process_count, process_index, process_count,
+    batch = HostBatch(example, global_batch, rows or ((0, global_batch),),
                       data_cfg.fetch_threads, seed)
     ds = grain.MapDataset.range(total_steps)[start_step:].map(batch)
     return _iterate(ds, data_cfg.num_workers, data_cfg.read_threads)
 
 
-def eval_batches(split: Split, data_cfg, global_batch: int, process_index: int = 0,
-                 process_count: int = 1):
-    """Every example once, padded to whole global batches (padding has valid=0)."""
+def eval_batches(split: Split, data_cfg, global_batch: int,
+                 rows: tuple[tuple[int, int], ...] | None = None):
+    """Every example once, padded to whole global batches (padding has valid=0); this host's
+    `rows` (default: all) of each."""
     example = EvalExample(split, data_cfg.image_size, data_cfg.eval_crop_pct,
                           data_cfg.reduced_decode, data_cfg.eval_interpolation,
                           max_pixels=data_cfg.max_image_pixels)
-    batch = HostBatch(example, global_batch // process_count, process_index, process_count,
+    batch = HostBatch(example, global_batch, rows or ((0, global_batch),),
                       data_cfg.fetch_threads)
     ds = grain.MapDataset.range(math.ceil(len(split.files) / global_batch)).map(batch)
     return _iterate(ds, data_cfg.num_workers, data_cfg.read_threads)
 
 
-def to_global(host_batch: dict, sharding: jax.sharding.Sharding) -> dict:
-    """This host's rows -> global jax.Arrays sharded along the batch axis."""
-    return {k: jax.make_array_from_process_local_data(sharding, v)
+def to_global(host_batch: dict, sharding: jax.sharding.Sharding, global_batch: int) -> dict:
+    """This host's rows (ascending, whatever runs they form) -> global jax.Arrays sharded
+    along the batch axis; JAX places each of the host's shards by the rank of its start."""
+    return {k: jax.make_array_from_process_local_data(sharding, v, (global_batch, *v.shape[1:]))
             for k, v in host_batch.items() if k != "index"}
 
 
@@ -243,6 +247,10 @@ class SkipWarner:
         for i in map(int, bad):
             if i not in self.warned:
                 self.warned.add(i)
+                path = self.split.path(i)
+                if not self.split.shards and not storage.exists(path):
+                    logging.warning("skipped missing image %s (deleted or moved since the data "
+                                    "was scanned into the manifest)", path)
+                    continue
                 logging.warning("skipped unreadable image %s (corrupt, truncated, empty, or over "
-                                "data.max_image_pixels)",
-                                self.split.path(i))
+                                "data.max_image_pixels)", path)

@@ -73,22 +73,15 @@ def compile_train_step(config, devices, num_classes: int):
     optimizer-state bytes per device, model FLOPs per device per step)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
-    from vitpod import config as config_lib
-    from vitpod import distributed, model, optim, parallel, steps
+    from vitpod import model, optim, parallel, steps
+    from vitpod.planning import startup
 
-    slices = distributed.num_slices(devices)
-    shape = config_lib.mesh_shape(config.mesh, len(devices), slices)
     config.data.train_dir = config.data.train_dir or "(not read by plan)"
-    config_lib.validate(config, len(devices), 1, slices)
-    grid = (np.array(devices).reshape(shape) if slices == 1
-            else distributed.device_grid(config.mesh, devices, slices))
-    mesh = jax.sharding.Mesh(grid, ("data", "fsdp"),
-                             axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    start = startup.check(config, devices, num_classes)  # the launch's own mesh and state
+    mesh, state = start.mesh, start.state
+    shape = (mesh.shape["data"], mesh.shape["fsdp"])
     tx = optim.make(config.optim, config.total_steps)
-    init = steps.state_initializer(config, num_classes, tx, mesh)
-    state = jax.eval_shape(init, None)
     graphdef, _ = model.abstract_model(config.model, config.data.image_size, num_classes)
     step = steps.make_train_step(graphdef, tx, mesh, config, pack=False)
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))

@@ -62,11 +62,11 @@ def _fits_with(result: dict, overrides: dict, tried: dict) -> dict:
 
 def _plan_once(config, devices, topology: str, num_classes: int) -> dict:
     from vitpod import config as config_lib
-    from vitpod import distributed
+    from vitpod import mesh as mesh_lib
 
     gen = topology.split(":")[0]
     peak, hbm, _ = CHIPS[gen]
-    slices = distributed.num_slices(devices)
+    slices = mesh_lib.num_slices(devices)
     (dcn_data, _), (data, fsdp) = config_lib.hybrid_mesh_shapes(config.mesh, len(devices), slices)
     mesh = {"data": data, "fsdp": fsdp} if slices == 1 else {
         "dcn_data": dcn_data, "data": data, "fsdp": fsdp}  # config keys: data is per slice
