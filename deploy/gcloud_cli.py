@@ -61,7 +61,7 @@ class Gcloud:
         `stream` prints output lines as they come, each after `prefix`."""
         cmd = [self.tool, *args]
         if self.dry_run:
-            print(shlex.join(cmd), flush=True)
+            print(shlex.join(cmd) + "\n", end="", flush=True)  # one write: workers print at once
             return 0, "", ""
         for attempt in range(1, retries + 1):
             code, out, err = self._once(cmd, timeout or self.timeout, prefix, stream)

@@ -4,6 +4,7 @@ checked once into a frozen `Settings`; what a TPU type implies (runtime, device 
 
 import dataclasses
 import os
+import re
 
 from deploy.gcloud_cli import PodError
 from vitpod.workdir import protocol
@@ -43,6 +44,23 @@ def slice_devices(tpu_type: str) -> int | None:
         return None
     per_unit = {"v4": 0.5, "v5p": 0.5, "v5litepod": 1, "v6e": 1, "v2": 1, "v3": 1}
     return int(int(size) * per_unit[generation]) if generation in per_unit else None
+
+
+def slice_workers(tpu_type: str) -> int | None:
+    """TPU VMs (workers) of a slice type where every source agrees: 4 chips per VM on v4 and
+    v5p, 8 cores on v2 and v3, one VM for v5litepod and v6e types of up to 8 chips; None for
+    the others (docs/cloud.md: a real slice's workers are counted from gcloud)."""
+    generation, _, size = tpu_type.rpartition("-")
+    if not size.isdigit():
+        return None
+    if generation in ("v4", "v5p", "v2", "v3"):
+        return max(1, int(size) // 8)
+    return 1 if generation in ("v5litepod", "v6e") and int(size) <= 8 else None
+
+
+# Compute Engine's rule for resource names, stricter than the TPU API's node id pattern:
+# 1-63 characters, lowercase letters, digits and hyphens, a letter first, no hyphen last.
+NAME_RULE = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +163,15 @@ def load_settings(path: str, env: dict, tpu_vms: bool = True) -> Settings:
             problems.append(f"{key}={value!r}: not {'a whole' if kind is int else 'a'} number")
             return kind(0)
 
+    name = raw.get("NAME", "")
+    # multislice nodes are NAME-0 .. NAME-(N-1): the longest must follow the rule too
+    most = max([int(n) for n in raw["NUM_SLICES"].split(",") if n.strip().isdigit()] or [1])
+    longest = f"{name}-{most - 1}" if most > 1 else name
+    if tpu_vms and name and not NAME_RULE.fullmatch(longest):
+        problems.append(f"NAME={name!r}: use lowercase letters, digits and hyphens, a letter "
+                        "first and no hyphen last, at most 63 characters"
+                        + (f" with the node suffix ({longest})" if longest != name else "")
+                        + " (the rule of TPU and Compute Engine names)")
     if raw["CAPACITY"] not in CAPACITY_FLAGS:
         problems.append(f"CAPACITY={raw['CAPACITY']!r}: use one of {', '.join(CAPACITY_FLAGS)}")
     if not (raw["WORKER"] == "all" or raw["WORKER"].isdigit()):

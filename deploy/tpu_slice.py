@@ -11,7 +11,7 @@ import json
 import time
 
 from deploy.gcloud_cli import Gcloud, PodError, log, reason
-from deploy.settings import CAPACITY_FLAGS, Settings, SliceType
+from deploy.settings import CAPACITY_FLAGS, Settings, SliceType, slice_workers
 from deploy.slices import Health
 from deploy.tpu_workers import MultisliceWorkers, TpuVmWorkers
 
@@ -90,8 +90,15 @@ class QueuedResource:
     def workers(self, reachable_only: bool = False) -> TpuVmWorkers | MultisliceWorkers:
         """Every worker of every slice, numbered slice after slice; with `reachable_only`,
         those of the slices still there (to stop them when another was lost)."""
-        if self.settings.dry_run:
-            nodes = [TpuVmWorkers(self.g, self.settings, self.asked.zone, 1, name, k)
+        if self.settings.dry_run:  # the workers the type has, where that is known
+            known = slice_workers(self.asked.name)
+            count = known or 1
+            if not known and "dry-run workers" not in self.warned:
+                self.warned.add("dry-run workers")
+                log(f"{self.name}: a dry run does not know how many workers a "
+                    f"{self.asked.name} has (a real run counts them with gcloud's describe); "
+                    "the commands are shown for worker 0")
+            nodes = [TpuVmWorkers(self.g, self.settings, self.asked.zone, count, name, k * count)
                      for k, name in enumerate(self.node_names())]
             return nodes[0] if len(nodes) == 1 else MultisliceWorkers(nodes)
         names, nodes, first = self.node_names(), [], 0

@@ -478,7 +478,9 @@ def test_the_launch_line_sets_the_coordinator_port_and_init_timeout(cloud, port)
     result = subprocess.run([sys.executable, "-m", "deploy.pod", "launch"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    [line] = [line for line in result.stdout.splitlines() if "podworker start" in line]
+    lines = [line for line in result.stdout.splitlines() if "podworker start" in line]
+    assert len(lines) == 2  # one per worker of the v4-16
+    line = lines[0]
     assert "--strict-host-key-checking=no" in shlex.split(line)
     command = shlex.split(shlex.split(line)[-3].removeprefix("--command="))
     assert f"JAX_COORDINATOR_PORT={port or 8482}" in command
@@ -562,8 +564,10 @@ def test_a_multislice_request_names_its_node_count_and_prefix(cloud):
     launch = cloud.pod("launch", DRY_RUN="1", NUM_SLICES="2")
     assert launch.returncode == 0, launch.stderr
     starts = [shlex.split(line) for line in launch.stdout.splitlines() if "podworker start" in line]
-    assert [(s[5], s[6]) for s in starts] == [("vp-0", "--worker=0"), ("vp-1", "--worker=0")]
-    assert "--expect_devices=16" in starts[1][-3] and "VITPOD_TPU_TYPE=2xv4-16" in starts[1][-3]
+    assert sorted((s[5], s[6]) for s in starts) == [("vp-0", "--worker=0"), ("vp-0", "--worker=1"),
+                                                    ("vp-1", "--worker=0"), ("vp-1", "--worker=1")]
+    assert all("--expect_devices=16" in s[-3] and "VITPOD_TPU_TYPE=2xv4-16" in s[-3]
+               for s in starts)
 
 
 def test_slice_types_imply_their_device_counts():

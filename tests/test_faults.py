@@ -523,3 +523,138 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(colors, tmp_path)
                         r"\(ENOSPC\); free space on that disk or make it writable, then "
                         r"relaunch \(a run resumes from its last checkpoint\)", lines[-1])
     assert len(result.stderr.splitlines()) < 40 and result.stdout == ""  # no temporaries
+
+
+# Nothing lost, round two: checkpoints, restarts, the lease
+
+KEEP = ("error: config keep_checkpoints must be >= 1 (the newest checkpoint is always kept: 1 "
+        "keeps only it)")
+
+ROUND_TWO = [
+    ("keep-no-checkpoint", None, ["--config.keep_checkpoints=0"], 0, KEEP),
+    ("keep-minus-one", None, ["--config.keep_checkpoints=-1"], 0, KEEP),
+    ("checkpoints-deleted", lambda w: shutil.rmtree(w / "checkpoints"), [], 0,
+     "error: {w}/checkpoints holds no checkpoint, but the launch records in {w}/launches show "
+     "this run saved one at step 4: it was deleted or moved. Put it back to continue from "
+     "step 4, or pass --start_over to train again from step 0"),
+    ("done-not-a-record", lambda w: (w / "DONE").write_text("{}"), [], 0,
+     'error: {w}/DONE is damaged (not what vitpod writes there: "step" is missing); delete it '
+     "and relaunch: the run resumes from its last checkpoint and writes DONE again"),
+]
+
+
+@pytest.mark.parametrize("damage,extra,failing,expected", [r[1:] for r in ROUND_TWO],
+                         ids=[r[0] for r in ROUND_TWO])
+def test_round_two_faults_are_one_line_and_leave_the_workdir_as_it_was(copy, colors, damage,
+                                                                      extra, failing, expected):
+    test_a_fault_is_one_line_and_leaves_the_workdir_as_it_was(copy, colors, damage, extra,
+                                                              failing, expected)
+
+
+def test_start_over_trains_again_from_step_0_when_the_checkpoints_are_gone(copy, colors,
+                                                                          reference):
+    shutil.rmtree(copy / "checkpoints")
+    code, out, err = _run("train", _flags(copy, colors, "--start_over"))
+    assert code == 0 and "Traceback" not in err, err[-3000:]
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["2", "4", "6"]
+    assert (copy / "DONE").exists()
+    assert read_losses(copy) == pytest.approx(read_losses(reference), rel=1e-5)
+    assert_params_close(read_params(reference, STEPS), read_params(copy, STEPS))
+
+
+def _file_permissions_apply() -> list[str]:
+    """A command prefix under which file permissions hold for this user: root reads any file,
+    so as root the capabilities that let it are dropped."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to drop root's file capabilities")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def test_an_unreadable_checkpoint_is_not_damaged_it_stops_in_one_line(copy, colors):
+    """orbax reads a folder it may not open as a missing one: that must not count as damage
+    (moved aside, the run resumed from the one before)."""
+    prefix = _file_permissions_apply()
+    before = _snapshot(copy)
+    (copy / "checkpoints" / "4").chmod(0)
+    try:
+        result = subprocess.run([*prefix, sys.executable, "-m", "vitpod.train",
+                                 *_flags(copy, colors)], cwd=ROOT, env=ENV, text=True,
+                                capture_output=True, timeout=300)
+    finally:
+        (copy / "checkpoints" / "4").chmod(0o755)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: checkpoint {copy}/checkpoints/4 did not restore on process(es) [0] after 3 "
+        f"tries (PermissionError: [Errno 13] Permission denied: '{copy}/checkpoints/4'); no "
+        "checkpoint was moved or deleted: relaunch once the cause is fixed")
+    assert _snapshot(copy) == before
+
+
+def _lease(workdir, heartbeat: float) -> None:
+    storage.write_text(protocol.lease_path(str(workdir)), json.dumps(
+        {"launch": "skewed", "host": "elsewhere", "pid": 1, "heartbeat": heartbeat}))
+
+
+def test_a_heartbeat_ahead_of_the_clock_goes_stale_from_when_it_was_first_seen(
+        copy, colors, reference, caplog):
+    _lease(copy, time.time() + 3600)  # written by a host whose clock was an hour ahead
+    started = time.monotonic()
+    train.run(_config(colors, lease_timeout_minutes=0.05), str(copy))
+    assert time.monotonic() - started > 3
+    assert re.search(rf"taking over the lease on {re.escape(str(copy))} from launch skewed on "
+                     r"elsewhere: its heartbeat is 3\d\d\d s ahead of this host's clock, "
+                     r"unchanged for 3 s", caplog.text), caplog.text[-3000:]
+    assert _logged_steps(copy) == list(range(1, STEPS + 1)) and (copy / "DONE").exists()
+    assert_params_close(read_params(reference, STEPS), read_params(copy, STEPS))
+
+
+def test_a_heartbeat_ahead_of_the_clock_that_moves_on_is_a_live_run(tmp_path):
+    from vitpod.workdir import lease
+
+    stop = threading.Event()
+
+    def beat():  # a live holder whose clock is an hour ahead
+        while not stop.wait(0.2):
+            _lease(tmp_path, time.time() + 3600)
+
+    _lease(tmp_path, time.time() + 3600)
+    beating = threading.Thread(target=beat, daemon=True)
+    beating.start()
+    try:
+        with pytest.raises(Exception, match=r"is in use by launch skewed on host elsewhere \(pid "
+                           r"1\), whose heartbeat is 3\d\d\d s ahead of this host's clock; "):
+            lease.Lease(str(tmp_path), 3).take()
+    finally:
+        stop.set()
+        beating.join()
+
+
+SIGTERM_AT_RESTORE = """
+import os, signal, sys
+import orbax.checkpoint as ocp
+from vitpod import cli, train
+
+original = ocp.StandardCheckpointHandler.restore
+
+def restore(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # a preemption in the middle of the restore
+    return original(self, *args, **kwargs)
+
+ocp.StandardCheckpointHandler.restore = restore
+train.define_flags()
+cli.run(train.main)
+"""
+
+
+def test_a_sigterm_during_the_restore_stops_in_one_line_and_releases_the_lease(copy, colors):
+    before = _snapshot(copy)
+    result = subprocess.run([sys.executable, "-c", SIGTERM_AT_RESTORE, *_flags(copy, colors)],
+                            cwd=ROOT, env=ENV, text=True, capture_output=True, timeout=200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stdout.strip().splitlines() == [
+        "stopped by SIGTERM before the first step: nothing was trained, so nothing to save; "
+        "relaunch the same command to continue"]
+    assert _snapshot(copy) == before  # no lease left, nothing logged, no checkpoint touched

@@ -5,11 +5,13 @@ process killed mid-save leaves nothing that `all_steps()` lists. A restore that 
 tried again with backoff (a transient I/O error, a slow bucket, memory). A checkpoint counts
 as damaged only for an error that says its files are missing or garbled, and only when
 every process says so: each process tries on its own (no collective inside a try), then one
-allgather of the verdicts decides for all. Damaged checkpoints newer than the one restored
-are moved aside; anything else stops the run with one line and moves nothing.
+allgather of the verdicts decides for all. A folder this process may not read is not
+damaged. Damaged checkpoints newer than the one restored are moved aside; anything else
+stops the run with one line and moves nothing.
 """
 
 import json
+import os
 import re
 import time
 
@@ -20,7 +22,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vitpod import storage
+from vitpod import localfs, storage
 from vitpod.errors import UserError, one_line
 
 RESTORE_TRIES = 3
@@ -43,6 +45,15 @@ def manager(directory: str, keep: int) -> ocp.CheckpointManager:
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
     """Start an async save; training continues while it is written."""
     mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+
+
+def listed(directory: str) -> list[int]:
+    """The steps of the checkpoints in `directory` as orbax names them, without creating it."""
+    try:
+        names = storage.subdirs(directory) if storage.isdir(directory) else []
+    except PermissionError as e:
+        raise localfs.write_error(directory, e) from None
+    return sorted(int(name) for name in names if name.isdigit())
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
@@ -88,9 +99,10 @@ def _try_restore(path: epath.Path, abstract_state):
         try:
             return handler.restore(path, args=ocp.args.StandardRestore(abstract_state)), OK, ""
         except Exception as e:  # noqa: BLE001  judged below; a bug shows in `reason`
-            reason = _reason(e)
+            denied = _access_error(path.parent)
+            reason = denied or _reason(e)
             if attempt == RESTORE_TRIES:
-                return None, DAMAGED if _is_damage(e) else FAILED, reason
+                return None, DAMAGED if _is_damage(e) and not denied else FAILED, reason
             wait = RESTORE_BACKOFF_SECONDS * 2 ** (attempt - 1)
             logging.warning("restoring checkpoint %s failed (%s); trying again in %g s (try %d "
                             "of %d)", path.parent, reason, wait, attempt + 1, RESTORE_TRIES)
@@ -118,6 +130,30 @@ def _is_damage(error: BaseException) -> bool:
     return any(isinstance(e, (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError))
                or (isinstance(e, ValueError) and str(e).startswith(_DAMAGE_STATUSES))
                for e in chain)
+
+
+def _access_error(folder: epath.Path) -> str:
+    """Why this process may not read a checkpoint's folder (a permission, a bucket's 403), or
+    "" if it may: orbax reads an unreadable folder as a missing one, and that is no damage."""
+    try:
+        if storage.is_gcs(str(folder)):
+            storage.files_below(str(folder))  # a 403 is a UserError naming the bucket
+            return ""
+        for root, _, names in os.walk(folder, onerror=_raise):
+            for name in names:
+                with open(os.path.join(root, name), "rb"):
+                    pass
+    except PermissionError as e:
+        return _reason(e)
+    except UserError as e:
+        return one_line(e)
+    except OSError:  # missing, or another error: the restore's own error decides
+        pass
+    return ""
+
+
+def _raise(error: OSError) -> None:
+    raise error
 
 
 def _reason(error: BaseException) -> str:

@@ -4,6 +4,7 @@
 """
 
 import errno
+import importlib.util
 import logging as std_logging
 import os
 import re
@@ -33,10 +34,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        _fail(f"{one_line(e)} (see --helpfull)")
+        _fail(_given_no_config(argv) or f"{one_line(e)} (see --helpfull)")
     except (KeyError, AttributeError) as e:  # ml_collections: an override of an unknown key
         if _in_config_file(e, argv):  # or the config file's own code
             _fail(_in_config_file(e, argv))
+        if "has no attribute 'get_config'" in str(e):
+            _fail(f"the --config file {_config_file(argv)} defines no get_config(); write "
+                  "`def get_config(arg=None):` returning vitpod.config.defaults() with your "
+                  "values set (see configs/)")
+        if _given_no_config(argv):
+            _fail(_given_no_config(argv))
         # e.args[0] reads "'batch_sise'\nDid you mean "batch_size" instead of "batch_sise"?"
         text = str(e.args[0]) if e.args else str(e)
         found = re.search(r"'([\w.]+)'", text) or re.search(r"([\w.]+)", text)
@@ -56,29 +63,90 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(line)
 
 
+def _config_file(argv: list[str]) -> str | None:
+    """The --config file named in argv, without its ':ARG'."""
+    found = [re.sub(r":[^/]*$", "", a.split("=", 1)[1]) for a in argv
+             if a.startswith("--config=")]
+    return found[-1] if found else None
+
+
 def _in_config_file(e: BaseException, argv: list[str]) -> str | None:
     """The one line for an error raised by the code of the --config file (NameError,
     ImportError, ... at load), naming the file and line; None if it came from elsewhere."""
-    found = [re.sub(r":[^/]*$", "", a.split("=", 1)[1]) for a in argv
-             if a.startswith("--config=")]
-    path = os.path.abspath(found[-1]) if found else None
+    path = os.path.abspath(_config_file(argv)) if _config_file(argv) else None
     lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
              if path and os.path.abspath(f.filename) == path]
     if not lines:
         return None
-    return (f"cannot load the --config file {found[-1]}: line {lines[-1]}: "
+    return (f"cannot load the --config file {_config_file(argv)}: line {lines[-1]}: "
             f"{type(e).__name__}: {one_line(e)}")
+
+
+def _given_no_config(argv: list[str]) -> str | None:
+    """Why the --config file gave no vitpod config, or None: its --config.KEY overrides then
+    fail as unknown flags or keys, which would hide the cause."""
+    given = flags.FLAGS["config"] if "config" in flags.FLAGS else None
+    if given is not None and given.present:
+        return _not_a_config(given.value)
+    if not _config_file(argv):
+        return None
+    # the overrides failed while the flag was parsed, so it holds nothing: load the file again
+    found = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")][-1]
+    arg = found[len(_config_file(argv)) + 1:]
+    try:
+        spec = importlib.util.spec_from_file_location("vitpod_config_check", _config_file(argv))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return _not_a_config(module.get_config(*([arg] if arg else [])))
+    except Exception:  # noqa: BLE001  said by the error being reported
+        return None
+
+
+def _not_a_config(value) -> str | None:
+    """Why the value a --config file's get_config() returned is not a vitpod config, or None."""
+    import ml_collections
+
+    from vitpod import config as config_lib
+
+    if isinstance(value, ml_collections.ConfigDict):
+        missing = config_lib.missing_keys(value)
+        if not missing:
+            return None
+        what = (f"a config without {', '.join(missing[:5])}"
+                + (f" and {len(missing) - 5} more key(s)" if len(missing) > 5 else ""))
+    else:
+        what = ("None (no return statement?)" if value is None else
+                f"a {type(value).__name__}, not an ml_collections ConfigDict")
+    return (f"get_config() of the --config file {_config_file(sys.argv)} returns {what}; "
+            "start from vitpod.config.defaults() and set your values on it (see configs/)")
 
 
 def config(value) -> "ml_collections.ConfigDict":  # noqa: F821
     """The value of a config_flags flag, or UserError if its file failed to load."""
     if value is None:
-        raise UserError("pass --config=configs/NAME.py (see configs/)")
+        raise UserError(_not_a_config(None) if _config_file(sys.argv) else
+                        "pass --config=configs/NAME.py (see configs/)")
     try:
         value.get("seed")  # a file that failed to load raises on first use
     except OSError as e:
         raise UserError(f"cannot load the --config file: {one_line(e)}") from None
+    except AttributeError:  # not a ConfigDict: said below
+        pass
+    if _not_a_config(value):
+        raise UserError(_not_a_config(value))
     return value
+
+
+def check_workdir(workdir: str) -> None:
+    """UserError unless a local --workdir, or the nearest part of its path that exists, is a
+    folder (gs:// paths have no files in the way)."""
+    path = os.path.abspath(workdir)
+    while not workdir.startswith("gs://") and not os.path.lexists(path):
+        path = os.path.dirname(path)
+    if not workdir.startswith("gs://") and not os.path.isdir(path):
+        where = "" if path == os.path.abspath(workdir) else f": {path}"
+        raise UserError(f"--workdir={workdir}{where} exists and is not a folder; pass a folder "
+                        "(it is made if missing)")
 
 
 class _QuietLibraries(std_logging.Filter):

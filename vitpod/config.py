@@ -40,7 +40,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.eval_every = 500  # 0: only at the end
     c.save_every = 500
     c.save_every_minutes = 0.0  # also save when this much wall time passed (0: off)
-    c.keep_checkpoints = 2
+    c.keep_checkpoints = 2  # the newest N saved; at least 1, the one a relaunch resumes from
     # JAX's persistent compile cache in WORKDIR/compile_cache (or $JAX_COMPILATION_CACHE_DIR,
     # e.g. a bucket shared by runs): a relaunch after preemption skips most compilation.
     c.compile_cache = True
@@ -151,11 +151,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     d = config.data
     _require(config.batch_size > 0, "batch_size", "must be positive")
     _require(config.total_steps > 0, "total_steps", "must be positive")
+    _require(config.log_every >= 1, "log_every", "must be >= 1 (steps between log rows)")
+    _require(config.save_every >= 1, "save_every", "must be >= 1 (steps between checkpoints)")
+    _require(config.eval_every >= 0, "eval_every", "must be >= 0 (0: only at the end)")
+    _require(config.save_every_minutes >= 0, "save_every_minutes", "must be >= 0 (0: off)")
+    _require(config.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1 (the newest "
+             "checkpoint is always kept: 1 keeps only it)")
     _require(bool(d.train_dir), "data.train_dir", "is empty; pass --config.data.train_dir=DIR")
     _require(d.image_size > 0, "data.image_size", "must be positive")
     _require(len(d.mean) == 3 and len(d.std) == 3, "data.mean/std", "need 3 values (RGB)")
     _require(min(d.std) > 0, "data.std", "must be positive")
     _require(0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", "needs 0<lo<=hi<=1")
+    _require(0 < d.crop_ratio[0] <= d.crop_ratio[1], "data.crop_ratio", "needs 0<lo<=hi")
+    _require(d.eval_batch_size >= 0, "data.eval_batch_size", "must be >= 0 (0: batch_size)")
+    _require(0 <= d.max_skipped_fraction <= 1, "data.max_skipped_fraction", "must be in [0, 1]")
     _require(0 < d.eval_crop_pct <= 1, "data.eval_crop_pct", "must be in (0, 1]")
     _require(d.eval_interpolation in ("bilinear", "bicubic"), "data.eval_interpolation",
              "must be 'bilinear' or 'bicubic'")
@@ -182,6 +191,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
              f"= {both} is more than total_steps={config.total_steps}; lower it or raise "
              "total_steps")
     _require(0 < o.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1] (1: off)")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", "must be in [0, 1)")
+    _require(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0: off)")
+    _require(m.layer_norm_eps > 0, "model.layer_norm_eps", "must be positive")
     _require(0 <= o.ema_decay < 1, "optim.ema_decay", "must be in [0, 1) (0: off)")
     _require(m.posemb in ("learn", "sincos2d"), "model.posemb", "must be 'learn' or 'sincos2d'")
     _require(m.gelu in ("exact", "tanh"), "model.gelu", "must be 'exact' or 'tanh'")
@@ -254,8 +268,15 @@ def eval_batch_size(config: ml_collections.ConfigDict) -> int:
     return config.data.eval_batch_size or config.batch_size
 
 
-def to_json(config: ml_collections.ConfigDict) -> str:
-    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+# config.json holds, beside the config, the train classes in label order, as the first launch
+# found them: a manifest scanned again must give the same (workdir/files.py).
+CLASSES_KEY = "classes"
+
+
+def to_json(config: ml_collections.ConfigDict, classes: list[str] | None = None) -> str:
+    """config.json's text: the config, and the run's classes when given."""
+    recorded = {**config.to_dict(), **({CLASSES_KEY: classes} if classes is not None else {})}
+    return json.dumps(recorded, indent=2, sort_keys=True, default=list)
 
 
 # Keys added after runs were already written, with the value that reproduces those runs.
@@ -268,6 +289,7 @@ def from_json(saved: dict) -> ml_collections.ConfigDict:
     """A workdir's config.json back as a ConfigDict (keys it predates at their old value)."""
     config = defaults()
     flat = {**ADDED_KEYS, **_flatten(saved)}
+    flat.pop(CLASSES_KEY, None)
     config.update_from_flattened_dict(
         {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()})
     return config
@@ -275,12 +297,23 @@ def from_json(saved: dict) -> ml_collections.ConfigDict:
 
 def changed_result_keys(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
     """Dotted keys whose values differ and would change the run's numbers."""
+    return list(result_differences(saved, current))
+
+
+def result_differences(saved: dict, current: ml_collections.ConfigDict) -> dict:
+    """{dotted key: (saved value, current value)} of the keys that change the run's numbers."""
     now = json.loads(to_json(current))
     flat_saved, flat_now = _flatten(saved), _flatten(now)
+    flat_saved.pop(CLASSES_KEY, None)
     keys = sorted(set(flat_saved) | set(flat_now))
-    return [k for k in keys
+    return {k: (flat_saved.get(k, ADDED_KEYS.get(k)), flat_now.get(k)) for k in keys
             if k not in RESULT_NEUTRAL_KEYS
-            and flat_saved.get(k, ADDED_KEYS.get(k)) != flat_now.get(k)]
+            and flat_saved.get(k, ADDED_KEYS.get(k)) != flat_now.get(k)}
+
+
+def missing_keys(config: ml_collections.ConfigDict) -> list[str]:
+    """The keys of defaults() that `config` lacks (a config file not built from them)."""
+    return sorted(set(_flatten(defaults().to_dict())) - set(_flatten(config.to_dict())))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

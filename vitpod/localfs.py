@@ -54,7 +54,8 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def walk(root: str, hidden: bool = True) -> tuple[list[tuple[str, str]], list[str]]:
+def walk(root: str, hidden: bool = True,
+         outside: list | None = None) -> tuple[list[tuple[str, str]], list[str]]:
     """(relative path, real path) of every file below `root`, sorted, and the links not followed.
 
     One seen-set per walk, starting with `root` and its direct subfolders (an ImageFolder's
@@ -62,7 +63,8 @@ def walk(root: str, hidden: bool = True) -> tuple[list[tuple[str, str]], list[st
     listed where it is), nor one whose target holds one of them (the root, an ancestor), nor a
     folder already walked. So a file reached by two paths is listed once and nothing loops.
     Broken and looping links are not followed either. `hidden=False` skips names starting
-    with '.' at any depth.
+    with '.' at any depth. Given a list `outside`, the other links (to folders or files)
+    whose target is outside the root are not followed but added to it, class folders too.
     """
     real_root = os.path.realpath(root)
     trees = [real_root] + sorted(
@@ -96,6 +98,9 @@ def walk(root: str, hidden: bool = True) -> tuple[list[tuple[str, str]], list[st
                 if (not (is_dir or is_file) or (linked_into_trees(target) and not top_level_class)
                         or target in seen_dirs or target in seen_files):
                     skipped.append(rel_entry)
+                    continue
+                if outside is not None and not _inside(target, real_root):
+                    outside.append(rel_entry)
                     continue
                 if is_dir:
                     visit(entry.path, target, rel_entry)

@@ -3,7 +3,8 @@
     python -m vitpod.predict --model=runs/demo data/digits/val/3 [--top_k=3] [--format=json]
 
 --model is a workdir, an exported directory, a Hugging Face ViT or timm `save_for_hf`
-directory, or a big_vision / vision_transformer .npz file.
+directory, or a big_vision / vision_transformer .npz file. An unreadable file gets its error
+on its line; when no file could be read the exit code is 2.
 """
 
 import json
@@ -74,8 +75,11 @@ def predict(classifier: inference.Classifier, files: list[str], top_k: int) -> l
 def main(argv) -> None:
     if not flags.FLAGS.model or len(argv) < 2:
         raise UserError("usage: python -m vitpod.predict --model=DIR IMAGE_OR_DIR...")
+    if flags.FLAGS.top_k < 1:
+        raise UserError(f"--top_k={flags.FLAGS.top_k} must be >= 1")
     files = image_files(argv[1:])
-    for row in predict(inference.load(flags.FLAGS.model), files, flags.FLAGS.top_k):
+    rows = predict(inference.load(flags.FLAGS.model), files, flags.FLAGS.top_k)
+    for row in rows:
         if flags.FLAGS.format == "json":
             print(json.dumps(row))
         elif "error" in row:
@@ -83,6 +87,9 @@ def main(argv) -> None:
         else:
             best = ", ".join(f"{t['label']} {t['prob']:.3f}" for t in row["top_k"])
             print(f"{row['path']}: {best}")
+    if all("error" in row for row in rows):
+        raise UserError(f"none of the {len(rows)} file(s) could be read as an image (each "
+                        "line above says why); pass image files")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ OUT/train/<digit>/ and OUT/val/<digit>/, with a fixed stratified 80/20 split.
 
 `upload`: copy a local ImageFolder (or any folder) to a bucket in parallel, skipping
 objects already there with the same size and MD5, so a rerun finishes an interrupted copy.
+Hidden files and links leading out of --src stay behind, named in a warning
+(--follow_links_out uploads what such links point to).
 
     python -m vitpod.prepare pack --src=data/digits/train --dst=gs://BUCKET/digits/train
 
@@ -43,6 +45,8 @@ def define_flags() -> None:
                         "the shards go, a local folder or gs://BUCKET/PATH.")
     flags.DEFINE_integer("threads", 32, "upload: files copied at once; pack: shards at once.")
     flags.DEFINE_float("shard_mb", 128, "pack: about how many MiB each shard holds.")
+    flags.DEFINE_bool("follow_links_out", False, "upload: also upload what links leading out "
+                      "of --src point to (by default they are named and left out).")
 
 
 def digits(out: str, val_fraction: float = 0.2, seed: int = 0) -> dict[str, int]:
@@ -77,7 +81,7 @@ def hf_dataset(out: str, dataset: str) -> dict[str, int]:
         raise UserError(f"cannot load the dataset {dataset!r} ({type(e).__name__}: "
                         f"{str(e)[:120]}); pass a hub name, or a save_to_disk directory") from None
     splits = data if isinstance(data, datasets.DatasetDict) else {"train": data}
-    counts = {}
+    columns = {}  # every split checked before anything is written
     for split_name, split in splits.items():
         image_col = next((k for k, f in split.features.items() if isinstance(f, datasets.Image)),
                          None)
@@ -86,12 +90,12 @@ def hf_dataset(out: str, dataset: str) -> dict[str, int]:
         if image_col is None or label_col is None:
             raise UserError(f"dataset {dataset!r} split {split_name!r} needs an Image and a "
                             f"ClassLabel column; it has {dict(split.features)}")
+        _check_class_names(dataset, split.features[label_col].names)
+        columns[split_name] = image_col, label_col
+    counts = {}
+    for split_name, split in splits.items():
+        image_col, label_col = columns[split_name]
         names = split.features[label_col].names
-        bad = [n for n in names if not _plain_folder_name(n)]
-        if bad:
-            raise UserError(f"dataset {dataset!r} has class name {bad[0]!r}, not a plain folder "
-                            "name (empty, '.' or '..', leading '.', or a '/' or '\\' in it); "
-                            "rename its classes first (datasets' ClassLabel names)")
         target = "val" if split_name in ("test", "validation", "valid") else split_name
         for i, row in enumerate(tqdm(split, desc=f"{dataset} {split_name}", unit="img")):
             img = row[image_col]
@@ -103,12 +107,30 @@ def hf_dataset(out: str, dataset: str) -> dict[str, int]:
     return counts
 
 
+NAME_MAX = 255  # bytes in one file or folder name on Linux file systems (ext4, xfs, ...)
+
+
+def _check_class_names(dataset: str, names: list[str]) -> None:
+    """UserError for the first class name that cannot be one folder of OUT/split."""
+    bad = [n for n in names if not _plain_folder_name(n)]
+    if bad:
+        raise UserError(f"dataset {dataset!r} has class name {bad[0]!r}, not a plain folder "
+                        "name (empty, '.' or '..', leading '.', or a '/' or '\\' in it); "
+                        "rename its classes first (datasets' ClassLabel names)")
+    long = [n for n in names if len(n.encode()) > NAME_MAX]
+    if long:
+        raise UserError(f"dataset {dataset!r} has a class name of {len(long[0].encode())} "
+                        f"bytes ({long[0][:40]!r}...), more than the {NAME_MAX} a folder name "
+                        "may have; rename its classes first (datasets' ClassLabel names)")
+
+
 def _plain_folder_name(name: str) -> bool:
     """A class name that is one visible folder: no path out of OUT/split, no hidden class."""
     return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
 
 
-def upload(src: str, dst: str, threads: int = 32) -> dict[str, int]:
+def upload(src: str, dst: str, threads: int = 32,
+           follow_links_out: bool = False) -> dict[str, int]:
     """Copy src to gs://dst (see the module doc), with a progress line on a terminal."""
     last = [0.0]
 
@@ -118,7 +140,7 @@ def upload(src: str, dst: str, threads: int = 32) -> dict[str, int]:
             print(f"\r{done}/{total} files", end="\n" if done == total else "",
                   file=sys.stderr, flush=True)
 
-    copied, skipped = storage.upload_tree(src, dst, threads, progress)
+    copied, skipped = storage.upload_tree(src, dst, threads, progress, follow_links_out)
     return {"copied": copied, "already there": skipped}
 
 
@@ -134,7 +156,8 @@ def main(argv) -> None:
     if argv[1] in ("upload", "pack"):
         if not (f.src and f.dst):
             raise UserError(f"{argv[1]} needs --src=DIR and --dst=DIR_OR_gs://BUCKET/PATH")
-        counts, out = (upload(f.src, f.dst, f.threads) if argv[1] == "upload"
+        counts, out = (upload(f.src, f.dst, f.threads, f.follow_links_out)
+                       if argv[1] == "upload"
                        else packing.pack(f.src, f.dst, f.shard_mb, f.threads)), f.dst
     elif not f.out:
         raise UserError(f"pass --out=DIR (where the {argv[1]} ImageFolder is written)")

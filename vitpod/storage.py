@@ -21,6 +21,7 @@ from absl import logging
 
 from vitpod import localfs
 from vitpod.errors import UserError
+from vitpod.workdir import protocol  # a leaf: standard library only
 
 GCS = "gs://"
 _local = threading.local()
@@ -148,14 +149,20 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
-def read_json(path: str, remedy: str):
-    """A JSON file of the workdir or a dataset; a damaged one (empty, cut short, not JSON) is
-    one UserError naming it and `remedy`, what to do about it."""
+def read_json(path: str, remedy: str, shape=None):
+    """A JSON file of the workdir or a dataset; a damaged one (empty, cut short, not JSON, or
+    JSON of another shape than `shape`, see protocol.mismatch) is one UserError naming it and
+    `remedy`, what to do about it."""
     try:
-        return json.loads(read_text(path))
+        value = json.loads(read_text(path))
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is damaged ({type(e).__name__}: {str(e)[:80]}); "
                         f"{remedy}") from None
+    wrong = None if shape is None else protocol.mismatch(value, shape)
+    if wrong:
+        raise UserError(f"{path} is damaged (not what vitpod writes there: {wrong[:120]}); "
+                        f"{remedy}")
+    return value
 
 
 class Changed(Exception):
@@ -251,13 +258,15 @@ def subdirs(path: str) -> list[str]:
         return sorted(p[len(prefix):].rstrip("/") for p in pages.prefixes)
 
 
-def files_below(path: str, hidden: bool = True, skipped: list | None = None) -> list[str]:
+def files_below(path: str, hidden: bool = True, skipped: list | None = None,
+                outside: list | None = None) -> list[str]:
     """Every file under `path` (any depth), relative to it, sorted. Locally a link is followed
     once, and never back into `path`, its direct subfolders or above them (localfs.walk);
-    the links not followed are added to `skipped`. `hidden=False` skips names starting with
-    '.' at any depth."""
+    the links not followed are added to `skipped`, and given a list `outside`, the links out
+    of `path` to it instead of being followed. `hidden=False` skips names starting with '.'
+    at any depth."""
     if not is_gcs(path):
-        found, not_followed = localfs.walk(path, hidden)
+        found, not_followed = localfs.walk(path, hidden, outside)
         if skipped is not None:
             skipped += not_followed
         return [rel for rel, _ in found]
@@ -292,20 +301,31 @@ def _remote_checksums(path: str) -> dict[str, tuple[int, str]]:
     return {rel: (b.size, b.md5_hash) for rel, b in _objects_below(path)}
 
 
-def upload_tree(src: str, dst: str, threads: int = 32, progress=None) -> tuple[int, int]:
+def upload_tree(src: str, dst: str, threads: int = 32, progress=None,
+                follow_links_out: bool = False) -> tuple[int, int]:
     """Copy every file under local `src` to gs://`dst` in parallel, skipping objects already
     there with the same size and MD5 (so an interrupted copy resumes); (copied, skipped).
+    Links out of `src` are named and not followed, unless `follow_links_out`.
     `progress(done, total)` is called after each file."""
     if not is_gcs(dst) or is_gcs(src):
         raise UserError(f"upload copies a local folder to gs://; got {src!r} -> {dst!r}")
     if not os.path.isdir(src):
         raise UserError(f"{src!r} is not a folder; pass --src=a local ImageFolder")
     not_followed: list[str] = []
-    files, remote = files_below(src, hidden=False, skipped=not_followed), _remote_checksums(dst)
-    left_out = sorted(set(files_below(src)) - set(files)) + not_followed
+    out, out_hidden = (None, None) if follow_links_out else ([], [])
+    files = files_below(src, hidden=False, skipped=not_followed, outside=out)
+    remote = _remote_checksums(dst)
+    every = files_below(src, outside=out_hidden)
+    left_out = sorted(set(every) - set(files)
+                      | set(out_hidden or ()) - set(out or ())) + not_followed
     if left_out:
         logging.warning("upload: left out %d hidden file(s) or link(s) back into %s or above it:"
                         " %s", len(left_out), src, ", ".join(left_out[:10]))
+    if out:
+        links = [f"{rel} -> {os.path.realpath(os.path.join(src, rel))}" for rel in out]
+        logging.warning("upload: did not follow %d link(s) leading out of %s: %s%s; pass "
+                        "--follow_links_out to upload what they point to", len(out), src,
+                        ", ".join(links[:10]), ", ..." if len(out) > 10 else "")
     lock, counts = threading.Lock(), {"copied": 0, "skipped": 0}
 
     def copy(rel: str) -> None:

@@ -29,10 +29,11 @@ from vitpod import (
     storage,
 )
 from vitpod import config as config_lib
-from vitpod.data import imagefolder, pipeline
+from vitpod import mesh as mesh_lib
+from vitpod.data import imagefolder, pipeline, shared_memory
 from vitpod.errors import UserError
 from vitpod.formats import detect, hf
-from vitpod.preemption import Preemption, SaveClock
+from vitpod.preemption import Preemption, SaveClock, Stopped, stop_before_training
 from vitpod.workdir import files as workdir_files
 from vitpod.workdir import goodput, lease, protocol
 
@@ -48,15 +49,29 @@ def eval_row(eval_step, params, split: imagefolder.Split, config, mesh) -> dict:
 _PROCESS_START = time.time()  # this module's import: a launch's start, before JAX's start-up
 
 
+STOPPED_AT_START = "preempted before the first step"
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
-        profile: str = "", start_time: float | None = None) -> dict:
+        profile: str = "", start_time: float | None = None, start_over: bool = False) -> dict:
     """Train to config.total_steps in workdir, resuming if it holds a checkpoint.
 
     Returns the final metrics (also written to workdir/DONE). Stops early, with a checkpoint
-    and no DONE, at `stop_after` or when preempted (SIGTERM); `final["stopped"]` says why.
+    and no DONE, at `stop_after` or when preempted (SIGTERM); `final["stopped"]` says why
+    (STOPPED_AT_START, without a step: a SIGTERM before training began, nothing to save).
     `profile="START:COUNT"` traces steps START..START+COUNT-1 with jax.profiler.
     `start_time` (default: now) is when the launch began, for its goodput record.
+    `start_over` trains from step 0 although the launch records show a checkpoint now gone.
     """
+    try:
+        with stop_before_training():
+            return _run(config, workdir, stop_after, profile, start_time, start_over)
+    except Stopped:
+        logging.warning("got SIGTERM before the first step: stopped, with nothing to save")
+        return {"stopped": STOPPED_AT_START}
+
+
+def _run(config, workdir, stop_after, profile, start_time, start_over) -> dict:
     init_from = None  # the pretrained checkpoint, read when its shape or weights are needed
     if config.model.init_from:
         recorded = workdir_files.recorded_architecture(workdir, config.model.init_from)
@@ -69,12 +84,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
             detect.adopt(config.model, init_from)
     model.parse_variant(config.model.variant)
     config_lib.validate(config, jax.device_count(), jax.process_count(),
-                        distributed.num_slices())
+                        mesh_lib.num_slices())
+    _check_model(config)
     tracer = metrics.Tracer(profile, workdir)
     done_path = protocol.done_path(workdir)
     if storage.exists(done_path):
         final = storage.read_json(done_path, "delete it and relaunch: the run resumes from its "
-                                  "last checkpoint and writes DONE again")
+                                  "last checkpoint and writes DONE again", protocol.DONE_SHAPE)
+        workdir_files.check_finished(config, workdir, final["step"])
         logging.info("run in %s already finished at step %d; nothing to do", workdir,
                      final.get("step", config.total_steps))
         return final
@@ -86,26 +103,44 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int = 0,
                               "check the workdir and record the run")
     with lease.held(workdir, config.lease_timeout_minutes) as check_lease:
         return _run_leased(config, workdir, stop_after, tracer, start_time, init_from,
-                           manifest_path, done_path, check_lease)
+                           manifest_path, done_path, check_lease, start_over)
+
+
+def _check_model(config) -> None:
+    """The config errors that only building the model and its optimizer finds (a patch size
+    that does not divide data.image_size, optim.freeze matching nothing), found abstractly
+    before anything is written to the workdir."""
+    _, params = model.abstract_model(config.model, config.data.image_size, 2)
+    jax.eval_shape(optim.make(config.optim, config.total_steps).init, params)
 
 
 def _run_leased(config, workdir, stop_after, tracer, start_time, init_from, manifest_path,
-                done_path, check_lease) -> dict:
+                done_path, check_lease, start_over=False) -> dict:
     """run() from the restore on, while process 0 holds the workdir's lease."""
     splits = imagefolder.load(manifest_path)
     logging.info("train: %d images in %d classes from %s", len(splits["train"].files),
                  len(splits["train"].classes), splits["train"].root)
     logging.info("decode worker processes per host: %d (data.num_workers=%d)",
                  pipeline.decode_workers(config.data.num_workers), config.data.num_workers)
+    host_rows = (config.batch_size + (config_lib.eval_batch_size(config) if "val" in splits
+                                      else 0)) // jax.process_count()
+    shared_memory.check(pipeline.decode_workers(config.data.num_workers),
+                        shared_memory.batch_bytes(host_rows, config.data.image_size))
 
-    mesh = distributed.make_mesh(config.mesh)
+    mesh = mesh_lib.make_mesh(config.mesh)
     logging.info("mesh data=%d x fsdp=%d over %d slice(s)", mesh.shape["data"],
-                 mesh.shape["fsdp"], distributed.num_slices())
+                 mesh.shape["fsdp"], mesh_lib.num_slices())
+    logging.info("host %d of %d holds batch rows %s", jax.process_index(), jax.process_count(),
+                 mesh_lib.runs_text(mesh_lib.this_host_rows(steps.batch_sharding(mesh),
+                                                            config.batch_size)))
     tx = optim.make(config.optim, config.total_steps)
     num_classes = len(splits["train"].classes)
     init = steps.state_initializer(config, num_classes, tx, mesh)
-    ckpt = checkpoint.manager(storage.join(storage.absolute(workdir), "checkpoints"),
-                              config.keep_checkpoints)
+    checkpoints = storage.join(storage.absolute(workdir), "checkpoints")
+    if not start_over:
+        distributed.primary_first(lambda: goodput.check_kept(
+            workdir, checkpoints, checkpoint.listed(checkpoints)), "check the checkpoints")
+    ckpt = checkpoint.manager(checkpoints, config.keep_checkpoints)
     record = goodput.Record(workdir, jax.process_index() == 0, start_time or time.time())
     before = time.time()
     start, state = checkpoint.restore_latest(ckpt, jax.eval_shape(init, None))
@@ -132,6 +167,7 @@ def _run_leased(config, workdir, stop_after, tracer, start_time, init_from, mani
         final = _train(config, splits, mesh, tx, state, start, ckpt, metrics_writer,
                        preemption, stop_after, tracer, record, check_lease)
         ckpt.wait_until_finished()
+        record.saves_finished()
     except BaseException as e:
         step = (record.data.get("progress") or {}).get("step", start)
         try:
@@ -170,7 +206,7 @@ def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, sto
     sharding = steps.batch_sharding(mesh)
     batches = pipeline.train_batches(splits["train"], config.data, config.seed,
                                      config.batch_size, start, config.total_steps,
-                                     *distributed.host_block(sharding, config.batch_size))
+                                     mesh_lib.this_host_rows(sharding, config.batch_size))
     warn = pipeline.SkipWarner(splits["train"])
     clock = SaveClock(config.save_every_minutes)
     window, fetched, skipped, final, step = [], [], 0.0, {}, start
@@ -181,7 +217,8 @@ def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, sto
         host_batch = next(batches)
         waited += time.perf_counter() - before
         warn(host_batch)
-        state, step_metrics = train_step(state, pipeline.to_global(host_batch, sharding))
+        batch = pipeline.to_global(host_batch, sharding, config.batch_size)
+        state, step_metrics = train_step(state, batch)
         if step == start + 1:  # one sync per launch: when its first step is done
             jax.block_until_ready(state)
             record.first_step()
@@ -208,6 +245,7 @@ def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, sto
             _check_skips(skipped, (step - start) * config.batch_size, config.data)
         if save:
             checkpoint.save(ckpt, step, state)
+            record.saving(step)
             clock.saved()
         if "val" in splits and ((config.eval_every and step % config.eval_every == 0) or last):
             final.update(_log_eval(writer, step, eval_row(eval_step, steps.eval_params(state),
@@ -275,6 +313,9 @@ def define_flags() -> None:
                         "platform (tpu, cpu); make pod-launch sets it.")
     flags.DEFINE_integer("expect_devices", 0, "Stop at start unless the job has this many "
                          "devices in all; make pod-launch sets it from the slice type.")
+    flags.DEFINE_bool("start_over", False, "Train from step 0 although the launch records "
+                      "show a checkpoint that is gone (checkpoints/ deleted or moved); "
+                      "without it such a launch is refused.")
     flags.DEFINE_integer("exit_code_if_preempted", 0, "Exit with this code, on every process, "
                          "when a SIGTERM stopped the run (checkpoint saved, not DONE): the GKE "
                          "JobSet passes one its failure policy restarts.")
@@ -288,20 +329,26 @@ def main(argv) -> None:
     if not flags.FLAGS.workdir:
         raise UserError("pass --workdir=DIR (where checkpoints and metrics go)")
     f = flags.FLAGS
+    cli.check_workdir(f.workdir)
+    if f.stop_after < 0:
+        raise UserError(f"--stop_after={f.stop_after} must be >= 0 (0: run to the end)")
     podworker.mark(f.workdir, protocol.JOINING)
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
     found = distributed.check_devices(f.expect_platform, f.expect_devices)
     logging.info("process %d of %d: %s", jax.process_index(), jax.process_count(), found)
     podworker.mark(f.workdir, protocol.READY, process=jax.process_index(), devices=found)
-    final = run(config, f.workdir, f.stop_after, f.profile, _PROCESS_START)
+    final = run(config, f.workdir, f.stop_after, f.profile, _PROCESS_START, f.start_over)
     if jax.process_index() == 0:
         _say_how_it_ended(final, config, f.stop_after)
-    if final.get("stopped") == "preempted" and f.exit_code_if_preempted:
+    if final.get("stopped", "").startswith("preempted") and f.exit_code_if_preempted:
         sys.exit(f.exit_code_if_preempted)
 
 
 def _say_how_it_ended(final: dict, config, stop_after: int) -> None:
-    if final.get("stopped", "").startswith("nothing to train"):
+    if final.get("stopped") == STOPPED_AT_START:
+        print("stopped by SIGTERM before the first step: nothing was trained, so nothing to "
+              "save; relaunch the same command to continue")
+    elif final.get("stopped", "").startswith("nothing to train"):
         print(f"nothing to train: the run is at step {final['step']} of {config.total_steps}, "
               f"not before --stop_after={stop_after}; drop it or pass a later step")
     elif final.get("stopped"):

@@ -71,6 +71,11 @@ def scan(root: str, role: str = "train") -> Split:
         raise UserError(f"data dir {root!r} ({role}) does not exist or is not a directory; "
                         f"set --config.data.{role}_dir to an ImageFolder (one folder per class)")
     classes = [c for c in storage.subdirs(root) if _visible(c)]
+    if not classes and storage.exists(storage.join(root, packed.PLAN)):
+        raise UserError(f"data dir {root!r} ({role}) is a pack that did not finish "
+                        f"({packed.PLAN} but no {packed.INDEX}); rerun the same `python -m "
+                        f"vitpod.prepare pack` with --dst={root} to finish it (it keeps the "
+                        "shards already written)")
     if not classes:
         raise UserError(f"data dir {root!r} ({role}) has no class folders; an ImageFolder "
                         "holds one subfolder per class with the images inside")
@@ -129,10 +134,24 @@ def scan_splits(train_dir: str, val_dir: str) -> dict[str, Split]:
     return splits
 
 
+_SPLIT = {"root": str, "classes": [str], "files": [str], "labels": [int], "shards?": [str],
+          "shard_records?": int, "record_bytes?": float}
+MANIFEST_SHAPE = {"train": _SPLIT, "val?": _SPLIT}
+MANIFEST_REMEDY = ("delete it and relaunch to scan the data again (files added or removed "
+                   "since then change the batches)")
+
+
 def load(manifest_path: str) -> dict[str, Split]:
-    data = storage.read_json(manifest_path, "delete it and relaunch to scan the data again "
-                             "(files added or removed since then change the batches)")
-    return {k: Split.from_json(v) for k, v in data.items()}
+    data = storage.read_json(manifest_path, MANIFEST_REMEDY, MANIFEST_SHAPE)
+    for name in ("train", "val"):
+        split = data.get(name) or {"files": [], "labels": [], "classes": []}
+        labels = split["labels"]
+        if len(split["files"]) != len(labels) or labels and not (
+                0 <= min(labels) and max(labels) < len(split["classes"])):
+            raise UserError(f"{manifest_path} is damaged (not what vitpod writes there: the "
+                            f"{name} labels do not match its files and classes); "
+                            f"{MANIFEST_REMEDY}")
+    return {k: Split.from_json(data[k]) for k in ("train", "val") if k in data}
 
 
 def save(manifest_path: str, splits: dict[str, Split]) -> None:

@@ -24,6 +24,7 @@ from vitpod import storage
 from vitpod.errors import UserError
 
 INDEX = "packed.json"
+PLAN = "packing.json"  # written by `prepare pack` before its shards, INDEX once they all are
 FORMAT = "vitpod-packed-v1"
 RUN = 32  # records per run: shards hold whole runs (config's data.shuffle_block default)
 

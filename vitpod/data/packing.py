@@ -25,7 +25,7 @@ from vitpod import storage
 from vitpod.data import imagefolder, order, packed, pipeline
 from vitpod.errors import UserError
 
-PLAN = "packing.json"
+PLAN = packed.PLAN
 
 
 def _plan(split: imagefolder.Split, shard_mb: float) -> dict:

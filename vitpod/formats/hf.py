@@ -11,6 +11,7 @@ with the run's class names and preprocessing.
 
 import json
 import os
+import shutil
 
 import numpy as np
 import safetensors.numpy
@@ -211,6 +212,8 @@ def export(params: dict, model_cfg, data_cfg, classes: tuple[str, ...], out: str
         tensors[prefix + name] = np.ascontiguousarray(_to_hf(np.asarray(_at(params, path_keys)),
                                                              how), np.float32)
     safetensors.numpy.save_file(tensors, os.path.join(out, WEIGHTS), metadata={"format": "pt"})
+    # safetensors creates its file 0600; give it the mode of the files beside it
+    shutil.copymode(os.path.join(out, "config.json"), os.path.join(out, WEIGHTS))
     size = data_cfg.image_size
     resample = {"bilinear": 2, "bicubic": 3}[data_cfg.eval_interpolation]  # PIL's numbers
     ViTImageProcessor(do_resize=True, size={"height": size, "width": size}, resample=resample,

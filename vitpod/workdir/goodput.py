@@ -18,6 +18,7 @@ import time
 from absl import logging
 
 from vitpod import storage
+from vitpod.errors import UserError
 from vitpod.workdir import protocol
 
 _REMEDY = "delete that launch's folder (the goodput report then leaves it out) and relaunch"
@@ -35,10 +36,11 @@ def read_records(workdir: str) -> list[dict]:
         launch, _, leaf = rel.rpartition("/")
         if leaf != protocol.RECORD or "/" in launch:
             continue
-        records.append(storage.read_json(protocol.record_path(workdir, launch), _REMEDY))
+        records.append(storage.read_json(protocol.record_path(workdir, launch), _REMEDY,
+                                         protocol.RECORD_SHAPE))
         if f"{launch}/{protocol.POD_TIMELINE}" in present:
             records[-1]["pod"] = storage.read_json(protocol.timeline_path(workdir, launch),
-                                                   _REMEDY)
+                                                   _REMEDY, protocol.TIMELINE_SHAPE)
     return sorted(records, key=lambda r: r["start_time"])
 
 
@@ -65,6 +67,7 @@ class Record:
         launch = protocol.this_launch(start_time, os.getpid())
         self.path = protocol.record_path(workdir, launch)
         self.data = {"launch": launch, "start_time": start_time, "end": None}
+        self._saving = 0  # the step whose save began last, maybe not on disk yet
 
     def _write(self) -> None:
         if self.enabled:
@@ -85,8 +88,21 @@ class Record:
             hosts=hosts, devices=devices, platform=platform,
             slice=os.environ.get(protocol.SLICE_ENV, ""), start_step=start_step,
             restore_seconds=round(restore_seconds, 3), first_step_seconds=None,
-            steps_redone=max(0, _last_logged_step(self.workdir) - start_step), progress=None)
+            steps_redone=max(0, _last_logged_step(self.workdir) - start_step), progress=None,
+            checkpointed=start_step or None)
         self._write()
+
+    def saving(self, step: int) -> None:
+        """A save of `step` began, so the one before it is on disk: orbax waits for it first.
+        `checkpointed` (written with the next row) is what a relaunch must find."""
+        if self._saving:
+            self.data["checkpointed"] = self._saving
+        self._saving = step
+
+    def saves_finished(self) -> None:
+        """The checkpoint manager waited for every save: the last one is on disk too."""
+        if self._saving:
+            self.data["checkpointed"] = self._saving
 
     def first_step(self) -> None:
         self.data["first_step_seconds"] = round(time.time() - self.data["start_time"], 3)
@@ -100,6 +116,25 @@ class Record:
         self.data["end"] = {"how": how, "step": step, "time": time.time(),
                             **({"error": error} if error else {})}
         self._write()
+
+
+def check_kept(workdir: str, checkpoints: str, listed: list[int]) -> None:
+    """UserError when `checkpoints` lists no checkpoint but the launch records show one was
+    saved (the folder deleted or moved): starting again from step 0 would silently redo the
+    run, so only --start_over does that."""
+    if listed:
+        return
+    saved = 0
+    for r in read_records(workdir):
+        saved = max(saved, r.get("checkpointed") or 0, r.get("start_step") or 0)
+        if r["end"] and r["end"]["how"] in ("done", "preempted", "stopped"):  # saved at the end
+            saved = max(saved, r["end"]["step"])
+    if saved:
+        raise UserError(
+            f"{checkpoints} holds no checkpoint, but the launch records in "
+            f"{protocol.launches_dir(workdir)} show this run saved one at step {saved}: it was "
+            f"deleted or moved. Put it back to continue from step {saved}, or pass --start_over "
+            "to train again from step 0")
 
 
 def summarize(records: list[dict], price_per_chip_hour: float = 0.0) -> dict:

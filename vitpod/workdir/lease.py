@@ -13,6 +13,7 @@ a stale lease cannot both win. Process 0 decides and every process learns the ou
 import contextlib
 import fcntl
 import json
+import math
 import os
 import secrets
 import socket
@@ -78,9 +79,13 @@ class Lease:
     @staticmethod
     def _parse(data: bytes) -> dict:
         try:
-            return json.loads(data)
-        except ValueError:  # cut short by a crash mid-write: a lease nobody refreshes
+            holder = json.loads(data)
+        except ValueError:
+            holder = None
+        if protocol.mismatch(holder, protocol.LEASE_SHAPE):
+            # cut short by a crash mid-write, or not a lease: one nobody refreshes
             return {"launch": "?", "host": "?", "heartbeat": 0}
+        return holder
 
     def _write(self, content: dict | None, expected) -> object:
         """Replace (None: delete) the lease if it is still as `expected`; its new version."""
@@ -104,15 +109,27 @@ class Lease:
 
     # -- the protocol --
     def take(self) -> None:
-        """Hold the lease, or UserError naming the run that holds it."""
-        waited = False
+        """Hold the lease, or UserError naming the run that holds it.
+
+        A heartbeat more than two intervals ahead of this host's clock (a holder whose clock
+        was wrong) is aged from when this launch first saw it: unchanged for the timeout, it
+        is stale; changing meanwhile, its run is alive. Otherwise it would lock the workdir
+        out for as long as the clocks differ."""
+        waited, ahead_seen = False, {}  # heartbeat ahead of this clock -> first seen (monotonic)
         while True:
             holder, version = self._read()
-            age = max(0.0, time.time() - (holder or {}).get("heartbeat", 0))  # clocks differ
+            heartbeat = (holder or {}).get("heartbeat", 0)
+            ahead = 0.0 if math.isnan(heartbeat) else heartbeat - time.time()
+            if ahead > 2 * self.interval:
+                age = time.monotonic() - ahead_seen.setdefault(heartbeat, time.monotonic())
+                old = f"{ahead:.0f} s ahead of this host's clock, unchanged for {age:.0f} s"
+            else:
+                age = max(0.0, -ahead)  # clocks differ by a little: a fresh heartbeat
+                old = f"{age:.0f} s old"
             if holder is None or age > self.timeout or _gone_here(holder):
                 if holder is not None:
                     why = (f"its process {holder.get('pid')} on this host is gone"
-                           if _gone_here(holder) else f"its heartbeat is {age:.0f} s old")
+                           if _gone_here(holder) else f"its heartbeat is {old}")
                     logging.warning("taking over the lease on %s from launch %s on %s: %s",
                                     self.workdir, holder.get("launch"), holder.get("host"), why)
                 try:
@@ -120,17 +137,20 @@ class Lease:
                     break
                 except _Conflict:
                     continue  # another run moved first: look again
-            if age < 2 * self.interval:
+            beating = len(ahead_seen) > 1  # a heartbeat ahead of this clock that moves on
+            if beating or (ahead <= 2 * self.interval and age < 2 * self.interval):
+                old = f"{ahead:.0f} s ahead of this host's clock" if beating else old
                 raise UserError(
                     f"workdir {self.workdir} is in use by launch {holder.get('launch')} on "
                     f"host {holder.get('host')} (pid {holder.get('pid')}), whose heartbeat is "
-                    f"{age:.0f} s old; wait for that run to end or stop it, or use another "
+                    f"{old}; wait for that run to end or stop it, or use another "
                     "--workdir (a lease unrefreshed for lease_timeout_minutes is taken over)")
             if not waited:
-                logging.warning("the lease on %s (launch %s on %s) missed its heartbeats for "
-                                "%.0f s: waiting up to %.0f s more for it to go stale",
-                                self.workdir, holder.get("launch"), holder.get("host"), age,
-                                self.timeout - age)
+                why = (f"has a heartbeat {ahead:.0f} s ahead of this host's clock" if ahead_seen
+                       else f"missed its heartbeats for {age:.0f} s")
+                logging.warning("the lease on %s (launch %s on %s) %s: waiting up to %.0f s "
+                                "more for it to go stale", self.workdir, holder.get("launch"),
+                                holder.get("host"), why, self.timeout - age)
                 waited = True
             time.sleep(min(self.interval, max(0.5, self.timeout - age)))
         self._thread = threading.Thread(target=self._beat, name="vitpod-lease", daemon=True)
@@ -181,9 +201,9 @@ def held(workdir: str, timeout_minutes: float):
     """Process 0 holds the workdir's lease inside this block; every process raises the same
     refusal (distributed.primary_first). Yields a check for the training loop's log rows."""
     lease = Lease(workdir, timeout_minutes * 60) if jax.process_index() == 0 else None
-    distributed.primary_first(lease.take if lease else lambda: None,
-                              "take the workdir's lease")
-    try:
+    try:  # a SIGTERM at start-up may stop the run right after take(): release then too
+        distributed.primary_first(lease.take if lease else lambda: None,
+                                  "take the workdir's lease")
         yield lambda: _check(lease)
     finally:
         if lease is not None:

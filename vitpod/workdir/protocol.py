@@ -36,6 +36,9 @@ WORKER_HOSTNAMES_ENV = "TPU_WORKER_HOSTNAMES"
 SIM_WORKER0_ENV = "VITPOD_SIM_WORKER0"
 SIM_HOSTS_ENV = "VITPOD_SIM_HOSTS"
 SIM_WORKER_ID_ENV = "VITPOD_SIM_WORKER_ID"
+# Where a rehearsal runs on CPU devices: the order the rehearsed TPU type's mesh puts its hosts'
+# chips in (JSON from vitpod.device_order), so the CPU mesh interleaves hosts as the chips do.
+DEVICE_ORDER_ENV = "VITPOD_SIM_DEVICE_ORDER"
 
 # A TPU host's chips as device files (v4: /dev/accel*; v5e, v5p, v6e: /dev/vfio/*) and the lock
 # file libtpu leaves behind; the rehearsal, which has no chips, sets SIM_ROOT_ENV to a folder of
@@ -172,3 +175,65 @@ def log_dir(workdir: str, launch_id: str) -> str:
 
 def log_path(workdir: str, launch_id: str, worker: int | str) -> str:
     return join(log_dir(workdir, launch_id), f"{_WORKER_PREFIX}{worker}.log")
+
+
+# The shapes of the JSON files above, for `mismatch`: a type (float also takes an integer), a
+# tuple of alternatives, a one-item list (every item has that shape), or a dict of the keys
+# that must be there ('?' at the end: may be absent) and their shapes; other keys may be there.
+NULL = type(None)
+LEASE_SHAPE = {"heartbeat": float, "launch?": str, "host?": str, "pid?": int,
+               "pid_start?": (int, NULL)}
+_AT = {"step": int, "time": float}
+RECORD_SHAPE = {"launch": str, "start_time": float, "start_step": int,
+                "end": (NULL, {**_AT, "how": str}), "progress?": (NULL, _AT),
+                "first_step_seconds?": (NULL, float), "restore_seconds?": float,
+                "steps_redone?": int, "hosts?": int, "devices?": int,
+                "checkpointed?": (NULL, int)}
+TIMELINE_SHAPE = {"asked": float, "active": float, "set_up": float}
+DONE_SHAPE = {"step": int, "stopped?": str, "eval/accuracy?": float, "eval/count?": int}
+_KINDS = {dict: "an object", list: "a list", str: "a string", int: "an integer",
+          float: "a number", bool: "true or false", NULL: "null"}
+
+
+def mismatch(value, shape, where: str = "") -> str | None:
+    """How a parsed JSON value differs from `shape` (None when it fits), naming the key:
+    '"end.step" is a string, not an integer', or 'a list, not an object' for the whole."""
+    if isinstance(shape, tuple):
+        same = [s for s in shape if _same_kind(value, s)]
+        if not same:
+            return _differs(value, " or ".join(_kind_of(s) for s in shape), where)
+        found = [mismatch(value, s, where) for s in same]
+        return None if None in found else found[0]
+    if not _same_kind(value, shape):
+        return _differs(value, _kind_of(shape), where)
+    if isinstance(shape, dict):
+        for key, sub in shape.items():
+            name = key.removesuffix("?")
+            path = f"{where}.{name}" if where else name
+            if name not in value:
+                if not key.endswith("?"):
+                    return f'"{path}" is missing'
+            elif found := mismatch(value[name], sub, path):
+                return found
+    elif isinstance(shape, list):
+        plain = not isinstance(shape[0], (dict, list, tuple))
+        if not plain or not all(_same_kind(v, shape[0]) for v in value):  # fast for long lists
+            for i, item in enumerate(value):
+                if found := mismatch(item, shape[0], f"{where}[{i}]"):
+                    return found
+    return None
+
+
+def _same_kind(value, shape) -> bool:
+    kind = dict if isinstance(shape, dict) else list if isinstance(shape, list) else shape
+    return type(value) is kind or (kind is float and type(value) is int)
+
+
+def _kind_of(shape) -> str:
+    return _KINDS[dict if isinstance(shape, dict) else list if isinstance(shape, list)
+                  else shape]
+
+
+def _differs(value, expected: str, where: str) -> str:
+    found = _KINDS.get(type(value), type(value).__name__)
+    return f'"{where}" is {found}, not {expected}' if where else f"{found}, not {expected}"
