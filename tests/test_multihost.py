@@ -65,19 +65,6 @@ def test_a_v4_16s_interleaved_hosts_compute_the_steps_of_one_process(two_by_four
     assert "host 1 of 2 holds batch rows 2-3,6-7,10-11,14-15" in log
 
 
-def test_two_v4_16_slices_in_their_chips_order_compute_the_steps_of_one(one_by_eight, colors,
-                                                                        tmp_path):
-    """2 x v4-16 as the hybrid mesh orders its 4 hosts' chips (0,1,0,1,...,2,3,2,3,...): the
-    same losses as one process with 8 devices."""
-    result = _launch(tmp_path, colors, processes=4, devices=4, topology=V4_16,
-                     env={mesh.NUM_SLICES_ENV: "2"}, timeout=420)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "host 0 of 4 holds batch rows 0-0,2-2,4-4,6-6" in result.stdout
-    losses, reference = read_losses(tmp_path), read_losses(one_by_eight[0])
-    np.testing.assert_allclose([losses[s] for s in range(1, 7)],
-                               [reference[s] for s in range(1, 7)], rtol=1e-5)
-
-
 def test_two_slices_compute_the_steps_of_one(one_by_eight, colors, tmp_path):
     """4 processes x 2 devices as 2 slices of 2 hosts (MEGASCALE_NUM_SLICES=2, as the TPU
     runtime sets it): data = 2 slices x 2, FSDP over 2 within a slice; the same losses and

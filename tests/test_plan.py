@@ -1,5 +1,6 @@
 """`plan`: the real train step compiled for TPU topologies on this CPU (needs libtpu)."""
 
+import json
 import math
 import subprocess
 import sys
@@ -19,10 +20,21 @@ def param_bytes(config, classes: int) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
 
 
-@pytest.mark.parametrize("topology,chips", [("v4:2x2x1", 4), ("v5e:2x4", 8)])
-def test_a_small_vit_fits_and_its_step_sends_one_gradient_all_reduce(topology, chips):
+@pytest.mark.parametrize("topology,chips,host_rows", [
+    ("v4:2x2x1", 4, {"0": [[0, 64]]}),
+    # a v4-16: its two hosts alternate on the batch, 8 rows per chip
+    ("v4:2x2x2", 8, {"0": [[0, 8], [16, 24], [32, 40], [48, 56]],
+                     "1": [[8, 16], [24, 32], [40, 48], [56, 64]]})])
+def test_a_small_vit_fits_and_its_step_sends_one_gradient_all_reduce(topology, chips,
+                                                                       host_rows):
     config = load_config("tiny", batch_size=64)
-    result = plan.plan(config, topology, 5)
+    done = subprocess.run([sys.executable, "-m", "vitpod.plan", "--config=configs/tiny.py",
+                           "--config.batch_size=64", f"--topology={topology}",
+                           "--num_classes=5", "--format=json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["host_rows"] == host_rows
     assert result["fits"] and result["chips"] == chips
     assert result["mesh"] == {"data": chips, "fsdp": 1}
     assert result["tflops_per_step_per_chip"] > 0
@@ -121,6 +133,12 @@ def test_two_slices_lay_the_data_axis_over_dcn_and_say_what_it_asks_of_it():
     result = plan.plan(config, "v5e:4x4", 5, input_budget=False, num_slices=2)
     assert result["fits"] and result["chips"] == 32
     assert result["mesh"] == {"dcn_data": 2, "data": 16, "fsdp": 1}
+    # 8 hosts, each reading 8 of the 64 rows in the runs its chips hold: slice 0's hosts in
+    # the first 32 rows, interleaved as a v5e-16's are.
+    assert len(result["host_rows"]) == 8
+    assert result["host_rows"]["0"] == [[0, 4], [12, 14], [30, 32]]
+    assert all(sum(b - a for a, b in runs) == 8 for runs in result["host_rows"].values())
+    assert all(runs[-1][1] <= 32 for h, runs in result["host_rows"].items() if int(h) < 4)
     # Each chip's share of the gradient (sent once each way: 2(k-1)/k = 1 for 2 slices); XLA
     # pads each leaf's share to whole tiles, which for a pico model is most of it.
     share = result["dcn_bytes_per_step_per_chip"]

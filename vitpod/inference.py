@@ -3,7 +3,6 @@ classes and preprocessing, and its logits for images (`predict`; `evaluate` runs
 through evaluation.eval_split)."""
 
 import dataclasses
-import json
 
 import jax
 import ml_collections
@@ -13,6 +12,7 @@ from vitpod import checkpoint, config, model, steps, storage
 from vitpod.data import imagefolder
 from vitpod.errors import UserError
 from vitpod.formats import common, detect, hf
+from vitpod.workdir import files as workdir_files
 
 
 @dataclasses.dataclass
@@ -52,8 +52,13 @@ def load(path: str) -> Classifier:
 
 
 def _from_workdir(workdir: str) -> Classifier:
-    cfg = config.from_json(json.loads(storage.read_text(storage.join(workdir, "config.json"))))
-    classes = imagefolder.load(storage.join(workdir, "manifest.json"))["train"].classes
+    recorded = workdir_files.read_config(workdir)  # shape-checked: one line if damaged
+    if recorded is None:
+        raise UserError(f"{storage.join(workdir, 'config.json')} is missing: it records the "
+                        "run's model and classes; put it back, or export from another workdir")
+    cfg = config.from_json(recorded)
+    classes = recorded.get(config.CLASSES_KEY) or imagefolder.load(  # older runs: the manifest
+        storage.join(workdir, "manifest.json"))["train"].classes
     step, params = checkpoint.load_params(storage.join(workdir, "checkpoints"))
     return Classifier(cfg.model, cfg.data, classes, params, f"{workdir} step {step}")
 

@@ -198,9 +198,10 @@ class GkeRun:
     def finish(self, expected: int) -> None:
         done = self.bucket.read(protocol.done_path(self.s.workdir))
         try:
-            step = json.loads(done or "{}").get("step", "?")
+            record = json.loads(done or "{}")
         except ValueError:
-            step = "?"
+            record = None
+        step = "?" if protocol.mismatch(record, protocol.DONE_SHAPE) else record["step"]
         log(f"{protocol.done_path(self.s.workdir)} exists: training finished at step {step}")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
