@@ -18,7 +18,7 @@ DEMO_WORKDIR ?= runs/demo
 .PHONY: install demo test test-fast lint format debug debug-multihost clean \
 	bench constraints test-pod-sim test-pod-sim-multislice pod-sim pod-create pod-setup pod-check pod-launch pod-watch \
 	pod-status pod-logs pod-ssh pod-delete pod-run image gke-manifest gke-run gke-logs \
-	gke-sim test-gke-sim
+	gke-sim test-gke-sim test-image
 
 install: $(VENV)/.installed
 
@@ -56,10 +56,10 @@ demo: install $(DIGITS)/.done
 PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test: install
-	$(PYTEST) -m "not podsim"
+	$(PYTEST) -m "not podsim and not image"
 
 test-fast: install
-	$(PYTEST) -m "not slow and not podsim"
+	$(PYTEST) -m "not slow and not podsim and not image"
 
 # `make pod-sim` on a v4-16 with a preemption, checked against an uninterrupted 2-process run.
 test-pod-sim: install $(DIGITS)/.done
@@ -73,6 +73,12 @@ test-pod-sim-multislice: install $(DIGITS)/.done
 # against an uninterrupted 2-process run.
 test-gke-sim: install $(DIGITS)/.done
 	$(BIN)/python -m pytest -q -m podsim tests/test_gke_sim.py
+
+# The GKE image built for real with podman (no daemon) on a local Debian 12 base, the JobSet's
+# train command run inside it against the same steps outside; leaves localhost/vitpod:sim,
+# which make gke-sim then runs its pods in. As root (apt-get, debootstrap, buildah).
+test-image: install $(DIGITS)/.done
+	$(BIN)/python -m pytest -q -s -m image tests/test_image.py
 
 lint: install
 	$(BIN)/ruff check vitpod tests configs deploy benchmarks
@@ -109,6 +115,7 @@ pod-sim: install $(DIGITS)/.done
 # Rehearse gke-run on localhost: a simulated kubectl and JobSet controller run the JobSet's
 # pods as local processes (v4-16: 2 pods x 4 fake devices per slice), every node pool
 # preempted at step PREEMPT_AT_STEP, to DONE. Takes TPU_TYPE, NUM_SLICES, CONFIG, TRAIN_FLAGS.
+# The pods run in the image make test-image built, when it is there and of this checkout.
 gke-sim: install $(DIGITS)/.done
 	$(BIN)/python -m deploy.sim.gkesim
 
@@ -138,7 +145,8 @@ pod-run:
 
 # GKE (docs/gke.md), from the same settings. Plain python3 too.
 GKE := $(PYTHON) -m deploy.gke
-# The container image IMAGE from this checkout, set up by deploy/worker.sh (docker or podman).
+# The container image IMAGE from this checkout, set up by deploy/worker.sh (docker, or podman
+# without a daemon); prints its tag and size.
 image:
 	$(GKE) image
 # The run's JobSet as YAML on stdout, nothing else: make -s gke-manifest | kubectl apply -f -

@@ -18,7 +18,7 @@ DEFAULTS = {"WORKER": "0", "PLATFORM": "tpu", "PYTHON_VERSION": "3.11.7", "UV_VE
             "CAPACITY": "spot", "FREE_TPU": "0", "NAMESPACE": "default", "GRACE_SECONDS": "300"}
 KEYS = ("PROJECT", "ZONE", "NAME", "TPU_TYPE", "TPU_TYPES", "QUEUE_TIMEOUT", "RUNTIME_VERSION",
         "CAPACITY", "WORKDIR", "CONFIG", "TRAIN_FLAGS", "WHEEL", "PYPI_MIRROR", "PYTHON_MIRROR",
-        "PRICE_PER_CHIP_HOUR", "IMAGE", "CLUSTER", *DEFAULTS)
+        "PRICE_PER_CHIP_HOUR", "IMAGE", "IMAGE_BUILD_FLAGS", "CLUSTER", *DEFAULTS)
 RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite",
             "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
 CAPACITY_FLAGS = {"spot": ["--spot"], "reserved": ["--reserved"], "on-demand": []}
@@ -107,9 +107,10 @@ class Settings:
     coordinator_port: int
     init_timeout: float
     free_tpu: bool
-    # GKE (deploy/gke): the container image, the cluster, the JobSet's namespace, and how long
-    # a pod may take to save after its SIGTERM.
+    # GKE (deploy/gke): the container image, more flags for its build, the cluster, the
+    # JobSet's namespace, and how long a pod may take to save after its SIGTERM.
     image: str = ""
+    image_build_flags: str = ""
     cluster: str = ""
     namespace: str = "default"
     grace_seconds: int = 300
@@ -216,6 +217,7 @@ def load_settings(path: str, env: dict, tpu_vms: bool = True) -> Settings:
         stall_timeout=number("STALL_TIMEOUT"), slice_counts=tuple(slice_counts) or (1,),
         coordinator_port=port, init_timeout=number("INIT_TIMEOUT"),
         free_tpu=raw["FREE_TPU"] == "1", image=raw.get("IMAGE", ""),
+        image_build_flags=raw.get("IMAGE_BUILD_FLAGS", ""),
         cluster=raw.get("CLUSTER", ""), namespace=raw["NAMESPACE"],
         grace_seconds=number("GRACE_SECONDS", int), dry_run=env.get("DRY_RUN") == "1")
     if problems:

@@ -9,6 +9,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import zipfile
 
 import jax
 import pytest
@@ -19,6 +20,7 @@ from deploy.gke import image, jobset, tpus, yamltext
 from deploy.gke.__main__ import main as gke_main
 from deploy.gke.schema import JOBSET, schema_errors
 from deploy.settings import load_settings, slice_devices
+from deploy.sim.jobset_controller import container_code
 from tests.conftest import ROOT
 from vitpod import distributed
 from vitpod.workdir import protocol
@@ -242,18 +244,23 @@ def test_make_image_says_in_one_line_that_docker_has_no_daemon(tmp_path):
                            "podman; neither is on PATH here\n")
 
 
-def _dockerfile() -> tuple[list[str], dict[str, str], str]:
-    """The Dockerfile's ARG names, ENV values and its one RUN command."""
+def _dockerfile() -> tuple[list[str], dict[str, str], dict[str, str], str]:
+    """The Dockerfile's ARG names without a default (make image passes them), the defaults of
+    the others, its ENV values and its one RUN command."""
     text = (ROOT / "deploy" / "gke" / "Dockerfile").read_text().replace("\\\n", " ")
     lines = [line.strip() for line in text.splitlines() if line.strip()
              and not line.startswith("#")]
-    args = [line.split()[1] for line in lines if line.startswith("ARG ")]
+    args = [line.split()[1] for line in lines[2:] if line.startswith("ARG ") and "=" not in line]
+    defaults = dict(line.split()[1].split("=", 1) for line in lines[2:]
+                    if line.startswith("ARG ") and "=" in line)
     env = dict(line.split()[1].split("=", 1) for line in lines if line.startswith("ENV "))
     (run,) = [line[4:] for line in lines if line.startswith("RUN ")]
     assert not any(line.startswith(("ENTRYPOINT", "CMD")) for line in lines)
-    assert re.fullmatch(r"FROM python:\d+\.\d+\.\d+-slim-\w+", lines[0])  # pinned
+    # The base is a build argument whose default is pinned.
+    assert re.fullmatch(r"ARG BASE_IMAGE=python:\d+\.\d+\.\d+-slim-\w+", lines[0])
+    assert lines[1] == "FROM ${BASE_IMAGE}"
     assert f"WORKDIR {jobset.IMAGE_HOME}" in lines
-    return args, env, run
+    return args, defaults, env, run
 
 
 def test_make_image_builds_what_worker_sh_sets_up_at_the_manifests_paths(tmp_path):
@@ -263,14 +270,22 @@ def test_make_image_builds_what_worker_sh_sets_up_at_the_manifests_paths(tmp_pat
     (tmp_path / "vitpod-0.1.0-py3-none-any.whl").write_text("wheel")
     record = tmp_path / "record"
     _fake(tmp_path / "bin", "docker", f'[ "$1" = info ] && exit 0\n'
+          """[ "$1" = image ] && { echo '[{"Size": 1850000000}]'; exit 0; }\n"""
           f'printf "%s\\n" "$@" > {record}.args; cp -r "${{@: -1}}" {record}\n')
     done = _image(tmp_path, f"{tmp_path / 'bin'}:/usr/bin:/bin", PYTHON_VERSION="3.11.9")
     assert done.returncode == 0, done.stderr
+    assert f"[image] built {BASE['IMAGE']} (1.85 GB) in " in done.stdout
     argv = (tmp_path / "record.args").read_text().splitlines()
     assert argv[:5] == ["build", "-f", image.DOCKERFILE, "-t", BASE["IMAGE"]]
-    build_args = dict(a.removeprefix("--build-arg=").split("=", 1) for a in argv[5:-1])
-    args, env, run = _dockerfile()
+    build_args = dict(a.removeprefix("--build-arg=").split("=", 1) for a in argv[5:-1]
+                      if a.startswith("--build-arg="))
+    args, defaults, env, run = _dockerfile()
     assert sorted(build_args) == sorted(args)
+    # A user's build: only uv-managed interpreters, no download cache, PEP 668 respected.
+    assert defaults == {"UV_PYTHON_PREFERENCE": "only-managed", "PIP_BREAK_SYSTEM_PACKAGES": "0",
+                        "UV_NO_CACHE": "1", "UV_CACHE_DIR": f"{jobset.IMAGE_HOME}/.cache/uv"}
+    (label,) = [a for a in argv if a.startswith("--label=")]
+    assert re.fullmatch(rf"--label={image.SOURCE_LABEL}=[0-9a-f]{{64}}", label)
     assert build_args["PYTHON_VERSION"] == "3.11.9" and build_args["VENV"] == protocol.VENV
     assert env["HOME"] == jobset.IMAGE_HOME
     home = tmp_path / "record"  # the context, copied to the image's home (COPY . ./)
@@ -283,7 +298,8 @@ def test_make_image_builds_what_worker_sh_sets_up_at_the_manifests_paths(tmp_pat
           '"$HOME/uv.log"\ncase "$1" in --version) echo "uv $UV_VERSION";;\n'
           '  venv) mkdir -p "${@: -1}/bin" && touch "${@: -1}/bin/python";; esac\n')
     done = subprocess.run(["bash", "-c", run], cwd=home, capture_output=True, text=True,
-                          env={"PATH": os.environ["PATH"], **build_args, "HOME": str(home)},
+                          env={"PATH": os.environ["PATH"], **defaults, **build_args,
+                               "HOME": str(home)},
                           timeout=60)
     assert done.returncode == 0, done.stderr
     calls = (home / "uv.log").read_text().splitlines()
@@ -294,8 +310,31 @@ def test_make_image_builds_what_worker_sh_sets_up_at_the_manifests_paths(tmp_pat
     assert all("UV_NO_CACHE=1 UV_PYTHON_PREFERENCE=only-managed" in c for c in calls[1:])
     assert (home / protocol.VENV / "bin" / "python").exists()
     assert not (home / "vitpod-0.1.0-py3-none-any.whl").exists()
+    assert not (home / ".cache").exists()
     assert jobset.IMAGE_PYTHON == f"{env['HOME']}/{protocol.VENV}/bin/python"
     assert env["PATH"].startswith(f"{jobset.IMAGE_HOME}/${{VENV}}/bin:")
+
+
+def test_the_source_digest_names_a_context_whatever_its_wheels_timestamps(tmp_path):
+    def context(name, stamp, text="x = 1\n"):
+        (tmp_path / name / "configs").mkdir(parents=True)
+        (tmp_path / name / "configs" / "demo.py").write_text("c = 1\n")
+        with zipfile.ZipFile(tmp_path / name / "vitpod-0.1.0-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(zipfile.ZipInfo("vitpod/a.py", stamp), text)
+        return image.source_digest(str(tmp_path / name))
+
+    first = context("a", (2020, 1, 1, 0, 0, 0))
+    assert context("b", (2026, 5, 4, 3, 2, 0)) == first
+    assert context("c", (2020, 1, 1, 0, 0, 0), "x = 2\n") != first
+
+
+@pytest.mark.parametrize("said, code, expected", [("subprocess exited on killed", 1, 137),
+                                                  ("subprocess exited on terminated", 1, 143),
+                                                  ("Traceback ...", 1, 1), ("", -9, 137),
+                                                  ("", 42, 42)])
+def test_a_pods_exit_code_is_a_containers(tmp_path, said, code, expected):
+    (tmp_path / "log").write_text(f"step 3\n{said}\nsubprocess exited with status 1\n")
+    assert container_code(code, str(tmp_path / "log")) == expected
 
 
 def test_make_image_dry_run_prints_the_build():

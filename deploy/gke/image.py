@@ -4,14 +4,21 @@ podman, wherever one can build.
 The image is set up by the same script as a TPU VM (deploy/worker.sh setup: uv, a uv-managed
 Python, the wheel[tpu] under deploy/constraints.txt), with the same environment names
 (worker_setup.script_vars), in a home of its own: deploy/gke/Dockerfile. The build context is
-staged as worker_setup stages a worker's files, plus the checkout's configs/.
+staged as worker_setup stages a worker's files, plus the checkout's configs/: nothing else of
+the checkout (runs/, data/, .venv) reaches it. podman builds without a daemon, with chroot
+isolation unless BUILDAH_ISOLATION says otherwise. The image carries the digest of its context
+(label SOURCE_LABEL), so that `make gke-sim` can tell an image of this checkout.
 """
 
+import hashlib
+import json
 import os
 import shlex
 import shutil
 import subprocess
 import tempfile
+import time
+import zipfile
 
 from deploy.gcloud_cli import PodError, reason
 from deploy.gke.jobset import CONFIGS_DIR
@@ -21,6 +28,7 @@ from vitpod.workdir import protocol
 
 DOCKERFILE = os.path.join(DEPLOY_DIR, "gke", "Dockerfile")
 TOOLS = ("docker", "podman")
+SOURCE_LABEL = "vitpod.source"
 
 
 def say(message: str) -> None:
@@ -70,6 +78,39 @@ def stage(wheel: str, context: str) -> None:
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
+def source_digest(context: str) -> str:
+    """sha256 of a staged context: every file's path and bytes, a wheel's by its members, not
+    its timestamps, RECORD (their hashes) or the README in METADATA (after its headers)."""
+    digest = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(context)):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, context).encode() + b"\0")
+            if name.endswith(".whl") and zipfile.is_zipfile(path):
+                with zipfile.ZipFile(path) as wheel:
+                    for member in sorted(wheel.namelist()):
+                        data = wheel.read(member)
+                        if member.endswith(".dist-info/RECORD"):
+                            continue
+                        if member.endswith(".dist-info/METADATA"):
+                            data = data.split(b"\n\n", 1)[0]
+                        digest.update(member.encode() + b"\0" + data)
+            else:
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+    return digest.hexdigest()
+
+
+def inspect(tool: str, tag: str, run=subprocess.run) -> dict | None:
+    """`TOOL image inspect TAG` (its Config and Size), or None where there is no such image."""
+    done = run([tool, "image", "inspect", tag], capture_output=True, text=True, timeout=60)
+    if done.returncode:
+        return None
+    found = json.loads(done.stdout or "[]")
+    return found[0] if found else None
+
+
 def build(settings: Settings, run=subprocess.run) -> None:
     """Build IMAGE (a tag, e.g. REGION-docker.pkg.dev/PROJECT/REPO/vitpod:TAG)."""
     settings.require("IMAGE")
@@ -77,20 +118,27 @@ def build(settings: Settings, run=subprocess.run) -> None:
     wheel = build_wheel(settings)
     args = build_args(settings, wheel)
 
-    def command(context: str) -> list[str]:
-        return [tool, "build", "-f", DOCKERFILE, "-t", settings.image,
+    isolation = (["--isolation=chroot"] if tool == "podman"
+                 and not os.environ.get("BUILDAH_ISOLATION") else [])
+
+    def command(context: str, digest: str) -> list[str]:
+        return [tool, "build", "-f", DOCKERFILE, "-t", settings.image, *isolation,
+                f"--label={SOURCE_LABEL}={digest}", *shlex.split(settings.image_build_flags),
                 *[f"--build-arg={k}={v}" for k, v in args.items()], context]
 
     if settings.dry_run:
-        print(shlex.join(command("BUILD_CONTEXT")))
+        print(shlex.join(command("BUILD_CONTEXT", "DIGEST")))
         return
     say(f"building {settings.image} with {tool}: uv {settings.uv_version}, Python "
         f"{settings.python_version}, {args['WHEEL']}[tpu] with deploy/constraints.txt")
+    start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="vitpod-image-") as scratch:
         context = os.path.join(scratch, "context")
         stage(wheel, context)
-        done = run(command(context))
+        done = run(command(context, source_digest(context)))
     if done.returncode:
         raise PodError(f"{tool} build failed (exit {done.returncode}; its output is above)")
-    say(f"built {settings.image}; push it where the cluster pulls from: {tool} push "
-        f"{shlex.quote(settings.image)}")
+    found = inspect(tool, settings.image, run) or {}
+    size = f"{found['Size'] / 1e9:.2f} GB" if found.get("Size") else "size unknown"
+    say(f"built {settings.image} ({size}) in {time.monotonic() - start:.0f} s; push it where "
+        f"the cluster pulls from: {tool} push {shlex.quote(settings.image)}")

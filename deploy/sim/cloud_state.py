@@ -74,15 +74,15 @@ def node_dir(name: str) -> str:
     return os.path.join(sim_dir(), "nodes", name)
 
 
-def node_processes(name: str = "") -> list[int]:
-    """Every process started on the node's workers (they inherit NODE_ENV); without a name,
-    on any node of this simulation."""
-    tag = f"{NODE_ENV}={node_tag(name)}".encode()
+def node_processes(name: str = "", worker: str | None = None) -> list[int]:
+    """Every process started on the node's workers (they inherit NODE_ENV), or on one worker;
+    without a name, on any node of this simulation."""
+    tag = f"{NODE_ENV}={node_tag(name, worker)}".encode()
     found = []
     for pid in (p for p in os.listdir("/proc") if p.isdigit()):
         try:
-            if any(v.startswith(tag) for v in open(f"/proc/{pid}/environ", "rb").read()
-                   .split(b"\0")):
+            if any(v == tag if worker is not None else v.startswith(tag)
+                   for v in open(f"/proc/{pid}/environ", "rb").read().split(b"\0")):
                 found.append(int(pid))
         except OSError:
             pass

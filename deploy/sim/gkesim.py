@@ -5,11 +5,13 @@
 Only Kubernetes' side is simulated: a `kubectl` (deploy/sim/kubectl.py) that checks the real
 manifest and a JobSet controller (deploy/sim/jobset_controller.py) that runs its pods as local
 process groups with the environment GKE gives TPU pods; the gcloud of pod-sim reads the
-bucket. deploy.gke runs as it would against a cluster. The image is a folder set up by the
-same `deploy/worker.sh setup` the Dockerfile runs, with the wheel built from this checkout
-and the checkout's configs. Settings as for `gke-run` (TPU_TYPE, NUM_SLICES, CONFIG,
-TRAIN_FLAGS) plus PREEMPT_AT_STEP (0: never; else every node pool is preempted once at that
-step). Ends with one summary line and a copy of the bucket's workdir in SIM_DIR/workdir.
+bucket. deploy.gke runs as it would against a cluster. The pods run in the image `make
+test-image` built (SIM_IMAGE, with podman) when it is there and of this checkout (its source
+digest); else in a folder set up by the same `deploy/worker.sh setup` the Dockerfile runs, with
+the wheel built from this checkout and the checkout's configs, saying so. Settings as for
+`gke-run` (TPU_TYPE, NUM_SLICES, CONFIG, TRAIN_FLAGS) plus PREEMPT_AT_STEP (0: never; else
+every node pool is preempted once at that step). Ends with one summary line and a copy of the
+bucket's workdir in SIM_DIR/workdir.
 """
 
 import json
@@ -18,11 +20,13 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 
+from deploy.gke import image as gke_image
 from deploy.gke.jobset import CONFIGS_DIR
 from deploy.sim import cloud_state as sim
+from deploy.sim import container, image, kubectl, podsim
 from deploy.sim import gcloud as sim_gcloud
-from deploy.sim import image, kubectl, podsim
 from deploy.sim.gcs import Emulator
 from vitpod.distributed import free_port
 from vitpod.workdir import protocol
@@ -40,10 +44,27 @@ def say(message: str) -> None:
     print(f"[gke-sim] {message}", flush=True)
 
 
-def make_image(python_version: str) -> str:
+def built_image(wheel: str) -> str:
+    """SIM_IMAGE when podman has it and it was built from this checkout, else ''."""
+    tag = container.SIM_IMAGE
+    if not container.image_exists(tag):
+        say(f"no image {tag} here (make test-image builds it): the pods run from a folder")
+        return ""
+    with tempfile.TemporaryDirectory(prefix="gke-sim-") as scratch:
+        gke_image.stage(wheel, os.path.join(scratch, "context"))
+        digest = gke_image.source_digest(os.path.join(scratch, "context"))
+    if container.image_labels(tag).get(gke_image.SOURCE_LABEL) != digest:
+        say(f"{tag} was built from another checkout (make test-image rebuilds it): the pods "
+            "run from a folder")
+        return ""
+    say(f"the pods run in {tag} (buildah, chroot isolation)")
+    return tag
+
+
+def make_image(python_version: str, wheel: str) -> str:
     """The image's IMAGE_HOME: worker.sh setup with the checkout's wheel (as the Dockerfile
     runs it), and the checkout's configs where the manifest points."""
-    home = podsim.warm_caches(podsim.build_wheel(SIM_DIR), python_version, SIM_DIR)
+    home = podsim.warm_caches(wheel, python_version, SIM_DIR)
     shutil.copytree(os.path.join(ROOT, CONFIGS_DIR), os.path.join(home, protocol.CONFIGS),
                     dirs_exist_ok=True)
     return home
@@ -80,7 +101,12 @@ def main() -> int:
         # 30 s the CPU collectives (gloo) wait for their peers. TRAIN_FLAGS can turn it on.
         flags = (f"--config.compile_cache=False {train_flags} "
                  f"{podsim.data_flags(config, train_flags)}").strip()
-        scenario["image_root"] = make_image(python_version)
+        wheel = podsim.build_wheel(SIM_DIR)
+        scenario["container_image"] = built_image(wheel)
+        if scenario["container_image"]:
+            container.remove_prefixed(NAME)  # a killed run's pods
+        else:
+            scenario["image_root"] = make_image(python_version, wheel)
         with open(os.path.join(SIM_DIR, "scenario.json"), "w") as f:
             json.dump(scenario, f)
         bin_dir = os.path.join(SIM_DIR, "bin")
@@ -89,7 +115,7 @@ def main() -> int:
         kubectl.install(bin_dir)
         settings = {"NAME": NAME, "TPU_TYPE": tpu_type, "NUM_SLICES": slices,
                     "WORKDIR": WORKDIR, "CONFIG": config, "TRAIN_FLAGS": flags,
-                    "IMAGE": "localhost/vitpod:sim", "PLATFORM": "cpu", "POLL_SECONDS": "1",
+                    "IMAGE": container.SIM_IMAGE, "PLATFORM": "cpu", "POLL_SECONDS": "1",
                     "READY_TIMEOUT": "120", "MAX_RETRIES": "3", "GRACE_SECONDS": "60",
                     "INIT_TIMEOUT": "120", "POD_ENV": os.devnull,
                     # every pod is on loopback: a free port, not JAX's default

@@ -8,8 +8,13 @@ pod: the container's command in a folder of its own (SIM_DIR/pods/POD, its outpu
 with the container's env plus what GKE gives a TPU pod: TPU_WORKER_ID, TPU_WORKER_HOSTNAMES
 (loopback addresses here, where GKE lists the JobSet's DNS names), with several slices the
 MEGASCALE_* values; and what makes JAX take the CPU for a TPU VM: JAX_FORCE_TPU_INIT=1,
-JAX_PLATFORMS=cpu and one fake device per chip the pod asks for. The image is a folder
-(scenario `image_root`) that stands for the container's IMAGE_HOME.
+JAX_PLATFORMS=cpu and one fake device per chip the pod asks for. With a scenario
+`container_image`, each pod is a buildah working container of that image
+(deploy/sim/container.py) running the manifest's command in the image's working directory
+and environment plus the container's and GKE's; without one, the image is a folder
+(scenario `image_root`) that stands for the container's IMAGE_HOME. Signals go to a
+container's processes, not to `buildah run`, which reports its command's exit code (a signal
+as 128 + N, as a runtime does).
 
 A pod that exits non-zero fails its Job (backoffLimit 0): through the Job's podFailurePolicy
 (reason PodFailurePolicy) when a FailJob rule matches its exit code, else BackoffLimitExceeded.
@@ -23,6 +28,7 @@ terminationGracePeriodSeconds): their exit codes decide as above.
 
 import contextlib
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -30,12 +36,14 @@ import sys
 import time
 
 from deploy.gke.jobset import IMAGE_HOME, SPOT_NOTICE_SECONDS
+from deploy.sim import container as containers
 from deploy.sim.capacity import reached_step
 from deploy.sim.cloud_state import (
     NODE_ENV,
     cloud_log,
     device_order_env,
     locked_state,
+    node_processes,
     node_tag,
     scenario,
 )
@@ -47,18 +55,35 @@ LABELS = {"job": "jobset.sigs.k8s.io/replicatedjob-name", "index": "jobset.sigs.
           "attempt": "jobset.sigs.k8s.io/restart-attempt"}
 
 
-def container_code(returncode: int) -> int:
-    """A container's exit code: a process killed by signal N exits 128 + N."""
+# What `buildah run` (chroot isolation) says and exits 1 with when its command died of a signal.
+BUILDAH_SIGNALED = re.compile(r"subprocess exited on (.+)")
+
+
+def container_code(returncode: int, log: str = "") -> int:
+    """A container's exit code: a process killed by signal N exits 128 + N (from the last
+    lines of `log`, where buildah ran it)."""
+    if returncode == 1 and log:
+        with open(log, errors="replace") as f:
+            said = BUILDAH_SIGNALED.findall(f.read()[-2000:])
+        names = {signal.strsignal(s).lower(): s for s in signal.Signals if signal.strsignal(s)}
+        if said and said[0].strip() in names:
+            return 128 + names[said[0].strip()]
     return 128 - returncode if returncode < 0 else returncode
 
 
 def pod_env(container: dict, tpu_chips: int, worker: int, hosts: int, slices: int,
             slice_id: int, home: str) -> dict[str, str]:
+    """The pod's environment: a folder image's HOME and PATH (a container image has its own),
+    the container's env, GKE's TPU values, the stand-ins for the chips."""
     sc = scenario()
     keep = {k: v for k, v in os.environ.items() if k in ("LANG", "LC_ALL", "TZ", "USER")}
-    venv_bin = os.path.join(sc["image_root"], protocol.VENV, "bin")
-    env = {**keep, "HOME": home, "PATH": f"{venv_bin}:/usr/local/bin:/usr/bin:/bin",
-           **sc["worker_env"], **{e["name"]: e.get("value", "") for e in container.get("env", [])},
+    if sc.get("container_image"):
+        keep = {}
+    else:
+        venv_bin = os.path.join(sc["image_root"], protocol.VENV, "bin")
+        keep.update(HOME=home, PATH=f"{venv_bin}:/usr/local/bin:/usr/bin:/bin")
+    env = {**keep, **sc["worker_env"],
+           **{e["name"]: e.get("value", "") for e in container.get("env", [])},
            # What GKE gives a pod of a multi-host TPU slice (DNS names there):
            protocol.WORKER_HOSTNAMES_ENV: ",".join(["127.0.0.1"] * hosts),
            "TPU_WORKER_ID": str(worker),
@@ -95,8 +120,14 @@ class Controller:
                     env = {**pod_env(container, chips, i, job.get("parallelism", 1),
                                      rjob.get("replicas", 1), j, home),
                            NODE_ENV: node_tag(self.name, pod)}
-                    root = self.sc["image_root"]
-                    command = [a.replace(IMAGE_HOME, root) for a in container["command"]]
+                    if self.sc.get("container_image"):
+                        command = containers.run_argv(
+                            containers.create(self.sc["container_image"], pod),
+                            container["command"], env)
+                        env = {**os.environ, NODE_ENV: env[NODE_ENV]}  # buildah's own
+                    else:
+                        root = self.sc["image_root"]
+                        command = [a.replace(IMAGE_HOME, root) for a in container["command"]]
                     with open(os.path.join(home, "log"), "w") as log:
                         proc = subprocess.Popen(command, cwd=home, env=env, stdout=log,
                                                 stderr=subprocess.STDOUT,
@@ -114,13 +145,27 @@ class Controller:
         cloud_log(f"jobset {self.name}: attempt {attempt}: {len(pods)} pod(s) started: "
                   + " ".join(pods))
 
+    def signal(self, pod: str, sig: int) -> None:
+        """`sig` to a pod's processes: its group, or in a container those buildah runs."""
+        proc = self.procs[pod]
+        pids = ([p for p in node_processes(self.name, pod) if p != proc.pid]
+                if self.sc.get("container_image") else [])
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        if not pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)
+
     def reap(self) -> dict[str, int]:
         """Exit codes of the pods that ended since the last look; written to the state."""
-        ended = {p: container_code(proc.returncode) for p, proc in list(self.procs.items())
-                 if proc.poll() is not None}
+        ended = {p: container_code(proc.returncode, os.path.join(pod_dir(p), "log"))
+                 for p, proc in list(self.procs.items()) if proc.poll() is not None}
         for pod in ended:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.procs[pod].pid, signal.SIGKILL)  # the container is gone
+            if self.sc.get("container_image"):
+                containers.remove(pod)
             del self.procs[pod]
         if ended:
             with locked_state() as state:
@@ -139,9 +184,8 @@ class Controller:
                         default=30)
         grace = grace if notice is None else min(grace, notice)
         cloud_log(f"jobset {self.name}: {why}: SIGTERM to {len(self.procs)} pod(s)")
-        for proc in self.procs.values():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGTERM)
+        for pod in self.procs:
+            self.signal(pod, signal.SIGTERM)
         deadline, codes = time.monotonic() + grace, {}
         while self.procs and time.monotonic() < deadline:
             codes.update(self.reap())
@@ -149,9 +193,8 @@ class Controller:
         if self.procs:
             cloud_log(f"jobset {self.name}: SIGKILL to {len(self.procs)} pod(s) after the "
                       f"{grace} s grace period")
-            for proc in self.procs.values():
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+            for pod, proc in self.procs.items():
+                self.signal(pod, signal.SIGKILL)
                 proc.wait()
             codes.update(self.reap())
         return codes
