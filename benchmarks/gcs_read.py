@@ -41,11 +41,11 @@ def main(argv) -> None:
     emulator = gcs_emulator.Emulator(root=root)
     os.environ.update(emulator.env(direct=True))  # not through the tests' fault proxy
     try:
-        from vitpod import storage
+        from vitpod import storage, upload
         from vitpod.data import imagefolder
 
         emulator.create_bucket("bench-photos")
-        storage.upload_tree(FLAGS.data_dir, "gs://bench-photos/photos")
+        upload.upload_tree(FLAGS.data_dir, "gs://bench-photos/photos")
         shape = (FLAGS.image_size, FLAGS.batch_size, FLAGS.batches, FLAGS.workers, FLAGS.warmup)
         local = vitpod_pipeline(imagefolder.scan(FLAGS.data_dir), *shape)["img_per_sec"]
         remote = vitpod_pipeline(imagefolder.scan("gs://bench-photos/photos"),

@@ -148,10 +148,10 @@ def main(argv) -> None:
     _reaped_children_cpu()  # the server child's, once it exits, is not the pipeline's
     os.environ.update(gcs_emulator.client_env(server.url))
     try:
-        from vitpod import storage
+        from vitpod import upload
         from vitpod.data import imagefolder, packing
 
-        storage.upload_tree(FLAGS.data_dir, "gs://bench-packed/folder")
+        upload.upload_tree(FLAGS.data_dir, "gs://bench-packed/folder")
         packing.pack(FLAGS.data_dir, "gs://bench-packed/packed", shard_mb=8)
         splits = {"imagefolder": imagefolder.scan("gs://bench-packed/folder"),
                   "packed": imagefolder.scan("gs://bench-packed/packed")}

@@ -188,3 +188,30 @@ def uninterrupted_losses() -> dict[int, float]:
         shutil.rmtree(reference, ignore_errors=True)
         scratch.rename(reference)
     return read_losses(reference)
+
+
+def run_entrypoint(entrypoint: str, argv: list[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `python -m vitpod.ENTRYPOINT ARGV`, run in this process
+    (its flags defined for the call, removed after)."""
+    import contextlib
+    import importlib
+    import io
+    import sys
+
+    from vitpod import cli
+
+    module = importlib.import_module(f"vitpod.{entrypoint}")
+    before = set(flags.FLAGS)
+    module.define_flags()
+    saved_argv, sys.argv = sys.argv, [f"vitpod.{entrypoint}", *argv]
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            cli.run(module.main)
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv = saved_argv
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
+    return code, out.getvalue(), err.getvalue()

@@ -9,8 +9,6 @@ resume and compare; every subprocess has a timeout, so a hang is a failure.
 """
 
 import contextlib
-import importlib
-import io
 import json
 import os
 import pathlib
@@ -28,7 +26,6 @@ import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from absl import flags
 from PIL import Image
 
 from tests.conftest import (
@@ -38,8 +35,9 @@ from tests.conftest import (
     make_imagefolder,
     read_losses,
     read_params,
+    run_entrypoint,
 )
-from vitpod import checkpoint, cli, storage, train
+from vitpod import checkpoint, storage, train, upload
 from vitpod.data import imagefolder, packed, packing, pipeline
 from vitpod.workdir import protocol
 
@@ -86,26 +84,6 @@ def _snapshot(root: pathlib.Path) -> dict:
 def _logged_steps(workdir) -> list[int]:
     return [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")
             if "train/loss" in line and line.endswith("}\n")]
-
-
-def _run(entrypoint: str, argv: list[str]) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `python -m vitpod.ENTRYPOINT ARGV`, run in this process
-    (as tests/test_errors.py does: its flags defined for the call, removed after)."""
-    module = importlib.import_module(f"vitpod.{entrypoint}")
-    before = set(flags.FLAGS)
-    module.define_flags()
-    saved_argv, sys.argv = sys.argv, [f"vitpod.{entrypoint}", *argv]
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            cli.run(module.main)
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = saved_argv
-        for name in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, name)
-    return code, out.getvalue(), err.getvalue()
 
 
 @contextlib.contextmanager
@@ -195,7 +173,7 @@ def test_a_fault_is_one_line_and_leaves_the_workdir_as_it_was(copy, colors, dama
         argv = argv[1:]  # the row's own config file instead of tiny.py
     before = _snapshot(copy)
     with _failing_restores(failing):
-        code, out, err = _run("train", argv)
+        code, out, err = run_entrypoint("train", argv)
     expected = fill(expected)
     assert "Traceback" not in err, err[-3000:]
     if expected.startswith("error: "):
@@ -412,7 +390,7 @@ def test_upload_leaves_out_hidden_files_and_links_back_into_the_tree(gcs, tmp_pa
     (root / ".env").write_text("SECRET=1")
     (root / "a" / ".DS_Store").write_text("x")
     os.symlink(tmp_path, root / "a" / "home")  # an ancestor: the whole tree again, and more
-    copied, skipped = storage.upload_tree(str(root), "gs://vitpod-upload/data")
+    copied, skipped = upload.upload_tree(str(root), "gs://vitpod-upload/data")
     assert (copied, skipped) == (2, 0)
     assert storage.files_below("gs://vitpod-upload/data") == ["a/img000.png", "a/img001.png"]
     assert ("upload: left out 3 hidden file(s) or link(s) back into "
@@ -426,7 +404,7 @@ def test_prepare_hf_refuses_class_names_that_are_not_plain_folder_names(tmp_path
     pixels = Image.fromarray(np.zeros((4, 4, 3), np.uint8))
     datasets.Dataset.from_dict({"image": [pixels, pixels], "label": [0, 1]},
                                features=features).save_to_disk(str(tmp_path / "hf"))
-    code, _, err = _run("prepare", ["hf", f"--dataset={tmp_path / 'hf'}",
+    code, _, err = run_entrypoint("prepare", ["hf", f"--dataset={tmp_path / 'hf'}",
                                     f"--out={tmp_path / 'out'}"])
     assert code == 2 and err.strip().splitlines()[-1] == (
         f"error: dataset '{tmp_path / 'hf'}' has class name '..', not a plain folder name "
@@ -455,7 +433,7 @@ def test_a_truncated_shard_is_named_and_a_pack_rerun_writes_it_again(colors, tmp
     packing.pack(str(colors / "train"), str(dst), shard_mb=0.002)  # 2 shards of 32
     shard = dst / "shard-00000-of-00002.arrayrecord"
     shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])  # a copy cut short
-    code, _, err = _run("train", _flags(tmp_path / "run", tmp_path / "x")[:2] + [
+    code, _, err = run_entrypoint("train", _flags(tmp_path / "run", tmp_path / "x")[:2] + [
         f"--config.data.train_dir={dst}"])
     assert code == 2 and "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == (
@@ -554,7 +532,7 @@ def test_round_two_faults_are_one_line_and_leave_the_workdir_as_it_was(copy, col
 def test_start_over_trains_again_from_step_0_when_the_checkpoints_are_gone(copy, colors,
                                                                           reference):
     shutil.rmtree(copy / "checkpoints")
-    code, out, err = _run("train", _flags(copy, colors, "--start_over"))
+    code, out, err = run_entrypoint("train", _flags(copy, colors, "--start_over"))
     assert code == 0 and "Traceback" not in err, err[-3000:]
     assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["2", "4", "6"]
     assert (copy / "DONE").exists()

@@ -9,9 +9,6 @@ line the user sees, the exit code, and that the workdir is as it was (or, where 
 so, changed only as docs/faults.md says).
 """
 
-import contextlib
-import importlib
-import io
 import json
 import logging
 import pathlib
@@ -20,10 +17,9 @@ import socket
 import sys
 
 import pytest
-from absl import flags
 
-from tests.conftest import ROOT, load_config, make_imagefolder
-from vitpod import cli, train
+from tests.conftest import ROOT, load_config, make_imagefolder, run_entrypoint
+from vitpod import train
 from vitpod.workdir import lease
 
 TINY = f"--config={ROOT}/configs/tiny.py"
@@ -41,26 +37,6 @@ def _flags(workdir, train_dir, *extra):
 def _snapshot(root: pathlib.Path) -> dict:
     return {str(p.relative_to(root)): (p.is_dir(), p.stat().st_size, p.stat().st_mtime_ns)
             for p in root.rglob("*")}
-
-
-def _run(entrypoint: str, argv: list[str]) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `python -m vitpod.ENTRYPOINT ARGV`, run in this process
-    (its flags defined for the call, removed after)."""
-    module = importlib.import_module(f"vitpod.{entrypoint}")
-    before = set(flags.FLAGS)
-    module.define_flags()
-    saved_argv, sys.argv = sys.argv, [f"vitpod.{entrypoint}", *argv]
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            cli.run(module.main)
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = saved_argv
-        for name in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, name)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _refused(code: int, err: str, expected: str) -> None:
@@ -99,7 +75,7 @@ def test_a_resume_whose_data_gives_other_labels_is_refused_naming_the_classes(ow
     (data / "c").rename(data / "z")  # labels of d and z would shift under a new scan
     (workdir / "manifest.json").unlink()  # as docs/faults.md says for a damaged manifest
     before = _snapshot(workdir)
-    code, _, err = _run("train", _flags(workdir, data))
+    code, _, err = run_entrypoint("train", _flags(workdir, data))
     _refused(code, err, f"error: the train data gives other labels than this run was trained "
              f"with ({workdir}/config.json): only in the data ['z'], only in the run ['c']; "
              "its checkpoints hold those labels, so put the data's class folders back as they "
@@ -128,10 +104,10 @@ def test_a_workdir_from_before_classes_were_recorded_gets_them_from_its_manifest
     del recorded["classes"]
     (copy / "config.json").write_text(json.dumps(recorded))
     (copy / "DONE").write_text(json.dumps({"step": 6}))  # nothing to train: only the check
-    code, out, err = _run("train", _flags(copy, colors / "train"))
+    code, out, err = run_entrypoint("train", _flags(copy, colors / "train"))
     assert code == 0 and out.strip() == "finished 6 steps (no data.val_dir, so no validation)"
     (copy / "DONE").unlink()
-    code, out, err = _run("train", _flags(copy, colors / "train", "--stop_after=5"))
+    code, out, err = run_entrypoint("train", _flags(copy, colors / "train", "--stop_after=5"))
     assert code == 0, err[-3000:]
     assert json.loads((copy / "config.json").read_text())["classes"] == list("abcd")
 
@@ -157,7 +133,7 @@ RANGES = [
 @pytest.mark.parametrize("setting,expected", RANGES, ids=[r[0].split("=")[0] for r in RANGES])
 def test_a_numeric_key_out_of_range_is_one_line_before_compiling(colors, tmp_path, setting,
                                                                  expected):
-    code, _, err = _run("train", _flags(tmp_path / "run", colors / "train",
+    code, _, err = run_entrypoint("train", _flags(tmp_path / "run", colors / "train",
                                         f"--config.{setting}"))
     _refused(code, err, f"error: config {expected}")
     assert not (tmp_path / "run").exists()
@@ -214,7 +190,7 @@ def test_json_of_the_wrong_shape_is_one_line_naming_the_file(copy, colors, name,
     edit = content if callable(content) else lambda _: content
     path.write_text(json.dumps(edit(json.loads(path.read_text()) if path.exists() else None)))
     before = _snapshot(copy)
-    code, _, err = _run("train", _flags(copy, colors / "train"))
+    code, _, err = run_entrypoint("train", _flags(copy, colors / "train"))
     _refused(code, err, f"error: {path} is damaged (not what vitpod writes there: {why}); "
              f"{remedy}")
     assert _snapshot(copy) == before
@@ -223,7 +199,7 @@ def test_json_of_the_wrong_shape_is_one_line_naming_the_file(copy, colors, name,
 def test_report_on_a_record_of_the_wrong_shape_is_one_line(copy):
     record = next(copy.glob("launches/*/record.json"))
     record.write_text("[]")
-    code, _, err = _run("report", [f"--workdir={copy}"])
+    code, _, err = run_entrypoint("report", [f"--workdir={copy}"])
     _refused(code, err, f"error: {record} is damaged (not what vitpod writes there: a list, not "
              f"an object); {RECORD_REMEDY}")
 
@@ -246,7 +222,7 @@ def test_a_lease_of_the_wrong_shape_is_one_nobody_refreshes(tmp_path, caplog, co
 @pytest.mark.parametrize("below", ["", "/run"], ids=["the-file", "below-a-file"])
 def test_a_workdir_that_is_a_file_is_one_line(colors, tmp_path, below):
     (tmp_path / "notes").write_text("not a folder")
-    code, _, err = _run("train", _flags(f"{tmp_path / 'notes'}{below}", colors / "train"))
+    code, _, err = run_entrypoint("train", _flags(f"{tmp_path / 'notes'}{below}", colors / "train"))
     where = f": {tmp_path / 'notes'}" if below else ""
     _refused(code, err, f"error: --workdir={tmp_path / 'notes'}{below}{where} exists and is not "
              "a folder; pass a folder (it is made if missing)")
@@ -286,7 +262,7 @@ def test_a_config_file_that_gives_no_config_is_one_line(colors, tmp_path, text, 
     # config_flags loads each file into the module config_config, keeping an earlier file's
     # names there: a fresh one, as in a new process
     sys.modules.pop("config_config", None)
-    code, _, err = _run("train", [f"--config={config}", f"--workdir={tmp_path / 'run'}",
+    code, _, err = run_entrypoint("train", [f"--config={config}", f"--workdir={tmp_path / 'run'}",
                                   f"--config.data.train_dir={colors / 'train'}", *extra])
     _refused(code, err, expected.replace("{f}", str(config)))
     assert not (tmp_path / "run").exists()
@@ -304,17 +280,17 @@ def test_a_config_file_that_gives_no_config_is_one_line(colors, tmp_path, text, 
 def test_a_refused_first_launch_writes_nothing_and_the_right_one_then_runs(colors, tmp_path,
                                                                           setting, expected):
     workdir = tmp_path / "run"
-    code, _, err = _run("train", _flags(workdir, colors / "train", f"--config.{setting}"))
+    code, _, err = run_entrypoint("train", _flags(workdir, colors / "train", f"--config.{setting}"))
     _refused(code, err, f"error: {expected}")
     assert not workdir.exists()
-    code, out, err = _run("train", _flags(workdir, colors / "train", "--stop_after=1"))
+    code, out, err = run_entrypoint("train", _flags(workdir, colors / "train", "--stop_after=1"))
     assert code == 0, err[-3000:]
 
 
 def test_a_finished_run_relaunched_with_other_values_says_so_and_how_to_go_on(copy, colors):
     (copy / "DONE").write_text(json.dumps({"step": 6}))
     before = _snapshot(copy)
-    code, _, err = _run("train", _flags(copy, colors / "train", "--config.total_steps=10",
+    code, _, err = run_entrypoint("train", _flags(copy, colors / "train", "--config.total_steps=10",
                                         "--config.optim.lr=0.01"))
     _refused(code, err, f"error: the run in {copy} finished at step 6 with other values than "
              "this command's (optim.lr=0.003, not 0.01; total_steps=6, not 10); a finished run "
@@ -322,6 +298,6 @@ def test_a_finished_run_relaunched_with_other_values_says_so_and_how_to_go_on(co
              "relaunch with its own values to see its result, or start a new run with a new "
              f"--workdir (from its weights: python -m vitpod.export --workdir={copy} --out=DIR, "
              "then --config.model.init_from=DIR)")
-    code, out, _ = _run("train", _flags(copy, colors / "train", "--config.log_every=3"))
+    code, out, _ = run_entrypoint("train", _flags(copy, colors / "train", "--config.log_every=3"))
     assert code == 0 and out.strip() == "finished 6 steps (no data.val_dir, so no validation)"
     assert _snapshot(copy) == before

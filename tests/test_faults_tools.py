@@ -9,9 +9,6 @@ through their real exit path (`cli.run`), as in tests/test_errors.py; deploy.pod
 `python3 -m deploy.pod` with DRY_RUN=1, as in tests/test_deploy.py.
 """
 
-import contextlib
-import importlib
-import io
 import logging
 import os
 import stat
@@ -20,35 +17,14 @@ import sys
 
 import numpy as np
 import pytest
-from absl import flags
 from PIL import Image
 
-from tests.conftest import ROOT, make_imagefolder
-from vitpod import cli, storage
+from tests.conftest import ROOT, make_imagefolder, run_entrypoint
+from vitpod import storage, upload
 from vitpod.data import imagefolder, packing, pipeline
 from vitpod.errors import UserError
 
 TIMM = ROOT / "tests" / "fixtures" / "timm" / "vit_small_imagenet_norm"  # a small checkpoint
-
-
-def _run(entrypoint: str, argv: list[str]) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `python -m vitpod.ENTRYPOINT ARGV`, run in this process
-    with its flags defined for the call and removed after."""
-    module = importlib.import_module(f"vitpod.{entrypoint}")
-    before = set(flags.FLAGS)
-    module.define_flags()
-    saved_argv, sys.argv = sys.argv, [f"vitpod.{entrypoint}", *argv]
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            cli.run(module.main)
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = saved_argv
-        for name in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, name)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _last_line(code: int, err: str) -> str:
@@ -68,13 +44,13 @@ def test_upload_names_links_out_of_the_tree_and_leaves_them_unless_asked(gcs, tm
     (tmp_path / "passwd").write_text("root:0")
     os.symlink(secrets, root / "etc")  # a folder link out of the tree (the /etc case)
     os.symlink(tmp_path / "passwd", root / "a" / "passwd")  # a file link out of the tree
-    copied, _ = storage.upload_tree(str(root), "gs://vitpod-links/data")
+    copied, _ = upload.upload_tree(str(root), "gs://vitpod-links/data")
     assert copied == 2
     assert storage.files_below("gs://vitpod-links/data") == ["a/img000.png", "a/img001.png"]
     assert (f"upload: did not follow 2 link(s) leading out of {root}: a/passwd -> "
             f"{tmp_path}/passwd, etc -> {tmp_path}/etc; pass --follow_links_out to upload what "
             "they point to") in caplog.text
-    code, out, err = _run("prepare", ["upload", f"--src={root}", "--dst=gs://vitpod-links/all",
+    code, out, err = run_entrypoint("prepare", ["upload", f"--src={root}", "--dst=gs://vitpod-links/all",
                                       "--follow_links_out"])
     assert code == 0, err[-3000:]
     assert storage.files_below("gs://vitpod-links/all") == [
@@ -91,7 +67,7 @@ def test_prepare_hf_refuses_a_class_name_too_long_for_a_folder_and_writes_nothin
     pixels = Image.fromarray(np.zeros((4, 4, 3), np.uint8))
     datasets.Dataset.from_dict({"image": [pixels, pixels], "label": [0, 1]},
                                features=features).save_to_disk(str(tmp_path / "hf"))
-    code, _, err = _run("prepare", ["hf", f"--dataset={tmp_path / 'hf'}",
+    code, _, err = run_entrypoint("prepare", ["hf", f"--dataset={tmp_path / 'hf'}",
                                     f"--out={tmp_path / 'out'}"])
     assert _last_line(code, err) == (
         f"error: dataset '{tmp_path / 'hf'}' has a class name of 400 bytes ('{'x' * 40}'...), "
@@ -103,7 +79,7 @@ def test_prepare_hf_refuses_a_class_name_too_long_for_a_folder_and_writes_nothin
 # --- export ----------------------------------------------------------------------------------
 
 def test_export_to_a_folder_it_cannot_create_is_one_line():
-    code, _, err = _run("export", [f"--workdir={TIMM}", "--out=/proc/nope"])
+    code, _, err = run_entrypoint("export", [f"--workdir={TIMM}", "--out=/proc/nope"])
     assert _last_line(code, err) == (
         "error: cannot write the model to --out=/proc/nope: No such file or directory (ENOENT); "
         "pass a directory this user can create and write")
@@ -113,12 +89,12 @@ def test_export_refuses_a_folder_with_files_unless_overwrite_and_writes_one_mode
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    code, _, err = _run("export", [f"--workdir={TIMM}", f"--out={out}"])
+    code, _, err = run_entrypoint("export", [f"--workdir={TIMM}", f"--out={out}"])
     assert _last_line(code, err) == (
         f"error: --out={out} is not empty (it holds notes.txt); pass --overwrite to write the "
         "model over it, or choose another directory")
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
-    code, _, err = _run("export", [f"--workdir={TIMM}", f"--out={out}", "--overwrite"])
+    code, _, err = run_entrypoint("export", [f"--workdir={TIMM}", f"--out={out}", "--overwrite"])
     assert code == 0, err[-3000:]
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= set(modes)
@@ -131,7 +107,7 @@ def test_export_refuses_a_folder_with_files_unless_overwrite_and_writes_one_mode
 def test_predict_with_every_input_unreadable_exits_2(tmp_path):
     (tmp_path / "a.png").write_bytes(b"not an image")
     (tmp_path / "b.jpg").write_bytes(b"")
-    code, out, err = _run("predict", [f"--model={TIMM}", str(tmp_path)])
+    code, out, err = run_entrypoint("predict", [f"--model={TIMM}", str(tmp_path)])
     assert _last_line(code, err) == ("error: none of the 2 file(s) could be read as an image "
                                      "(each line above says why); pass image files")
     assert [line.split(": ")[0] for line in out.splitlines()] == [f"{tmp_path}/a.png",
@@ -139,7 +115,8 @@ def test_predict_with_every_input_unreadable_exits_2(tmp_path):
 
 
 def test_predict_refuses_top_k_below_one(colors):
-    code, out, err = _run("predict", [f"--model={TIMM}", "--top_k=0", str(colors / "val")])
+    code, out, err = run_entrypoint("predict",
+                                    [f"--model={TIMM}", "--top_k=0", str(colors / "val")])
     assert _last_line(code, err) == "error: --top_k=0 must be >= 1"
     assert out == ""
 
@@ -147,7 +124,7 @@ def test_predict_refuses_top_k_below_one(colors):
 # --- train --stop_after ----------------------------------------------------------------------
 
 def test_train_refuses_a_negative_stop_after_before_writing(tmp_path, colors):
-    code, _, err = _run("train", [f"--config={ROOT}/configs/tiny.py",
+    code, _, err = run_entrypoint("train", [f"--config={ROOT}/configs/tiny.py",
                                   f"--workdir={tmp_path / 'run'}",
                                   f"--config.data.train_dir={colors / 'train'}",
                                   "--stop_after=-1"])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, assert_params_close, load_config, read_params
-from vitpod import inference, predict, storage, train
+from vitpod import inference, predict, storage, train, upload
 from vitpod.data import imagefolder
 from vitpod.errors import UserError
 
@@ -29,7 +29,7 @@ def bucket_data(gcs_server, colors):
     """The colors ImageFolder copied into a bucket with `prepare upload`'s code."""
     gcs_server.create_bucket("vitpod-data")
     gcs_server.create_bucket("vitpod-runs")
-    copied, skipped = storage.upload_tree(str(colors), DATA)
+    copied, skipped = upload.upload_tree(str(colors), DATA)
     assert (copied, skipped) == (64 + 37, 0)
     return DATA
 
@@ -94,11 +94,11 @@ def test_upload_copies_only_what_is_missing_or_changed(gcs, tmp_path):
     for i in range(5):
         (tmp_path / "cls" / f"{i}.png").parent.mkdir(exist_ok=True)
         (tmp_path / "cls" / f"{i}.png").write_bytes(bytes([i]) * 100)
-    assert storage.upload_tree(str(tmp_path), "gs://vitpod-upload/d") == (5, 0)
+    assert upload.upload_tree(str(tmp_path), "gs://vitpod-upload/d") == (5, 0)
     (tmp_path / "cls" / "3.png").write_bytes(b"\xff" * 100)  # same size, other bytes
     (tmp_path / "cls" / "5.png").write_bytes(b"new")
     gcs.faults.reset()
-    assert storage.upload_tree(str(tmp_path), "gs://vitpod-upload/d") == (2, 4)
+    assert upload.upload_tree(str(tmp_path), "gs://vitpod-upload/d") == (2, 4)
     assert gcs.faults.counts["write"] == 2
     assert storage.read_bytes("gs://vitpod-upload/d/cls/3.png") == b"\xff" * 100
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from tests.conftest import load_config, make_imagefolder, read_losses
 from vitpod import config as config_lib
-from vitpod import storage, train
+from vitpod import storage, train, upload
 from vitpod.data import imagefolder, order, packed, packing, pipeline
 from vitpod.errors import UserError
 
@@ -242,7 +242,7 @@ def test_packed_data_in_a_bucket_reads_a_run_per_request_through_faults(gcs, dig
 @pytest.mark.slow
 def test_an_imagefolder_in_a_bucket_rides_out_429s_too(gcs, colors):
     gcs.create_bucket("vitpod-throttled")
-    storage.upload_tree(str(colors / "train"), "gs://vitpod-throttled/train")
+    upload.upload_tree(str(colors / "train"), "gs://vitpod-throttled/train")
     cfg = data_cfg(read_threads=8)
     expected = batches(imagefolder.scan(str(colors / "train")), cfg, steps=4, batch=16)
     split = imagefolder.scan("gs://vitpod-throttled/train")

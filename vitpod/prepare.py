@@ -31,9 +31,10 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from vitpod import cli, storage
+from vitpod import cli
 from vitpod.data import packing
 from vitpod.errors import UserError
+from vitpod.upload import upload_tree
 
 
 def define_flags() -> None:
@@ -140,7 +141,7 @@ def upload(src: str, dst: str, threads: int = 32,
             print(f"\r{done}/{total} files", end="\n" if done == total else "",
                   file=sys.stderr, flush=True)
 
-    copied, skipped = storage.upload_tree(src, dst, threads, progress, follow_links_out)
+    copied, skipped = upload_tree(src, dst, threads, progress, follow_links_out)
     return {"copied": copied, "already there": skipped}
 
 

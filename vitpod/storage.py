@@ -8,16 +8,12 @@ bucket or object and the likely cause. orbax and TensorBoard reach gs:// through
 clients (tensorstore, gcsfs, google-cloud-storage) and read the same credentials.
 """
 
-import base64
 import concurrent.futures
 import contextlib
-import hashlib
 import json
 import os
 import posixpath
 import threading
-
-from absl import logging
 
 from vitpod import localfs
 from vitpod.errors import UserError
@@ -270,11 +266,11 @@ def files_below(path: str, hidden: bool = True, skipped: list | None = None,
         if skipped is not None:
             skipped += not_followed
         return [rel for rel, _ in found]
-    return sorted(rel for rel, _ in _objects_below(path) if not rel.endswith("/")
+    return sorted(rel for rel, _ in objects_below(path) if not rel.endswith("/")
                   and (hidden or not any(p.startswith(".") for p in rel.split("/"))))
 
 
-def _objects_below(path: str) -> list[tuple[str, object]]:
+def objects_below(path: str) -> list[tuple[str, object]]:
     """(name relative to gs://path, blob) of every object under it, in one paged listing."""
     bucket, name = split(path)
     prefix = name.rstrip("/") + "/" if name else ""
@@ -290,53 +286,3 @@ def parallel_map(fn, items, threads: int = 32) -> list:
         return list(pool.map(fn, items))
     finally:  # on an error (or Ctrl-C) the items not started are dropped, not all run first
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _md5_b64(data: bytes) -> str:
-    return base64.b64encode(hashlib.md5(data).digest()).decode()
-
-
-def _remote_checksums(path: str) -> dict[str, tuple[int, str]]:
-    """Relative name -> (size, base64 MD5) of every object under gs://path."""
-    return {rel: (b.size, b.md5_hash) for rel, b in _objects_below(path)}
-
-
-def upload_tree(src: str, dst: str, threads: int = 32, progress=None,
-                follow_links_out: bool = False) -> tuple[int, int]:
-    """Copy every file under local `src` to gs://`dst` in parallel, skipping objects already
-    there with the same size and MD5 (so an interrupted copy resumes); (copied, skipped).
-    Links out of `src` are named and not followed, unless `follow_links_out`.
-    `progress(done, total)` is called after each file."""
-    if not is_gcs(dst) or is_gcs(src):
-        raise UserError(f"upload copies a local folder to gs://; got {src!r} -> {dst!r}")
-    if not os.path.isdir(src):
-        raise UserError(f"{src!r} is not a folder; pass --src=a local ImageFolder")
-    not_followed: list[str] = []
-    out, out_hidden = (None, None) if follow_links_out else ([], [])
-    files = files_below(src, hidden=False, skipped=not_followed, outside=out)
-    remote = _remote_checksums(dst)
-    every = files_below(src, outside=out_hidden)
-    left_out = sorted(set(every) - set(files)
-                      | set(out_hidden or ()) - set(out or ())) + not_followed
-    if left_out:
-        logging.warning("upload: left out %d hidden file(s) or link(s) back into %s or above it:"
-                        " %s", len(left_out), src, ", ".join(left_out[:10]))
-    if out:
-        links = [f"{rel} -> {os.path.realpath(os.path.join(src, rel))}" for rel in out]
-        logging.warning("upload: did not follow %d link(s) leading out of %s: %s%s; pass "
-                        "--follow_links_out to upload what they point to", len(out), src,
-                        ", ".join(links[:10]), ", ..." if len(out) > 10 else "")
-    lock, counts = threading.Lock(), {"copied": 0, "skipped": 0}
-
-    def copy(rel: str) -> None:
-        data = read_bytes(os.path.join(src, rel))
-        same = remote.get(rel) == (len(data), _md5_b64(data))
-        if not same:
-            write_bytes(join(dst, rel), data)
-        with lock:
-            counts["skipped" if same else "copied"] += 1
-            if progress:
-                progress(counts["copied"] + counts["skipped"], len(files))
-
-    parallel_map(copy, files, threads)
-    return counts["copied"], counts["skipped"]
