@@ -57,8 +57,8 @@ def _from_workdir(workdir: str) -> Classifier:
         raise UserError(f"{storage.join(workdir, 'config.json')} is missing: it records the "
                         "run's model and classes; put it back, or export from another workdir")
     cfg = config.from_json(recorded)
-    classes = recorded.get(config.CLASSES_KEY) or imagefolder.load(  # older runs: the manifest
-        storage.join(workdir, "manifest.json"))["train"].classes
+    classes = tuple(recorded.get(config.CLASSES_KEY) or imagefolder.load(  # older runs: the
+        storage.join(workdir, "manifest.json"))["train"].classes)  # manifest's
     step, params = checkpoint.load_params(storage.join(workdir, "checkpoints"))
     return Classifier(cfg.model, cfg.data, classes, params, f"{workdir} step {step}")
 
