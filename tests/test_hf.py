@@ -13,7 +13,7 @@ import transformers
 from PIL import Image
 
 from tests.conftest import ROOT, load_config
-from vitpod import config, export, inference, model, predict, train
+from vitpod import config, config_record, export, inference, model, predict, train
 from vitpod.errors import UserError
 from vitpod.formats import detect, hf
 
@@ -262,10 +262,10 @@ def test_prepare_hf_writes_a_saved_dataset_as_an_imagefolder(tmp_path, monkeypat
 
 
 def test_workdirs_saved_before_the_gelu_key_resume_with_exact_gelu():
-    saved = json.loads(config.to_json(config.defaults()))
+    saved = json.loads(config_record.to_json(config.defaults()))
     del saved["model"]["gelu"]
-    assert config.from_json(saved).model.gelu == "exact"
-    assert config.changed_result_keys(saved, config.defaults()) == []
+    assert config_record.from_json(saved).model.gelu == "exact"
+    assert config_record.changed_result_keys(saved, config.defaults()) == []
     tanh = config.defaults()
     tanh.model.gelu = "tanh"
-    assert config.changed_result_keys(saved, tanh) == ["model.gelu"]
+    assert config_record.changed_result_keys(saved, tanh) == ["model.gelu"]

@@ -106,10 +106,10 @@ def _not_a_config(value) -> str | None:
     """Why the value a --config file's get_config() returned is not a vitpod config, or None."""
     import ml_collections
 
-    from vitpod import config as config_lib
+    from vitpod import config_record
 
     if isinstance(value, ml_collections.ConfigDict):
-        missing = config_lib.missing_keys(value)
+        missing = config_record.missing_keys(value)
         if not missing:
             return None
         what = (f"a config without {', '.join(missing[:5])}"

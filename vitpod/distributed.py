@@ -16,8 +16,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vitpod import config as config_lib
-from vitpod import storage
+from vitpod import config_record, storage
 from vitpod.errors import UserError
 from vitpod.workdir import protocol  # a leaf: standard library only
 
@@ -119,7 +118,7 @@ def check_same_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Fail on every host if any host was launched with another config or workdir."""
     if jax.process_count() == 1:
         return
-    text = config_lib.to_json(config) + "\n" + storage.absolute(workdir)
+    text = config_record.to_json(config) + "\n" + storage.absolute(workdir)
     digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], np.int64)
     digests = multihost_utils.process_allgather(digest).reshape(-1)
     differ = [i for i, d in enumerate(digests) if d != digests[0]]

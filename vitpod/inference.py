@@ -8,7 +8,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vitpod import checkpoint, config, model, steps, storage
+from vitpod import checkpoint, config, config_record, model, steps, storage
 from vitpod.data import imagefolder
 from vitpod.errors import UserError
 from vitpod.formats import common, detect, hf
@@ -56,8 +56,8 @@ def _from_workdir(workdir: str) -> Classifier:
     if recorded is None:
         raise UserError(f"{storage.join(workdir, 'config.json')} is missing: it records the "
                         "run's model and classes; put it back, or export from another workdir")
-    cfg = config.from_json(recorded)
-    classes = tuple(recorded.get(config.CLASSES_KEY) or imagefolder.load(  # older runs: the
+    cfg = config_record.from_json(recorded)
+    classes = tuple(recorded.get(config_record.CLASSES_KEY) or imagefolder.load(  # older runs: the
         storage.join(workdir, "manifest.json"))["train"].classes)  # manifest's
     step, params = checkpoint.load_params(storage.join(workdir, "checkpoints"))
     return Classifier(cfg.model, cfg.data, classes, params, f"{workdir} step {step}")

@@ -9,6 +9,7 @@ import tempfile
 import time
 
 import jax
+import numpy as np
 from absl import logging
 
 from vitpod import storage
@@ -134,3 +135,40 @@ class Tracer:
             jax.profiler.stop_trace()
             self.running = False
             logging.info("traced steps %d-%d into %s", self.start, self.end - 1, self.dir)
+
+
+def fetch_finite(window: list, last_step: int) -> list[dict]:
+    """Host copies of the window's metrics; UserError naming the first non-finite step."""
+    fetched = jax.device_get(window)
+    for i, m in enumerate(fetched):
+        if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+            bad = last_step - len(fetched) + 1 + i
+            raise UserError(f"loss or gradients are not finite at step {bad}; the last good "
+                            "checkpoint is kept. Lower optim.lr, raise optim.warmup_steps or "
+                            "set optim.clip_norm")
+    return fetched
+
+
+def train_row(fetched: list[dict], skipped: float, lr: float) -> tuple[dict, float]:
+    """The log row of the steps since the last one, and the running count of skipped images."""
+    skipped += sum(float(m["skipped"]) for m in fetched)
+    row = {"train/loss": float(np.mean([m["loss"] for m in fetched])),
+           "train/accuracy": float(np.mean([m["accuracy"] for m in fetched])),
+           "train/grad_norm": float(fetched[-1]["grad_norm"]),
+           "train/lr": lr, "train/skipped": int(skipped)}
+    return row, skipped
+
+
+def log_eval(writer: Writer, step: int, row: dict) -> dict:
+    writer.write(step, row)
+    if jax.process_index() == 0:
+        logging.info("step %d  eval accuracy %.4f  loss %.4f  (%d images)", step,
+                     row["eval/accuracy"], row["eval/loss"], row["eval/count"])
+    return row
+
+
+def check_skips(skipped: float, seen: int, data_cfg) -> None:
+    if skipped > max(1, data_cfg.max_skipped_fraction * seen):
+        raise UserError(f"{int(skipped)} of {seen} training images were unreadable, more than "
+                        f"data.max_skipped_fraction={data_cfg.max_skipped_fraction}; fix or "
+                        "remove them (the log names each) or raise that key")

@@ -12,7 +12,6 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -229,10 +228,10 @@ def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, sto
         log = step % config.log_every == 0 or last or bool(stop)
         save = step % config.save_every == 0 or last or bool(stop) or (log and clock.due())
         if log or save:
-            fetched += _fetch_finite(window, step)  # never save a state that saw a NaN
+            fetched += metrics.fetch_finite(window, step)  # never save a state that saw a NaN
             window = []
         if log:
-            row, skipped = _train_row(fetched, skipped, float(lr_at(step - 1)))
+            row, skipped = metrics.train_row(fetched, skipped, float(lr_at(step - 1)))
             row["train/img_per_sec"], seconds = progress.tick(step)
             row["train/data_wait"] = waited / max(seconds, 1e-9)
             waited = 0.0
@@ -242,57 +241,20 @@ def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, sto
             if jax.process_index() == 0:
                 progress.line(step, row)
             fetched, final = [], {**final, **row}
-            _check_skips(skipped, (step - start) * config.batch_size, config.data)
+            metrics.check_skips(skipped, (step - start) * config.batch_size, config.data)
         if save:
             checkpoint.save(ckpt, step, state)
             record.saving(step)
             clock.saved()
         if "val" in splits and ((config.eval_every and step % config.eval_every == 0) or last):
-            final.update(_log_eval(writer, step, eval_row(eval_step, steps.eval_params(state),
-                                                          splits["val"], config, mesh)))
+            evaluated = eval_row(eval_step, steps.eval_params(state), splits["val"], config, mesh)
+            final.update(metrics.log_eval(writer, step, evaluated))
         if stop:
             return {**final, "step": step, "stopped": stop}
     if start == config.total_steps and "val" in splits:  # stopped between last save and DONE
-        final.update(_log_eval(writer, step, eval_row(eval_step, steps.eval_params(state),
+        final.update(metrics.log_eval(writer, step, eval_row(eval_step, steps.eval_params(state),
                                                       splits["val"], config, mesh)))
     return {**final, "step": step}
-
-
-def _fetch_finite(window: list, last_step: int) -> list[dict]:
-    """Host copies of the window's metrics; UserError naming the first non-finite step."""
-    fetched = jax.device_get(window)
-    for i, m in enumerate(fetched):
-        if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
-            bad = last_step - len(fetched) + 1 + i
-            raise UserError(f"loss or gradients are not finite at step {bad}; the last good "
-                            "checkpoint is kept. Lower optim.lr, raise optim.warmup_steps or "
-                            "set optim.clip_norm")
-    return fetched
-
-
-def _train_row(fetched: list[dict], skipped: float, lr: float) -> tuple[dict, float]:
-    """The log row of the steps since the last one, and the running count of skipped images."""
-    skipped += sum(float(m["skipped"]) for m in fetched)
-    row = {"train/loss": float(np.mean([m["loss"] for m in fetched])),
-           "train/accuracy": float(np.mean([m["accuracy"] for m in fetched])),
-           "train/grad_norm": float(fetched[-1]["grad_norm"]),
-           "train/lr": lr, "train/skipped": int(skipped)}
-    return row, skipped
-
-
-def _log_eval(writer: metrics.Writer, step: int, row: dict) -> dict:
-    writer.write(step, row)
-    if jax.process_index() == 0:
-        logging.info("step %d  eval accuracy %.4f  loss %.4f  (%d images)", step,
-                     row["eval/accuracy"], row["eval/loss"], row["eval/count"])
-    return row
-
-
-def _check_skips(skipped: float, seen: int, data_cfg) -> None:
-    if skipped > max(1, data_cfg.max_skipped_fraction * seen):
-        raise UserError(f"{int(skipped)} of {seen} training images were unreadable, more than "
-                        f"data.max_skipped_fraction={data_cfg.max_skipped_fraction}; fix or "
-                        "remove them (the log names each) or raise that key")
 
 
 def define_flags() -> None:

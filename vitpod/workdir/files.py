@@ -8,8 +8,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from vitpod import config as config_lib
-from vitpod import storage
+from vitpod import config_record, storage
 from vitpod.data import imagefolder
 from vitpod.errors import UserError
 from vitpod.formats.common import ARCH_KEYS
@@ -18,7 +17,7 @@ CONFIG_REMEDY = ("delete it and relaunch with the run's own flags: it is written
                  "them (a different config then goes unnoticed)")
 CONFIG_SHAPE = {"batch_size": int, "total_steps": int, "data": dict, "optim": dict,
                 "model": {"variant": str, "init_from?": str},
-                f"{config_lib.CLASSES_KEY}?": [str]}
+                f"{config_record.CLASSES_KEY}?": [str]}
 
 
 def read_config(workdir: str) -> dict | None:
@@ -35,7 +34,7 @@ def record_run(config: ml_collections.ConfigDict, workdir: str, manifest_path: s
     path = storage.join(workdir, "config.json")
     recorded = read_config(workdir)
     if recorded is not None:
-        changed = config_lib.changed_result_keys(recorded, config)
+        changed = config_record.changed_result_keys(recorded, config)
         if changed:
             raise UserError(
                 f"workdir {workdir!r} holds a run with a different config ({', '.join(changed)}"
@@ -47,14 +46,14 @@ def record_run(config: ml_collections.ConfigDict, workdir: str, manifest_path: s
         splits = imagefolder.load(manifest_path)
         _warn_new_classes(splits["train"])
     classes = list(splits["train"].classes)
-    trained = (recorded or {}).get(config_lib.CLASSES_KEY)
+    trained = (recorded or {}).get(config_record.CLASSES_KEY)
     if trained is not None and trained != classes:
         raise UserError(_other_labels(path, trained, classes))
     if recorded is None:
         storage.makedirs(workdir)
-        storage.write_text(path, config_lib.to_json(config, classes))
+        storage.write_text(path, config_record.to_json(config, classes))
     elif trained is None:  # a workdir from before classes were recorded: record them now
-        storage.write_text(path, json.dumps({**recorded, config_lib.CLASSES_KEY: classes},
+        storage.write_text(path, json.dumps({**recorded, config_record.CLASSES_KEY: classes},
                                             indent=2, sort_keys=True))
     if scanned:
         imagefolder.save(manifest_path, splits)
@@ -87,7 +86,7 @@ def check_finished(config: ml_collections.ConfigDict, workdir: str, step: int) -
     """UserError when the finished run in `workdir` was trained with other values than
     `config` (result keys only): relaunching it would not train those values."""
     recorded = read_config(workdir)
-    differ = config_lib.result_differences(recorded, config) if recorded else {}
+    differ = config_record.result_differences(recorded, config) if recorded else {}
     if differ:
         values = "; ".join(f"{k}={old!r}, not {new!r}" for k, (old, new) in
                            list(differ.items())[:4]) + ("; ..." if len(differ) > 4 else "")
