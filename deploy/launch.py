@@ -39,6 +39,7 @@ class Launch:
     def __init__(self, settings: Settings, gcloud: Gcloud, slice_: Slice, launch_id: str = ""):
         self.settings, self.slice, self.id = settings, slice_, launch_id
         self.bucket, self.sleep = Bucket(gcloud), gcloud.sleep
+        self.worker_count = 0
 
     def start(self, timeline: dict | None = None) -> None:
         """Start the trainer on every worker, then wait until all report ready. `timeline`
@@ -46,6 +47,7 @@ class Launch:
         s = self.settings
         s.require("PROJECT", "ZONE", "NAME", "WORKDIR", "CONFIG", "TPU_TYPE")
         workers = self.slice.workers()
+        self.worker_count = workers.count
         tpu_type, slices = self.slice.accelerator_type(), self.slice.slice_count()
         config_file, _, arg = s.config.partition(":")
         workers.on_each("copying the config",
@@ -191,6 +193,18 @@ class Launch:
         deadline, n = time.monotonic() + seconds, self.slice.workers().count
         while len(self.markers()[protocol.EXITED]) < n and time.monotonic() < deadline:
             self.sleep(min(self.settings.poll_seconds, 5))
+
+    def wait_saved(self, notice: float, gone: tuple[str, ...]) -> None:
+        """A slice read as lost may still be in its preemption notice, its trainers saving:
+        deleting it now would cut that save short. Wait until every worker marked its exit,
+        the slice's state is one of `gone` (its VMs are stopped), or `notice` seconds passed."""
+        deadline = time.monotonic() + notice
+        while self.id and time.monotonic() < deadline:
+            if len(self.markers()[protocol.EXITED]) >= self.worker_count:
+                return
+            if self.slice.state()[0] in gone:
+                return
+            self.sleep(min(self.settings.poll_seconds, 2))
 
     def _stopped_on_live_slice(self, exited: list[int], workers: Workers) -> str:
         """'stopped' when every trainer exited 0; raises for a crash; '' while a marker

@@ -23,7 +23,7 @@ from deploy.gke.tpus import libtpu_topology
 from deploy.launch import PYTHON, Launch
 from deploy.settings import DEPLOY_DIR, Settings, load_settings, slice_devices
 from deploy.slices import Slice, Workers
-from deploy.tpu_slice import QueuedResource
+from deploy.tpu_slice import SPOT_NOTICE_SECONDS, QueuedResource
 from vitpod.workdir import protocol
 
 
@@ -107,6 +107,7 @@ class Pod:
                 log(f"relaunching on the same slice ({lost}/{s.max_retries})")
             else:
                 log(f"slice lost ({outcome}); replacing it ({lost}/{s.max_retries})")
+                launch.wait_saved(SPOT_NOTICE_SECONDS, gone=("SUSPENDED", "NOT_FOUND"))
                 if self.slice.slice_count() > 1:  # the others would wait in a collective
                     log("stopping the trainers of the slices still there")
                     launch.stop(self.slice.workers(reachable_only=True))

@@ -20,6 +20,9 @@ WAITING = ("ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "CREATING")
 NODE_GONE = ("PREEMPTED", "TERMINATED", "NOT_FOUND")
 # The queued resource's states after which the slice must be replaced.
 LOST = ("FAILED", "SUSPENDED", "NOT_FOUND", "DELETING")
+# A preempted spot VM's processes get SIGTERM, and the VM stops about this long after
+# (Compute Engine, "Spot VMs"): the trainers' time to save.
+SPOT_NOTICE_SECONDS = 30
 
 
 class QueuedResource:

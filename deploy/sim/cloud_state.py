@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 
+from deploy.tpu_slice import SPOT_NOTICE_SECONDS
 from vitpod.workdir import protocol  # a leaf: standard library only
 
 NODE_ENV = "VITPOD_SIM_NODE"  # SIM_DIR:NAME:WORKER, in every worker process's environment
@@ -25,7 +26,7 @@ SCENARIO = {
     "scp_failures": 0,        # the next scp calls fail as right after ACTIVE (keys propagating)
     "preempt_at_step": 0,     # preempt (once) when WORKDIR/metrics.jsonl reaches this step
     "preempt_slice": -1,      # which slice of a multislice job is taken back (the last)
-    "grace_seconds": 30,      # SIGTERM, then SIGKILL after this (GCE's spot notice)
+    "grace_seconds": SPOT_NOTICE_SECONDS,  # SIGTERM, then SIGKILL after this
     "chips_per_host": 4,
     "capacity_limits": {},    # {TYPE: n}: TYPE becomes ACTIVE at most n times, then waits
     "bucket_location": "US-CENTRAL2",  # what `storage buckets describe` says
