@@ -81,11 +81,11 @@ test-image: install $(DIGITS)/.done
 	$(BIN)/python -m pytest -q -s -m image tests/test_image.py
 
 lint: install
-	$(BIN)/ruff check vitpod tests configs deploy benchmarks
+	$(BIN)/ruff check vitpod tests configs deploy benchmarks testkit
 
 format: install
-	$(BIN)/ruff check --fix vitpod tests configs
-	$(BIN)/ruff format vitpod tests configs
+	$(BIN)/ruff check --fix vitpod tests configs deploy benchmarks testkit
+	$(BIN)/ruff format vitpod tests configs deploy benchmarks testkit
 
 # A 20-step run of the tiny model on the digits that stops at the first NaN.
 debug: install $(DIGITS)/.done
@@ -98,7 +98,7 @@ debug: install $(DIGITS)/.done
 # in a v4-16's device order (libtpu's v4:2x2x2: the two hosts' rows of the batch alternate).
 debug-multihost: install $(DIGITS)/.done
 	rm -rf runs/demo-2x4
-	$(BIN)/python -m vitpod.launch --num_processes=2 --devices_per_process=4 \
+	$(BIN)/python -m vitpod.local_hosts --num_processes=2 --devices_per_process=4 \
 	  --topology=v4:2x2x2 -- \
 	  --config=configs/demo.py --workdir=runs/demo-2x4
 
@@ -121,7 +121,7 @@ gke-sim: install $(DIGITS)/.done
 
 # Cloud TPU slices: settings in deploy/pod.env, overridable here (make pod-run TPU_TYPE=v4-32).
 # DRY_RUN=1 prints the gcloud commands instead of running them. Plain python3, no venv needed.
-POD := $(PYTHON) -m deploy.pod
+POD := $(PYTHON) -m deploy.tpu_vm
 pod-create:
 	$(POD) create
 pod-setup:

@@ -26,7 +26,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.input_pipeline import make_photos, vitpod_pipeline  # noqa: E402
-from deploy.sim import gcs as gcs_emulator  # noqa: E402
+from testkit import gcs as gcs_emulator  # noqa: E402
 
 # --data_dir, --image_size, --batch_size, --batches, --warmup, --workers: input_pipeline's.
 flags.DEFINE_integer("objects", 50000, "Objects in the manifest benchmark.")

@@ -29,7 +29,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.input_pipeline import make_photos  # noqa: E402
-from deploy.sim import gcs as gcs_emulator  # noqa: E402
+from testkit import gcs as gcs_emulator  # noqa: E402
 
 # --data_dir, --generate, --image_size, --batch_size, --batches, --workers: input_pipeline's.
 flags.DEFINE_integer("read_threads", 16, "data.read_threads.")

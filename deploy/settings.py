@@ -1,13 +1,15 @@
-"""pod-run's settings: deploy/pod.env overridden by same-named environment variables, read and
-checked once into a frozen `Settings`; what a TPU type implies (runtime, device count).
+"""The settings of `make pod-*` and `make gke-*`: deploy/pod.env overridden by same-named
+environment variables, read and checked once into a frozen RunSettings (the run's own) or a
+door's subclass of it (deploy/tpu_vm/settings.py, deploy/gke/settings.py); what a TPU type
+implies (runtime, device count).
 """
 
 import dataclasses
 import os
 import re
 
-from deploy.gcloud_cli import PodError
-from vitpod.workdir import protocol
+from deploy.shell import DeployError
+from vitpod import protocol
 
 DEFAULTS = {"WORKER": "0", "PLATFORM": "tpu", "PYTHON_VERSION": "3.11.7", "UV_VERSION": "0.13.9",
             "WAIT_TIMEOUT": "7200", "POLL_SECONDS": "60", "MAX_RETRIES": "20",
@@ -31,8 +33,8 @@ def runtime_for(tpu_type: str, runtime_version: str = "") -> str:
         return runtime_version
     generation = tpu_type.rsplit("-", 1)[0]
     if generation not in RUNTIMES:
-        raise PodError(f"TPU_TYPE={tpu_type!r}: set RUNTIME_VERSION too (defaults exist for "
-                       f"{', '.join(RUNTIMES)})")
+        raise DeployError(f"TPU_TYPE={tpu_type!r}: set RUNTIME_VERSION too (defaults exist for "
+                          f"{', '.join(RUNTIMES)})")
     return RUNTIMES[generation]
 
 
@@ -72,15 +74,16 @@ class SliceType:
     runtime: str
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """Every setting, typed; `slice_types` is TPU_TYPES (or TPU_TYPE), most wanted first."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    """The run's own settings, whichever door launches it; `slice_types` is TPU_TYPES (or
+    TPU_TYPE), most wanted first. deploy/tpu_vm and deploy/gke each add their own."""
 
-    project: str
-    zone: str
+    asks_runtime = False  # a TPU type's software version is asked for (TPU VMs), not carried
+
     name: str
     slice_types: tuple[SliceType, ...]
-    queue_timeout: float
+    slice_counts: tuple[int, ...]
     capacity: str
     workdir: str
     config: str
@@ -93,27 +96,12 @@ class Settings:
     platform: str
     python_version: str
     uv_version: str
-    wait_timeout: float
     poll_seconds: float
     max_retries: int
     ready_timeout: float
-    ssh_timeout: float
-    ssh_retries: int
-    describe_retries: int
-    log_sync_seconds: float
-    crash_grace: float
     stall_timeout: float
-    slice_counts: tuple[int, ...]
     coordinator_port: int
     init_timeout: float
-    free_tpu: bool
-    # GKE (deploy/gke): the container image, more flags for its build, the cluster, the
-    # JobSet's namespace, and how long a pod may take to save after its SIGTERM.
-    image: str = ""
-    image_build_flags: str = ""
-    cluster: str = ""
-    namespace: str = "default"
-    grace_seconds: int = 300
     dry_run: bool = False
 
     @property
@@ -127,14 +115,14 @@ class Settings:
         return self.slice_types[0].name if self.slice_types else ""
 
     def require(self, *keys: str) -> None:
-        """PodError unless every named setting is set (and WORKDIR, if named, is gs://)."""
+        """DeployError unless every named setting is set (and WORKDIR, if named, is gs://)."""
         missing = [k for k in keys if not (self.tpu_type if k == "TPU_TYPE"
                                            else getattr(self, k.lower()))]
         if missing:
-            raise PodError(f"set {', '.join(missing)} in deploy/pod.env or on the command line")
+            raise DeployError(f"set {', '.join(missing)} in deploy/pod.env or on the command line")
         if "WORKDIR" in keys and not self.workdir.startswith("gs://"):
-            raise PodError(f"WORKDIR={self.workdir!r}: use a gs:// path; a worker's disk dies "
-                           "with the slice")
+            raise DeployError(f"WORKDIR={self.workdir!r}: use a gs:// path; a worker's disk dies "
+                              "with the slice")
 
 
 def _read_env_file(path: str) -> dict[str, str]:
@@ -148,9 +136,10 @@ def _read_env_file(path: str) -> dict[str, str]:
     return values
 
 
-def load_settings(path: str, env: dict, tpu_vms: bool = True) -> Settings:
-    """DEFAULTS, then the file at `path`, then `env`; every bad value named, one per line.
-    `tpu_vms=False` (GKE) asks no software version of a TPU type: GKE's node pools carry it."""
+def load_settings(path: str, env: dict, settings_type: type = RunSettings):
+    """DEFAULTS, then the file at `path`, then `env`, read as `settings_type` (RunSettings or
+    a door's subclass of it); every bad value named, one per line."""
+    tpu_vms = settings_type.asks_runtime
     raw = {**DEFAULTS, **_read_env_file(path), **{k: env[k] for k in KEYS if k in env}}
     problems = []
 
@@ -197,11 +186,11 @@ def load_settings(path: str, env: dict, tpu_vms: bool = True) -> Settings:
         tpu_type, _, zone = (part.strip() for part in item.partition("@"))
         try:
             runtime = runtime_for(tpu_type, raw.get("RUNTIME_VERSION", "")) if tpu_vms else ""
-        except PodError as e:
+        except DeployError as e:
             problems.append(str(e))
             continue
         slice_types.append(SliceType(tpu_type, zone or raw.get("ZONE", ""), runtime))
-    settings = Settings(
+    values = dict(
         project=raw.get("PROJECT", ""), zone=raw.get("ZONE", ""), name=raw.get("NAME", ""),
         slice_types=tuple(slice_types), queue_timeout=number("QUEUE_TIMEOUT", empty=0.0),
         capacity=raw["CAPACITY"], workdir=raw.get("WORKDIR", ""), config=raw.get("CONFIG", ""),
@@ -221,5 +210,5 @@ def load_settings(path: str, env: dict, tpu_vms: bool = True) -> Settings:
         cluster=raw.get("CLUSTER", ""), namespace=raw["NAMESPACE"],
         grace_seconds=number("GRACE_SECONDS", int), dry_run=env.get("DRY_RUN") == "1")
     if problems:
-        raise PodError("\n".join(problems))
-    return settings
+        raise DeployError("\n".join(problems))
+    return settings_type(**{f.name: values[f.name] for f in dataclasses.fields(settings_type)})

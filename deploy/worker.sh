@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# What `make pod-setup` / `pod-check` run on each TPU worker (deploy/worker_setup.py copies it
+# What `make pod-setup` / `pod-check` run on each TPU worker (deploy/tpu_vm/setup.py copies it
 # into the worker's home):
 #   bash WORKER_SCRIPT setup WHEEL   uv, a Python of its own, the wheel with pinned deps
 #   bash WORKER_SCRIPT check [--free_tpu]   Python, vitpod, who holds the TPU and the devices
 #                                    JAX sees (one line); --free_tpu stops those holders first
-# Settings come from the environment worker_setup.py sets: PYTHON_VERSION, UV_VERSION,
+# Settings come from the environment deploy/job.py (script_vars) sets: PYTHON_VERSION, UV_VERSION,
 # PLATFORM, LOCAL_DEVICES, and optionally PYPI_MIRROR (a package index URL) and PYTHON_MIRROR
 # (where uv downloads interpreters from, for VMs without internet). So do the names of the
-# files in the home (vitpod.workdir.protocol's): VENV, CONFIGS, CONSTRAINTS, CHECK_SCRIPT.
+# files in the home (vitpod.protocol's): VENV, CONFIGS, CONSTRAINTS, CHECK_SCRIPT.
 # The TPU images' python3 is Ubuntu 22.04's 3.10, often without venv/ensurepip, and vitpod
 # needs >= 3.11: the system Python only installs uv, which brings the interpreter.
 set -euo pipefail

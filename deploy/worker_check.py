@@ -18,8 +18,8 @@ import sys
 import time
 
 try:
+    from vitpod import protocol
     from vitpod.errors import one_line
-    from vitpod.workdir import protocol
 except ImportError:  # no vitpod here (what this reports): the message's last line, as one_line
     protocol = None
 

@@ -11,9 +11,12 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 # workdir, is checked by the CLI test, which unsets this.)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="vitpod-test-jax-"))
 
+import contextlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -130,7 +133,7 @@ def assert_params_close(reference: dict, other: dict, atol: float = 1e-5) -> Non
 @pytest.fixture(scope="session")
 def gcs_server():
     """fake-gcs-server on loopback behind the fault proxy; the clients' env points at it."""
-    from deploy.sim import gcs
+    from testkit import gcs
 
     emulator = gcs.Emulator()
     saved = {k: os.environ.get(k) for k in emulator.env()}
@@ -178,7 +181,7 @@ def uninterrupted_losses() -> dict[int, float]:
         scratch = reference.with_name(reference.name + f".{os.getpid()}")
         shutil.rmtree(scratch, ignore_errors=True)
         ran = subprocess.run(
-            [sys.executable, "-m", "vitpod.launch", "--num_processes=2",
+            [sys.executable, "-m", "vitpod.local_hosts", "--num_processes=2",
              "--devices_per_process=4", "--", "--config=configs/demo.py",
              f"--workdir={scratch}", *REHEARSAL_FLAGS,
              f"--config.data.train_dir={digits / 'train'}",
@@ -215,3 +218,37 @@ def run_entrypoint(entrypoint: str, argv: list[str]) -> tuple[int, str, str]:
         for name in set(flags.FLAGS) - before:
             delattr(flags.FLAGS, name)
     return code, out.getvalue(), err.getvalue()
+
+
+@contextlib.contextmanager
+def holding_open(device):
+    """A process vitpod did not start that holds `device` open, as a stale TPU program would;
+    killed at the end whatever happens."""
+    holder = subprocess.Popen([sys.executable, "-c", f"import time; f = open({str(device)!r}); "
+                               "print('held', flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def tiny_run(tmp_path_factory, colors, name: str):
+    """The tiny config trained on `colors` in a fresh local workdir: (workdir, final metrics)."""
+    from vitpod import train
+
+    workdir = tmp_path_factory.mktemp(name)
+    config = load_config("tiny", data__train_dir=str(colors / "train"),
+                         data__val_dir=str(colors / "val"))
+    return workdir, train.run(config, str(workdir))
+
+
+def write_lease(workdir, heartbeat: float) -> None:
+    """A lease on `workdir` held by launch `skewed` on another host, its heartbeat at
+    `heartbeat` (a time.time() value)."""
+    from vitpod import protocol, storage
+
+    storage.write_text(protocol.lease_path(str(workdir)), json.dumps(
+        {"launch": "skewed", "host": "elsewhere", "pid": 1, "heartbeat": heartbeat}))

@@ -1,6 +1,7 @@
 """`python -m vitpod.train` with checkpoint restores failing on one process (tests only).
 
-    VITPOD_TEST_RESTORE_FAULT=PROCESS:TRIES python -m vitpod.launch --module=tests.faulty_train ...
+    VITPOD_TEST_RESTORE_FAULT=PROCESS:TRIES python -m vitpod.local_hosts \
+        --module=tests.faulty_train ...
 
 The first TRIES restores of process PROCESS raise OSError, as a flaky disk or bucket would;
 the other processes restore normally.

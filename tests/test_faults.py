@@ -36,10 +36,10 @@ from tests.conftest import (
     read_losses,
     read_params,
     run_entrypoint,
+    write_lease,
 )
 from vitpod import checkpoint, storage, train, upload
 from vitpod.data import imagefolder, packed, packing, pipeline
-from vitpod.workdir import protocol
 
 STEPS = 6
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
@@ -199,7 +199,7 @@ def test_a_restore_error_is_retried_and_the_run_resumes_from_its_newest_checkpoi
 
 
 def _launch(workdir, data, fault: str, timeout=200):
-    cmd = [sys.executable, "-m", "vitpod.launch", "--num_processes=2",
+    cmd = [sys.executable, "-m", "vitpod.local_hosts", "--num_processes=2",
            "--devices_per_process=4", "--module=tests.faulty_train", "--",
            *_flags(workdir, data)]
     started = time.monotonic()
@@ -293,32 +293,6 @@ def test_a_second_trainer_on_the_workdir_is_refused_and_the_first_keeps_going(co
     assert steps == list(range(1, saved + 1))  # one trainer logged each step, once
     assert (tmp_path / "checkpoints" / str(saved)).is_dir()
     assert not (tmp_path / "lease.json").exists()  # released at its clean exit
-
-
-@pytest.mark.parametrize("where", ["local", "bucket"])
-def test_a_stale_lease_is_taken_over_and_a_fresh_one_refused(where, tmp_path, request,
-                                                             caplog):
-    from vitpod.workdir import lease
-
-    workdir = str(tmp_path)
-    if where == "bucket":
-        request.getfixturevalue("gcs").create_bucket("vitpod-lease")
-        workdir = "gs://vitpod-lease/run"
-    path = protocol.lease_path(workdir)
-    storage.write_text(path, json.dumps({"launch": "gone", "host": "elsewhere", "pid": 1,
-                                         "heartbeat": time.time() - 181}))
-    mine = lease.Lease(workdir, 180)
-    mine.take()
-    assert "taking over the lease on" in caplog.text and "from launch gone on elsewhere: its " \
-        "heartbeat is 181 s old" in caplog.text
-    assert json.loads(storage.read_text(path))["token"] == mine.me["token"]
-    other = lease.Lease(workdir, 180)
-    with pytest.raises(Exception, match=r"is in use by launch .* whose heartbeat is 0 s old"):
-        other.take()
-    mine.release()
-    assert not storage.exists(path)
-    other.take()  # free again
-    other.release()
 
 
 def _bomb_png(path: pathlib.Path, width: int, height: int) -> None:
@@ -570,14 +544,9 @@ def test_an_unreadable_checkpoint_is_not_damaged_it_stops_in_one_line(copy, colo
     assert _snapshot(copy) == before
 
 
-def _lease(workdir, heartbeat: float) -> None:
-    storage.write_text(protocol.lease_path(str(workdir)), json.dumps(
-        {"launch": "skewed", "host": "elsewhere", "pid": 1, "heartbeat": heartbeat}))
-
-
 def test_a_heartbeat_ahead_of_the_clock_goes_stale_from_when_it_was_first_seen(
         copy, colors, reference, caplog):
-    _lease(copy, time.time() + 3600)  # written by a host whose clock was an hour ahead
+    write_lease(copy, time.time() + 3600)  # written by a host whose clock was an hour ahead
     started = time.monotonic()
     train.run(_config(colors, lease_timeout_minutes=0.05), str(copy))
     assert time.monotonic() - started > 3
@@ -586,27 +555,6 @@ def test_a_heartbeat_ahead_of_the_clock_goes_stale_from_when_it_was_first_seen(
                      r"unchanged for 3 s", caplog.text), caplog.text[-3000:]
     assert _logged_steps(copy) == list(range(1, STEPS + 1)) and (copy / "DONE").exists()
     assert_params_close(read_params(reference, STEPS), read_params(copy, STEPS))
-
-
-def test_a_heartbeat_ahead_of_the_clock_that_moves_on_is_a_live_run(tmp_path):
-    from vitpod.workdir import lease
-
-    stop = threading.Event()
-
-    def beat():  # a live holder whose clock is an hour ahead
-        while not stop.wait(0.2):
-            _lease(tmp_path, time.time() + 3600)
-
-    _lease(tmp_path, time.time() + 3600)
-    beating = threading.Thread(target=beat, daemon=True)
-    beating.start()
-    try:
-        with pytest.raises(Exception, match=r"is in use by launch skewed on host elsewhere \(pid "
-                           r"1\), whose heartbeat is 3\d\d\d s ahead of this host's clock; "):
-            lease.Lease(str(tmp_path), 3).take()
-    finally:
-        stop.set()
-        beating.join()
 
 
 SIGTERM_AT_RESTORE = """

@@ -5,8 +5,8 @@ Each test gives the input a user gave, checks the whole line the user sees (`err
 exit code 2 for vitpod, exit code 1 for deploy/), and that nothing was written or uploaded that
 should not be: links out of the uploaded tree stay behind unless asked for, a refused export
 leaves --out as it was, a refused hf prepare leaves no folder. Entrypoints run in this process
-through their real exit path (`cli.run`), as in tests/test_errors.py; deploy.pod runs as
-`python3 -m deploy.pod` with DRY_RUN=1, as in tests/test_deploy.py.
+through their real exit path (`cli.run`), as in tests/test_errors.py; deploy.tpu_vm runs as
+`python3 -m deploy.tpu_vm` with DRY_RUN=1, as in tests/test_tpu_vm.py.
 """
 
 import logging
@@ -176,7 +176,7 @@ def _pod(verb: str, **settings) -> subprocess.CompletedProcess:
     env = {**os.environ, "POD_ENV": os.devnull, "DRY_RUN": "1", "PROJECT": "proj",
            "ZONE": "us-central2-b", "NAME": "vp", "TPU_TYPE": "v4-16", "PLATFORM": "tpu",
            **settings}
-    return subprocess.run([sys.executable, "-m", "deploy.pod", verb], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "deploy.tpu_vm", verb], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 

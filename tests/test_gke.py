@@ -15,22 +15,23 @@ import jax
 import pytest
 import yaml
 
-from deploy.gcloud_cli import PodError
-from deploy.gke import image, jobset, tpus, yamltext
+from deploy import tpu_types as tpus
+from deploy.gke import image, jobset, yamltext
 from deploy.gke.__main__ import main as gke_main
 from deploy.gke.schema import JOBSET, schema_errors
+from deploy.gke.settings import GkeSettings
 from deploy.settings import load_settings, slice_devices
+from deploy.shell import DeployError
 from deploy.sim.jobset_controller import container_code
 from tests.conftest import ROOT
-from vitpod import distributed
-from vitpod.workdir import protocol
+from vitpod import distributed, protocol
 
 BASE = {"NAME": "vit-run", "TPU_TYPE": "v5litepod-16", "WORKDIR": "gs://bkt/runs/a",
         "CONFIG": "configs/demo.py", "IMAGE": "us-docker.pkg.dev/proj/repo/vitpod:v1"}
 
 
 def settings(**overrides):
-    return load_settings(os.devnull, {**BASE, **overrides}, tpu_vms=False)
+    return load_settings(os.devnull, {**BASE, **overrides}, GkeSettings)
 
 
 # --- The JobSet API (jobset.x-k8s.io/v1alpha2): deploy/gke/schema.py -----------------------
@@ -82,7 +83,7 @@ def _pod_spec(doc):
 def test_every_type_makes_a_jobset_of_its_shape(slices):
     for name, t in tpus.known_types().items():
         if slices > 1 and t.vms_per_slice == 1:  # GKE's Multislice takes multi-host pools only
-            with pytest.raises(PodError, match="Multislice on multi-host TPU node pools only"):
+            with pytest.raises(DeployError, match="Multislice on multi-host TPU node pools only"):
                 jobset.build(settings(TPU_TYPE=name, NUM_SLICES=str(slices)))
             continue
         doc = jobset.build(settings(TPU_TYPE=name, NUM_SLICES=str(slices)))

@@ -10,11 +10,13 @@ import time
 
 import pytest
 
-from deploy.gcloud_cli import PodError
+from deploy import job
 from deploy.gke import jobset
 from deploy.gke import run as gke_run
+from deploy.gke.settings import GkeSettings
 from deploy.settings import load_settings
-from deploy.sim import cloud_state, kubectl
+from deploy.shell import DeployError
+from deploy.sim import cloud_state
 
 BUILD = jobset.build  # the real one: the tests patch it in deploy.gke.run
 POD = r"""
@@ -63,10 +65,10 @@ def cluster(tmp_path, monkeypatch):
     (tmp_path / "work").mkdir()
     monkeypatch.setenv("SIM_DIR", str(sim))
     monkeypatch.setenv("PATH", f"{sim / 'bin'}:{os.environ['PATH']}")
-    kubectl.install(str(sim / "bin"))
+    cloud_state.install_shim(str(sim / "bin"), "kubectl", "deploy.sim.kubectl")
     (sim / "scenario.json").write_text(json.dumps({"image_root": str(tmp_path / "image"),
                                                    "worker_env": {}}))
-    monkeypatch.setattr(gke_run, "preflight", lambda *a, **kw: None)
+    monkeypatch.setattr(job, "preflight", lambda *a, **kw: None)
     monkeypatch.setattr(gke_run.GkeRun, "report", lambda self: print("report"))
     yield tmp_path
     for pid in cloud_state.node_processes():
@@ -88,7 +90,7 @@ def make_run(tmp_path, monkeypatch, plan, build=BUILD, **env):
         "NAME": "vit-run", "TPU_TYPE": "v5litepod-8", "NUM_SLICES": "2", "WORKDIR":
         "gs://bkt/run", "CONFIG": "configs/demo.py", "IMAGE": "img", "POLL_SECONDS": "0.3",
         "GRACE_SECONDS": "5", "MAX_RETRIES": "2", "READY_TIMEOUT": "60", **env},
-        tpu_vms=False)
+        GkeSettings)
     return gke_run.GkeRun(settings, gcloud=Bucket(tmp_path / "work"))
 
 
@@ -111,7 +113,7 @@ def test_a_restarted_jobset_runs_to_done_and_is_deleted(cluster, monkeypatch, ca
 
 
 def test_a_crash_fails_the_jobset_in_one_line_with_the_pods_log(cluster, monkeypatch, capsys):
-    with pytest.raises(PodError) as failed:
+    with pytest.raises(DeployError) as failed:
         make_run(cluster, monkeypatch, "crash").run()
     message = str(failed.value)
     assert message.startswith("the JobSet failed (FailedJobs: applying FailJobSet failure "
@@ -130,7 +132,7 @@ def test_the_simulated_api_server_refuses_a_misspelt_field(cluster, monkeypatch)
         doc["spec"]["failurePolicy"]["maxRestart"] = 3
         return doc
 
-    with pytest.raises(PodError, match=r"kubectl apply refused the JobSet: The JobSet "
+    with pytest.raises(DeployError, match=r"kubectl apply refused the JobSet: The JobSet "
                                        r"\"vit-run\" is invalid: .*'maxRestart' is not a field"):
         make_run(cluster, monkeypatch, "crash", build=misspelt).run()
 
@@ -150,7 +152,7 @@ def test_gke_logs_prefixes_each_pods_lines_with_its_worker(cluster, monkeypatch,
 
 
 def test_a_jobset_that_makes_no_progress_is_stopped_as_hung(cluster, monkeypatch, capsys):
-    with pytest.raises(PodError, match=r"no progress for 5 s \(STALL_TIMEOUT\): the newest "
+    with pytest.raises(DeployError, match=r"no progress for 5 s \(STALL_TIMEOUT\): the newest "
                                        r"launch record was never written; the trainers look "
                                        r"hung \(log tails above\); deleted the JobSet"):
         make_run(cluster, monkeypatch, "idle", STALL_TIMEOUT="5").run()
@@ -162,14 +164,14 @@ def test_a_spot_run_without_timed_saves_is_warned_in_one_line(monkeypatch, capsy
     def settings(**env):
         return load_settings(os.devnull, {"NAME": "vit-run", "TPU_TYPE": "v5litepod-8",
                                           "WORKDIR": "gs://bkt/run", "CONFIG": "configs/demo.py",
-                                          "IMAGE": "img", "DRY_RUN": "1", **env}, tpu_vms=False)
+                                          "IMAGE": "img", "DRY_RUN": "1", **env}, GkeSettings)
 
     flags = "--config.save_every_minutes"
     assert gke_run.save_every_minutes(settings(TRAIN_FLAGS=f"{flags}=0 {flags}=15")) == 15
     assert gke_run.save_every_minutes(settings(TRAIN_FLAGS=f"{flags} 0")) == 0
     assert gke_run.save_every_minutes(settings(CONFIG="configs/vit_s16_i1k.py")) == 15
     assert gke_run.save_every_minutes(settings()) == 0  # configs/demo.py: the default, off
-    monkeypatch.setattr(gke_run, "preflight", lambda *a, **kw: None)
+    monkeypatch.setattr(job, "preflight", lambda *a, **kw: None)
 
     def warnings(**env):
         gke_run.GkeRun(settings(**env)).run()

@@ -24,7 +24,7 @@ from deploy.gke import image as gke_image
 from deploy.gke.jobset import IMAGE_HOME, IMAGE_PYTHON
 from deploy.sim import container
 from tests.conftest import ROOT, read_losses
-from vitpod.workdir import protocol
+from vitpod import protocol
 
 pytestmark = pytest.mark.image
 

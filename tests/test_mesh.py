@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from deploy.gke import tpus
+from deploy import tpu_types as tpus
 from tests.conftest import load_config
 from vitpod import device_order, mesh, steps
 from vitpod.errors import UserError

@@ -10,8 +10,15 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, assert_params_close, load_config, read_losses, read_params
-from vitpod import distributed, mesh, train
+from tests.conftest import (
+    ROOT,
+    assert_params_close,
+    load_config,
+    read_losses,
+    read_params,
+    tiny_run,
+)
+from vitpod import local_hosts, mesh, train
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +31,7 @@ def _launch(workdir, data, *extra, processes=2, devices=4, timeout=240, env=None
     """A local job; 2 x 4 devices in a v4-16's device order unless `topology` says otherwise."""
     if topology is None:
         topology = V4_16 if (processes, devices) == (2, 4) else ""
-    cmd = [sys.executable, "-m", "vitpod.launch", f"--num_processes={processes}",
+    cmd = [sys.executable, "-m", "vitpod.local_hosts", f"--num_processes={processes}",
            f"--devices_per_process={devices}", f"--topology={topology}", "--",
            "--config=configs/tiny.py",
            f"--workdir={workdir}", f"--config.data.train_dir={data / 'train'}",
@@ -35,10 +42,7 @@ def _launch(workdir, data, *extra, processes=2, devices=4, timeout=240, env=None
 
 @pytest.fixture(scope="module")
 def one_by_eight(tmp_path_factory, colors):
-    workdir = tmp_path_factory.mktemp("1x8")
-    config = load_config("tiny", data__train_dir=str(colors / "train"),
-                         data__val_dir=str(colors / "val"))
-    return workdir, train.run(config, str(workdir))
+    return tiny_run(tmp_path_factory, colors, "1x8")
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +114,7 @@ def test_resume_on_another_number_of_hosts_continues_the_same_batches(
 
 
 def test_launcher_stops_the_job_when_a_process_dies(colors, tmp_path):
-    cmd = [sys.executable, "-m", "vitpod.launch", "--num_processes=2",
+    cmd = [sys.executable, "-m", "vitpod.local_hosts", "--num_processes=2",
            "--devices_per_process=4", "--", "--config=configs/tiny.py",
            f"--workdir={tmp_path}", f"--config.data.train_dir={colors / 'train'}",
            "--config.total_steps=100000", "--config.save_every=100000"]
@@ -141,7 +145,7 @@ def _gone(pid: int) -> bool:
 
 
 def test_hosts_launched_with_different_configs_refuse_to_start(colors, tmp_path):
-    port = distributed.free_port()
+    port = local_hosts.free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     procs = [subprocess.Popen(

@@ -89,7 +89,7 @@ def test_the_rehearsal_derives_the_job_as_jax_does_from_tpu_metadata(monkeypatch
     JAX_COORDINATOR_PORT)."""
     from jax._src.clusters import cloud_tpu_cluster
 
-    from vitpod.workdir import protocol
+    from vitpod import protocol
 
     env = {**protocol.sim_metadata_env("10.0.0.7", 2, worker),
            protocol.COORDINATOR_PORT_ENV: "8476"}

@@ -68,7 +68,7 @@ def _assert_matches(workdir, reference_dir):
 @pytest.mark.parametrize("target", ["process 1", "launcher"])
 def test_sigterm_to_a_two_process_run_saves_at_an_agreed_step_and_resumes(
         target, colors, tmp_path, reference):
-    launch = [sys.executable, "-m", "vitpod.launch", "--num_processes=2",
+    launch = [sys.executable, "-m", "vitpod.local_hosts", "--num_processes=2",
               "--devices_per_process=4", "--"]
     proc = _start(launch + _flags(tmp_path, colors))
     pids = [int(line.split("pid")[1]) for line in _wait_for(proc, "process 1: pid")

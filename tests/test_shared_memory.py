@@ -7,6 +7,7 @@ import pytest
 
 from deploy.gke import jobset
 from deploy.gke.schema import JOBSET, schema_errors
+from deploy.gke.settings import GkeSettings
 from deploy.settings import load_settings
 from vitpod.data import shared_memory
 from vitpod.errors import UserError
@@ -63,7 +64,7 @@ def test_the_jobset_mounts_a_memory_backed_dev_shm(tpu_type, slices):
     doc = jobset.build(load_settings(os.devnull, {
         "NAME": "vit-run", "TPU_TYPE": tpu_type, "NUM_SLICES": str(slices),
         "WORKDIR": "gs://bkt/runs/a", "CONFIG": "configs/demo.py", "IMAGE": "img"},
-        tpu_vms=False))
+        GkeSettings))
     assert schema_errors(doc, JOBSET) == []
     pod = doc["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]

@@ -2,7 +2,9 @@
 
 Every key a run can read is declared here with its default; config files in `configs/`
 override them. Sub-configs (`data`, `model`, `optim`, `mesh`) go only to the module that
-owns them.
+owns them, a single value to a module that needs one; the whole config goes only where all
+of it is needed: the train step (seed, data, model, optim, mix, accumulation), the run's
+record (`config_record`, `workdir/files`) and the hosts' agreement on it (`distributed`).
 """
 
 import math

@@ -8,7 +8,6 @@ manifest) they decide identically, through the coordinator or a collective.
 import glob
 import hashlib
 import os
-import socket
 from collections.abc import Callable
 
 import jax
@@ -16,9 +15,12 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vitpod import config_record, storage
+from vitpod import (
+    config_record,
+    protocol,  # a leaf: standard library only
+    storage,
+)
 from vitpod.errors import UserError
-from vitpod.workdir import protocol  # a leaf: standard library only
 
 
 def _on_cloud_tpu_vm() -> bool:
@@ -105,13 +107,6 @@ def check_devices(expect_platform: str = "", expect_devices: int = 0) -> str:
 _HELD_HINT = ("most likely another process holds the accelerator (a stale trainer: "
               "make pod-launch stops it by its pid file; or see `sudo lsof /dev/accel* "
               "/dev/vfio/*`), or the worker's jax lacks the tpu extra (make pod-setup)")
-
-
-def free_port() -> int:
-    """A free TCP port on loopback, for a local coordinator."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_same_config(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -12,3 +12,7 @@ def one_line(text: object) -> str:
     """The last non-blank line of a message (or an exception's text): what a user is shown."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     return lines[-1] if lines else "unknown error"
+
+
+class NotFound(UserError):
+    """A file or object that is not there (its bucket is)."""

@@ -23,8 +23,8 @@ import ml_collections
 import numpy as np
 
 from vitpod import config as config_lib
+from vitpod import protocol  # a leaf: standard library only
 from vitpod.errors import UserError
-from vitpod.workdir import protocol  # a leaf: standard library only
 
 # Batch rows are split over both axes; params are replicated over 'data', sharded over 'fsdp'.
 BATCH_AXES = ("data", "fsdp")

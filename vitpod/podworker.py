@@ -11,30 +11,18 @@ supervisor runs the command with its output in the log file, copies the log to t
 as it grows (a preempted VM takes its disk with it) and marks the worker started and exited
 (`train` marks it joining at its start and ready once `jax.distributed` is up and its devices
 are checked). Where logs and markers go, and the launch id and worker index this reads from
-the environment, are `vitpod.workdir.protocol`'s; without that environment nothing is marked.
+the environment, are `vitpod.protocol`'s; without that environment nothing is marked.
 """
 
 import argparse
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-from vitpod import storage
-from vitpod.workdir import protocol
-
-
-def mark(workdir: str, marker: str, **info) -> None:
-    """Write WORKDIR/launches/LAUNCH/worker-N.MARKER (JSON) when launched by `make pod-launch`
-    (`marker`: one of protocol.MARKERS)."""
-    launch_id, worker = os.environ.get(protocol.LAUNCH_ENV), os.environ.get(protocol.WORKER_ENV)
-    if not launch_id or worker is None:
-        return
-    info = {"worker": int(worker), "host": socket.gethostname(), "time": time.time(), **info}
-    storage.write_text(protocol.marker_path(workdir, launch_id, worker, marker), json.dumps(info))
+from vitpod import protocol, storage
+from vitpod.workdir.markers import mark
 
 
 def _our_group(pidfile: str) -> int | None:

@@ -13,9 +13,9 @@ import sys
 
 from absl import flags
 
-from vitpod import cli, storage
+from vitpod import cli, protocol, storage
 from vitpod.errors import UserError
-from vitpod.workdir import goodput, protocol
+from vitpod.workdir import goodput
 
 
 def define_flags() -> None:

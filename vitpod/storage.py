@@ -4,27 +4,24 @@ Everything else passes path strings. Cloud I/O uses google-cloud-storage, whose 
 already backs off exponentially on 429, 5xx and dropped connections; every call here passes it
 (uploads included: each of our writes replaces a whole object, so repeating one is safe).
 Permanent errors (403, 404, a missing bucket, no credentials) become UserError naming the
-bucket or object and the likely cause. orbax and TensorBoard reach gs:// through their own
-clients (tensorstore, gcsfs, google-cloud-storage) and read the same credentials.
+bucket or object and the likely cause (the client and that mapping are vitpod/gcs.py). orbax
+and TensorBoard reach gs:// through their own clients (tensorstore, gcsfs,
+google-cloud-storage) and read the same credentials.
 """
 
 import concurrent.futures
-import contextlib
 import json
 import os
 import posixpath
-import threading
 
-from vitpod import localfs
-from vitpod.errors import UserError
-from vitpod.workdir import protocol  # a leaf: standard library only
+from vitpod import (
+    gcs,
+    localfs,
+    protocol,  # a leaf: standard library only
+)
+from vitpod.errors import NotFound, UserError
 
-GCS = "gs://"
-_local = threading.local()
-
-
-class NotFound(UserError):
-    """A file or object that is not there (its bucket is)."""
+GCS = gcs.GCS
 
 
 def is_gcs(path: str) -> bool:
@@ -39,76 +36,11 @@ def absolute(path: str) -> str:
     return path.rstrip("/") if is_gcs(path) else os.path.abspath(path)
 
 
-def split(path: str) -> tuple[str, str]:
-    """gs://bucket/a/b -> ('bucket', 'a/b')."""
-    bucket, _, name = path[len(GCS):].partition("/")
-    if not bucket:
-        raise UserError(f"{path!r} names no bucket; write gs://BUCKET/PATH")
-    return bucket, name
-
-
-def _retry():
-    from google.cloud.storage.retry import DEFAULT_RETRY
-
-    return DEFAULT_RETRY.with_deadline(600.0)
-
-
-def _client():
-    """One client per thread (and per process: grain workers start fresh)."""
-    client = getattr(_local, "client", None)
-    if client is None or _local.pid != os.getpid():
-        from google.cloud import storage
-
-        with _errors("gs://"):
-            client = storage.Client()
-        _local.client, _local.pid = client, os.getpid()
-    return client
-
-
-def _blob(path: str):
-    bucket, name = split(path)
-    return _client().bucket(bucket).blob(name)
-
-
-@contextlib.contextmanager
-def _errors(path: str):
-    """Permanent cloud errors -> one UserError naming what failed and what to check."""
-    from google.api_core import exceptions
-    from google.auth import exceptions as auth_exceptions
-
-    bucket = split(path)[0] if is_gcs(path) and len(path) > len(GCS) else "?"
-    try:
-        yield
-    except exceptions.NotFound:
-        if _bucket_missing(bucket):
-            raise UserError(f"bucket gs://{bucket} does not exist ({path}); check the bucket "
-                            "name for a typo, or create the bucket") from None
-        raise NotFound(f"{path} does not exist") from None
-    except (exceptions.Forbidden, exceptions.Unauthorized) as e:
-        raise UserError(
-            f"permission denied on gs://{bucket} ({path}): HTTP {e.code}; check the "
-            "credentials (`gcloud auth application-default login`, or on a VM the service "
-            "account's storage scope and its roles on the bucket)") from None
-    except auth_exceptions.DefaultCredentialsError:
-        raise UserError(f"no Google Cloud credentials to reach {path}; run `gcloud auth "
-                        "application-default login`, or run on a VM with a service account"
-                        ) from None
-
-
-def _bucket_missing(bucket: str) -> bool:
-    from google.api_core import exceptions
-
-    try:
-        return not _client().bucket(bucket).exists(retry=_retry())
-    except exceptions.GoogleAPICallError:  # e.g. may read objects but not bucket metadata
-        return False
-
-
 def exists(path: str) -> bool:
     if not is_gcs(path):
         return os.path.exists(path)
-    with _errors(path):
-        return _blob(path).exists(retry=_retry())
+    with gcs.errors(path):
+        return gcs.blob(path).exists(retry=gcs.retry())
 
 
 def read_bytes(path: str) -> bytes:
@@ -118,8 +50,8 @@ def read_bytes(path: str) -> bytes:
                 return f.read()
         except FileNotFoundError:
             raise NotFound(f"{path} does not exist") from None
-    with _errors(path):
-        return _blob(path).download_as_bytes(retry=_retry())
+    with gcs.errors(path):
+        return gcs.blob(path).download_as_bytes(retry=gcs.retry())
 
 
 def read_text(path: str) -> str:
@@ -129,16 +61,16 @@ def read_text(path: str) -> str:
 def write_bytes(path: str, data: bytes) -> None:
     """Whole-file write that readers never see half done (rename locally; GCS objects are)."""
     if is_gcs(path):
-        with _errors(path):
-            _blob(path).upload_from_string(data, retry=_retry())
+        with gcs.errors(path):
+            gcs.blob(path).upload_from_string(data, retry=gcs.retry())
         return
     localfs.write_bytes(path, data)
 
 
 def upload_file(local_path: str, path: str) -> None:
     """Copy a local file to gs://path, streamed from the file (a shard is never all in memory)."""
-    with _errors(path):
-        _blob(path).upload_from_filename(local_path, retry=_retry())
+    with gcs.errors(path):
+        gcs.blob(path).upload_from_filename(local_path, retry=gcs.retry())
 
 
 def write_text(path: str, text: str) -> None:
@@ -159,44 +91,6 @@ def read_json(path: str, remedy: str, shape=None):
         raise UserError(f"{path} is damaged (not what vitpod writes there: {wrong[:120]}); "
                         f"{remedy}")
     return value
-
-
-class Changed(Exception):
-    """A conditional write found the object changed since it was read."""
-
-
-def read_versioned(path: str) -> tuple[bytes | None, int]:
-    """gs://path's bytes and generation ((None, 0) when absent), for write_if_unchanged."""
-    from google.api_core import exceptions
-
-    bucket, name = split(path)
-    with _errors(path):
-        while True:
-            blob = _client().bucket(bucket).get_blob(name, retry=_retry())
-            if blob is None:
-                return None, 0
-            try:
-                return (blob.download_as_bytes(if_generation_match=blob.generation,
-                                               retry=_retry()), blob.generation)
-            except (exceptions.PreconditionFailed, exceptions.NotFound):
-                continue  # replaced or deleted between the two requests
-
-
-def write_if_unchanged(path: str, data: bytes | None, generation: int) -> int:
-    """Replace gs://path (data None: delete it) only if its generation is still `generation`
-    (0: only if absent); returns the new generation, or raises Changed."""
-    from google.api_core import exceptions
-
-    blob = _blob(path)
-    try:
-        with _errors(path):
-            if data is None:
-                blob.delete(if_generation_match=generation, retry=_retry())
-                return 0
-            blob.upload_from_string(data, if_generation_match=generation, retry=_retry())
-            return blob.generation
-    except (exceptions.PreconditionFailed, NotFound):
-        raise Changed(path) from None
 
 
 def makedirs(path: str) -> None:
@@ -234,10 +128,10 @@ class Appender:
 def isdir(path: str) -> bool:
     if not is_gcs(path):
         return os.path.isdir(path)
-    bucket, name = split(path)
+    bucket, name = gcs.split(path)
     prefix = name.rstrip("/") + "/" if name else ""
-    with _errors(path):
-        blobs = _client().list_blobs(bucket, prefix=prefix, max_results=1, retry=_retry())
+    with gcs.errors(path):
+        blobs = gcs.client().list_blobs(bucket, prefix=prefix, max_results=1, retry=gcs.retry())
         return any(True for _ in blobs)
 
 
@@ -245,10 +139,10 @@ def subdirs(path: str) -> list[str]:
     """Names of the folders directly under `path`, sorted."""
     if not is_gcs(path):
         return sorted(e.name for e in os.scandir(path) if e.is_dir())
-    bucket, name = split(path)
+    bucket, name = gcs.split(path)
     prefix = name.rstrip("/") + "/" if name else ""
-    with _errors(path):
-        pages = _client().list_blobs(bucket, prefix=prefix, delimiter="/", retry=_retry())
+    with gcs.errors(path):
+        pages = gcs.client().list_blobs(bucket, prefix=prefix, delimiter="/", retry=gcs.retry())
         for _ in pages:
             pass
         return sorted(p[len(prefix):].rstrip("/") for p in pages.prefixes)
@@ -272,11 +166,11 @@ def files_below(path: str, hidden: bool = True, skipped: list | None = None,
 
 def objects_below(path: str) -> list[tuple[str, object]]:
     """(name relative to gs://path, blob) of every object under it, in one paged listing."""
-    bucket, name = split(path)
+    bucket, name = gcs.split(path)
     prefix = name.rstrip("/") + "/" if name else ""
-    with _errors(path):
+    with gcs.errors(path):
         return [(b.name[len(prefix):], b)
-                for b in _client().list_blobs(bucket, prefix=prefix, retry=_retry())]
+                for b in gcs.client().list_blobs(bucket, prefix=prefix, retry=gcs.retry())]
 
 
 def parallel_map(fn, items, threads: int = 32) -> list:

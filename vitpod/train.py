@@ -6,9 +6,11 @@ Relaunching the same command with the same workdir continues from the latest che
 a finished run (DONE in the workdir) says so and exits 0.
 """
 
+import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -19,11 +21,11 @@ from vitpod import (
     checkpoint,
     cli,
     distributed,
-    evaluation,
+    loop,
     metrics,
     model,
     optim,
-    podworker,
+    protocol,
     steps,
     storage,
 )
@@ -32,18 +34,10 @@ from vitpod import mesh as mesh_lib
 from vitpod.data import imagefolder, pipeline, shared_memory
 from vitpod.errors import UserError
 from vitpod.formats import detect, hf
-from vitpod.preemption import Preemption, SaveClock, Stopped, stop_before_training
+from vitpod.preemption import Preemption, Stopped, stop_before_training
 from vitpod.workdir import files as workdir_files
-from vitpod.workdir import goodput, lease, protocol
-
-
-def eval_row(eval_step, params, split: imagefolder.Split, config, mesh) -> dict:
-    """The eval row: exact metrics over every readable image of `split` (evaluation.eval_split)."""
-    result = evaluation.eval_split(eval_step, params, split, config.data,
-                                   config_lib.eval_batch_size(config), mesh)
-    return {f"eval/{k}": result[k] for k in ("loss", "accuracy", "top5_accuracy", "count",
-                                            "skipped")}
-
+from vitpod.workdir import goodput, lease
+from vitpod.workdir.markers import mark
 
 _PROCESS_START = time.time()  # this module's import: a launch's start, before JAX's start-up
 
@@ -95,14 +89,14 @@ def _run(config, workdir, stop_after, profile, start_time, start_over) -> dict:
                      final.get("step", config.total_steps))
         return final
     distributed.check_same_config(config, workdir)
-    workdir_files.enable_compile_cache(config, workdir)
+    workdir_files.enable_compile_cache(config.compile_cache, workdir)
     manifest_path = storage.join(workdir, "manifest.json")
 
     distributed.primary_first(lambda: workdir_files.record_run(config, workdir, manifest_path),
                               "check the workdir and record the run")
     with lease.held(workdir, config.lease_timeout_minutes) as check_lease:
-        return _run_leased(config, workdir, stop_after, tracer, start_time, init_from,
-                           manifest_path, done_path, check_lease, start_over)
+        return _run_leased(_Launch(config, workdir, stop_after, start_over, start_time,
+                                   tracer, init_from, manifest_path, done_path, check_lease))
 
 
 def _check_model(config) -> None:
@@ -113,10 +107,27 @@ def _check_model(config) -> None:
     jax.eval_shape(optim.make(config.optim, config.total_steps).init, params)
 
 
-def _run_leased(config, workdir, stop_after, tracer, start_time, init_from, manifest_path,
-                done_path, check_lease, start_over=False) -> dict:
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """One launch of run(), as the leased part needs it."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    stop_after: int
+    start_over: bool
+    start_time: float | None
+    tracer: metrics.Tracer
+    init_from: object  # a checkpoint read by formats.detect, or None until needed
+    manifest_path: str
+    done_path: str
+    check_lease: Callable[[], None]
+
+
+def _run_leased(launch: _Launch) -> dict:
     """run() from the restore on, while process 0 holds the workdir's lease."""
-    splits = imagefolder.load(manifest_path)
+    config, workdir, stop_after = launch.config, launch.workdir, launch.stop_after
+    tracer, done_path = launch.tracer, launch.done_path
+    splits = imagefolder.load(launch.manifest_path)
     logging.info("train: %d images in %d classes from %s", len(splits["train"].files),
                  len(splits["train"].classes), splits["train"].root)
     logging.info("decode worker processes per host: %d (data.num_workers=%d)",
@@ -136,11 +147,11 @@ def _run_leased(config, workdir, stop_after, tracer, start_time, init_from, mani
     num_classes = len(splits["train"].classes)
     init = steps.state_initializer(config, num_classes, tx, mesh)
     checkpoints = storage.join(storage.absolute(workdir), "checkpoints")
-    if not start_over:
+    if not launch.start_over:
         distributed.primary_first(lambda: goodput.check_kept(
             workdir, checkpoints, checkpoint.listed(checkpoints)), "check the checkpoints")
     ckpt = checkpoint.manager(checkpoints, config.keep_checkpoints)
-    record = goodput.Record(workdir, jax.process_index() == 0, start_time or time.time())
+    record = goodput.Record(workdir, jax.process_index() == 0, launch.start_time or time.time())
     before = time.time()
     start, state = checkpoint.restore_latest(ckpt, jax.eval_shape(init, None))
     if 0 < stop_after <= start < config.total_steps:
@@ -153,7 +164,7 @@ def _run_leased(config, workdir, stop_after, tracer, start_time, init_from, mani
     if state is None:
         weights = None
         if config.model.init_from:
-            init_from = init_from or detect.read(config.model.init_from)
+            init_from = launch.init_from or detect.read(config.model.init_from)
             weights = hf.load_params(init_from, config.model, config.data.image_size,
                                      splits["train"].classes)
         state = init(weights)
@@ -163,8 +174,9 @@ def _run_leased(config, workdir, stop_after, tracer, start_time, init_from, mani
     try:
         preemption = Preemption()
         metrics_writer = metrics.Writer(workdir, jax.process_index() == 0)
-        final = _train(config, splits, mesh, tx, state, start, ckpt, metrics_writer,
-                       preemption, stop_after, tracer, record, check_lease)
+        final = loop.run(loop.Loop(config, splits, mesh, tx, ckpt, metrics_writer, preemption,
+                                   record, tracer, stop_after, launch.check_lease), state,
+                             start)
         ckpt.wait_until_finished()
         record.saves_finished()
     except BaseException as e:
@@ -191,70 +203,6 @@ def _run_leased(config, workdir, stop_after, tracer, start_time, init_from, mani
         final["goodput"] = goodput.summarize(goodput.read_records(workdir))
         storage.write_text(done_path, json.dumps(final))
     return final
-
-
-def _train(config, splits, mesh, tx, state, start, ckpt, writer, preemption, stop_after,
-           tracer, record, check_lease=lambda: None) -> dict:
-    """The loop from step start+1: train, log, save, evaluate; returns the last metrics."""
-    num_classes = len(splits["train"].classes)
-    graphdef, _ = model.abstract_model(config.model, config.data.image_size, num_classes)
-    train_step = steps.make_train_step(graphdef, tx, mesh, config)
-    eval_step = steps.make_eval_step(graphdef, mesh, config.data)
-    lr_at = optim.schedule(config.optim, config.total_steps)
-    progress = metrics.Progress(start, config.total_steps, config.batch_size)
-    sharding = steps.batch_sharding(mesh)
-    batches = pipeline.train_batches(splits["train"], config.data, config.seed,
-                                     config.batch_size, start, config.total_steps,
-                                     mesh_lib.this_host_rows(sharding, config.batch_size))
-    warn = pipeline.SkipWarner(splits["train"])
-    clock = SaveClock(config.save_every_minutes)
-    window, fetched, skipped, final, step = [], [], 0.0, {}, start
-    waited = 0.0  # seconds the loop spent waiting for input since the last log row
-    for step in range(start + 1, config.total_steps + 1):
-        tracer.at(step, state)
-        before = time.perf_counter()
-        host_batch = next(batches)
-        waited += time.perf_counter() - before
-        warn(host_batch)
-        batch = pipeline.to_global(host_batch, sharding, config.batch_size)
-        state, step_metrics = train_step(state, batch)
-        if step == start + 1:  # one sync per launch: when its first step is done
-            jax.block_until_ready(state)
-            record.first_step()
-        window.append(step_metrics)  # fetched only at log and save steps: no per-step sync
-        last = step == config.total_steps
-        stop = ("stopped as asked" if step == stop_after and not last else
-                "preempted" if preemption.reached(step) else "")
-        log = step % config.log_every == 0 or last or bool(stop)
-        save = step % config.save_every == 0 or last or bool(stop) or (log and clock.due())
-        if log or save:
-            fetched += metrics.fetch_finite(window, step)  # never save a state that saw a NaN
-            window = []
-        if log:
-            row, skipped = metrics.train_row(fetched, skipped, float(lr_at(step - 1)))
-            row["train/img_per_sec"], seconds = progress.tick(step)
-            row["train/data_wait"] = waited / max(seconds, 1e-9)
-            waited = 0.0
-            check_lease()  # before writing: a run that lost the workdir writes no more
-            writer.write(step, row)
-            record.progress(step)
-            if jax.process_index() == 0:
-                progress.line(step, row)
-            fetched, final = [], {**final, **row}
-            metrics.check_skips(skipped, (step - start) * config.batch_size, config.data)
-        if save:
-            checkpoint.save(ckpt, step, state)
-            record.saving(step)
-            clock.saved()
-        if "val" in splits and ((config.eval_every and step % config.eval_every == 0) or last):
-            evaluated = eval_row(eval_step, steps.eval_params(state), splits["val"], config, mesh)
-            final.update(metrics.log_eval(writer, step, evaluated))
-        if stop:
-            return {**final, "step": step, "stopped": stop}
-    if start == config.total_steps and "val" in splits:  # stopped between last save and DONE
-        final.update(metrics.log_eval(writer, step, eval_row(eval_step, steps.eval_params(state),
-                                                      splits["val"], config, mesh)))
-    return {**final, "step": step}
 
 
 def define_flags() -> None:
@@ -294,11 +242,11 @@ def main(argv) -> None:
     cli.check_workdir(f.workdir)
     if f.stop_after < 0:
         raise UserError(f"--stop_after={f.stop_after} must be >= 0 (0: run to the end)")
-    podworker.mark(f.workdir, protocol.JOINING)
+    mark(f.workdir, protocol.JOINING)
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
     found = distributed.check_devices(f.expect_platform, f.expect_devices)
     logging.info("process %d of %d: %s", jax.process_index(), jax.process_count(), found)
-    podworker.mark(f.workdir, protocol.READY, process=jax.process_index(), devices=found)
+    mark(f.workdir, protocol.READY, process=jax.process_index(), devices=found)
     final = run(config, f.workdir, f.stop_after, f.profile, _PROCESS_START, f.start_over)
     if jax.process_index() == 0:
         _say_how_it_ended(final, config, f.stop_after)

@@ -3,8 +3,8 @@ podman, wherever one can build.
 
 The image is set up by the same script as a TPU VM (deploy/worker.sh setup: uv, a uv-managed
 Python, the wheel[tpu] under deploy/constraints.txt), with the same environment names
-(worker_setup.script_vars), in a home of its own: deploy/gke/Dockerfile. The build context is
-staged as worker_setup stages a worker's files, plus the checkout's configs/: nothing else of
+(job.script_vars), in a home of its own: deploy/gke/Dockerfile. The build context is
+staged as a TPU worker's files are, plus the checkout's configs/: nothing else of
 the checkout (runs/, data/, .venv) reaches it. podman builds without a daemon, with chroot
 isolation unless BUILDAH_ISOLATION says otherwise. The image carries the digest of its context
 (label SOURCE_LABEL), so that `make gke-sim` can tell an image of this checkout.
@@ -20,11 +20,12 @@ import tempfile
 import time
 import zipfile
 
-from deploy.gcloud_cli import PodError, reason
 from deploy.gke.jobset import CONFIGS_DIR
-from deploy.settings import DEPLOY_DIR, Settings
-from deploy.worker_setup import build_wheel, script_vars
-from vitpod.workdir import protocol
+from deploy.gke.settings import GkeSettings
+from deploy.job import build_wheel, script_vars
+from deploy.settings import DEPLOY_DIR
+from deploy.shell import DeployError, reason
+from vitpod import protocol
 
 DOCKERFILE = os.path.join(DEPLOY_DIR, "gke", "Dockerfile")
 TOOLS = ("docker", "podman")
@@ -37,11 +38,11 @@ def say(message: str) -> None:
 
 def container_tool(dry_run: bool = False, run=subprocess.run, which=shutil.which) -> str:
     """docker when its daemon answers `docker info`, else podman when `podman info` works; a
-    PodError of one line saying what is missing otherwise."""
+    DeployError of one line saying what is missing otherwise."""
     found = [tool for tool in TOOLS if which(tool)]
     if not found:
-        raise PodError("make image needs docker (with a daemon it can reach) or podman; "
-                       "neither is on PATH here")
+        raise DeployError("make image needs docker (with a daemon it can reach) or podman; "
+                          "neither is on PATH here")
     if dry_run:
         return found[0]
     problems = []
@@ -54,11 +55,11 @@ def container_tool(dry_run: bool = False, run=subprocess.run, which=shutil.which
         if done.returncode == 0:
             return tool
         problems.append(f"{tool} info: {reason(done.stderr or done.stdout, done.returncode)}")
-    raise PodError(f"{' and '.join(found)} cannot build here ({'; '.join(problems)}): run "
-                   "make image where a docker daemon can be reached, or with podman")
+    raise DeployError(f"{' and '.join(found)} cannot build here ({'; '.join(problems)}): run "
+                      "make image where a docker daemon can be reached, or with podman")
 
 
-def build_args(settings: Settings, wheel: str) -> dict[str, str]:
+def build_args(settings: GkeSettings, wheel: str) -> dict[str, str]:
     """The Dockerfile's ARGs: worker.sh's environment, its file name and the wheel's."""
     return {**script_vars(settings), "WORKER_SCRIPT": protocol.WORKER_SCRIPT,
             "WHEEL": os.path.basename(wheel)}
@@ -111,7 +112,7 @@ def inspect(tool: str, tag: str, run=subprocess.run) -> dict | None:
     return found[0] if found else None
 
 
-def build(settings: Settings, run=subprocess.run) -> None:
+def build(settings: GkeSettings, run=subprocess.run) -> None:
     """Build IMAGE (a tag, e.g. REGION-docker.pkg.dev/PROJECT/REPO/vitpod:TAG)."""
     settings.require("IMAGE")
     tool = container_tool(settings.dry_run, run)
@@ -137,7 +138,7 @@ def build(settings: Settings, run=subprocess.run) -> None:
         stage(wheel, context)
         done = run(command(context, source_digest(context)))
     if done.returncode:
-        raise PodError(f"{tool} build failed (exit {done.returncode}; its output is above)")
+        raise DeployError(f"{tool} build failed (exit {done.returncode}; its output is above)")
     found = inspect(tool, settings.image, run) or {}
     size = f"{found['Size'] / 1e9:.2f} GB" if found.get("Size") else "size unknown"
     say(f"built {settings.image} ({size}) in {time.monotonic() - start:.0f} s; push it where "

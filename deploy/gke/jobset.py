@@ -21,11 +21,12 @@ saves and exits PREEMPTED_EXIT_CODE, so that a run cut short is restarted, never
 import os
 import re
 
-from deploy.gcloud_cli import PodError
-from deploy.gke.tpus import ACCELERATOR_LABEL, TOPOLOGY_LABEL, TPU_RESOURCE, GkeTpu, gke_tpu
-from deploy.launch import slice_label, train_command
-from deploy.settings import DEPLOY_DIR, Settings, slice_devices
-from vitpod.workdir import protocol
+from deploy.gke.settings import GkeSettings
+from deploy.job import slice_label, train_command
+from deploy.settings import DEPLOY_DIR, slice_devices
+from deploy.shell import DeployError
+from deploy.tpu_types import ACCELERATOR_LABEL, TOPOLOGY_LABEL, TPU_RESOURCE, GkeTpu, gke_tpu
+from vitpod import protocol
 
 API_VERSION = "jobset.x-k8s.io/v1alpha2"
 EXCLUSIVE_KEY = "alpha.jobset.sigs.k8s.io/exclusive-topology"
@@ -55,37 +56,37 @@ def image_config(config: str) -> str:
     relative = os.path.relpath(os.path.abspath(os.path.join(_ROOT, path)),
                                os.path.join(_ROOT, CONFIGS_DIR))
     if relative.startswith(os.pardir) or not os.path.isfile(os.path.join(_ROOT, path)):
-        raise PodError(f"CONFIG={config!r}: the image carries the checkout's {CONFIGS_DIR}/ only "
-                       f"(make image copies it): put the config file there and rebuild")
+        raise DeployError(f"CONFIG={config!r}: the image carries the checkout's {CONFIGS_DIR}/ "
+                          f"only (make image copies it): put the config file there and rebuild")
     return f"{IMAGE_HOME}/{protocol.CONFIGS}/{relative.replace(os.sep, '/')}{sep}{arg}"
 
 
-def check_names(s: Settings, tpu: GkeTpu, slices: int) -> None:
+def check_names(s: GkeSettings, tpu: GkeTpu, slices: int) -> None:
     """NAME and NAMESPACE as Kubernetes takes them: the longest pod name JobSet makes from
     NAME must be a DNS-1035 label (JobSet's webhook refuses the JobSet otherwise)."""
     if not _DNS_1123.fullmatch(s.namespace) or len(s.namespace) > 63:
-        raise PodError(f"NAMESPACE={s.namespace!r}: a Kubernetes namespace is lowercase "
-                       "letters, digits and '-', at most 63 characters")
+        raise DeployError(f"NAMESPACE={s.namespace!r}: a Kubernetes namespace is lowercase "
+                          "letters, digits and '-', at most 63 characters")
     pod = f"{s.name}-{REPLICATED_JOB}-{slices - 1}-{tpu.vms_per_slice - 1}-abcde"
     if not _DNS_1035.fullmatch(pod) or len(pod) > 63:
-        raise PodError(f"NAME={s.name!r}: the JobSet's pod names ({pod}) must be lowercase "
-                       "letters, digits and '-', start with a letter, at most 63 characters")
+        raise DeployError(f"NAME={s.name!r}: the JobSet's pod names ({pod}) must be lowercase "
+                          "letters, digits and '-', start with a letter, at most 63 characters")
 
 
-def build(s: Settings) -> dict:
-    """The JobSet for the first of TPU_TYPES and the first of NUM_SLICES; PodError on a
+def build(s: GkeSettings) -> dict:
+    """The JobSet for the first of TPU_TYPES and the first of NUM_SLICES; DeployError on a
     setting it cannot be made from."""
     s.require("NAME", "TPU_TYPE", "WORKDIR", "CONFIG", "IMAGE")
     tpu, slices = gke_tpu(s.tpu_type), s.num_slices
     if slices > 1 and tpu.vms_per_slice == 1:
-        raise PodError(f"NUM_SLICES={slices} with {tpu.name}: GKE runs Multislice on multi-host "
-                       f"TPU node pools only, and a {tpu.name} is one VM; use a larger type or "
-                       "one slice")
+        raise DeployError(f"NUM_SLICES={slices} with {tpu.name}: GKE runs Multislice on multi-host "
+                          f"TPU node pools only, and a {tpu.name} is one VM; use a larger type or "
+                          "one slice")
     check_names(s, tpu, slices)
     devices = slice_devices(tpu.name)
     if devices != tpu.chips:  # one JAX device per chip on every GKE type (megacore on v4/v5p)
-        raise PodError(f"TPU_TYPE={tpu.name!r}: {devices} JAX devices but {tpu.chips} chips on "
-                       "GKE; vitpod cannot tell how JAX will see it")
+        raise DeployError(f"TPU_TYPE={tpu.name!r}: {devices} JAX devices but {tpu.chips} chips on "
+                          "GKE; vitpod cannot tell how JAX will see it")
     command = train_command(s, IMAGE_PYTHON, image_config(s.config), devices * slices,
                             f"--exit_code_if_preempted={PREEMPTED_EXIT_CODE}")
     env = {protocol.PLATFORMS_ENV: s.platform,

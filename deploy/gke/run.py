@@ -14,24 +14,22 @@ last save.
 """
 
 import json
-import os
 import shlex
 import subprocess
 import time
 
-from deploy.gcloud_cli import Bucket, Gcloud, PodError, log
+from deploy import job
+from deploy.bucket import Bucket
 from deploy.gke import jobset, yamltext
-from deploy.gke.tpus import gke_tpu
-from deploy.launch import _Stall
-from deploy.pod import preflight
-from deploy.settings import DEPLOY_DIR, Settings
-from vitpod.workdir import protocol
+from deploy.gke.settings import GkeSettings
+from deploy.shell import Cli, DeployError, log
+from deploy.tpu_types import gke_tpu
+from vitpod import protocol
 
 JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"
 JOB_INDEX_LABEL = "jobset.sigs.k8s.io/job-index"
 POD_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 ENDED = ("Succeeded", "Failed")
-_ROOT = os.path.dirname(DEPLOY_DIR)
 # Prints a config file's save_every_minutes (CONFIG is configs/X.py[:arg]).
 _READ_SAVE_MINUTES = (
     "import importlib.util, sys\n"
@@ -45,11 +43,11 @@ _READ_SAVE_MINUTES = (
 class GkeRun:
     """The JobSet of one run (NAME in NAMESPACE), through kubectl."""
 
-    def __init__(self, settings: Settings, kubectl: Gcloud | None = None,
-                 gcloud: Gcloud | None = None):
+    def __init__(self, settings: GkeSettings, kubectl: Cli | None = None,
+                 gcloud: Cli | None = None):
         self.s = settings
-        self.k = kubectl or Gcloud(settings.dry_run, timeout=120, tool="kubectl")
-        self.bucket = Bucket(gcloud or Gcloud(settings.dry_run, timeout=120))
+        self.k = kubectl or Cli(settings.dry_run, timeout=120, tool="kubectl")
+        self.bucket = Bucket(gcloud or Cli(settings.dry_run, timeout=120))
         self.sleep = self.k.sleep
 
     def kubectl(self, *args: str, retries: int = 3) -> tuple[int, str, str]:
@@ -57,12 +55,12 @@ class GkeRun:
 
     # --- what the cluster says ---------------------------------------------------------------
     def status(self) -> dict | None:
-        """The JobSet's status; None when it does not exist. PodError when unreadable."""
+        """The JobSet's status; None when it does not exist. DeployError when unreadable."""
         code, out, err = self.kubectl("get", "jobset", self.s.name, "-o", "json")
         if code and "(NotFound)" in err:
             return None
         if code:
-            raise PodError(f"kubectl get jobset {self.s.name}: {err.strip() or code}")
+            raise DeployError(f"kubectl get jobset {self.s.name}: {err.strip() or code}")
         return json.loads(out or "{}").get("status", {}) if not self.s.dry_run else {}
 
     def pods(self) -> list[dict]:
@@ -70,7 +68,7 @@ class GkeRun:
         code, out, err = self.kubectl("get", "pods", "-l", f"{JOBSET_LABEL}={self.s.name}",
                                       "-o", "json")
         if code:
-            raise PodError(f"kubectl get pods: {err.strip() or code}")
+            raise DeployError(f"kubectl get pods: {err.strip() or code}")
         items = json.loads(out or "{}").get("items", []) if not self.s.dry_run else []
         return sorted(items, key=self.worker)
 
@@ -91,7 +89,7 @@ class GkeRun:
     # --- the run -----------------------------------------------------------------------------
     def apply(self) -> None:
         document = jobset.build(self.s)
-        preflight(self.s, [(self.s.tpu_type, self.s.num_slices)])
+        job.preflight(self.s, [(self.s.tpu_type, self.s.num_slices)])
         text, cmd = yamltext.dump(document), ["kubectl", f"--namespace={self.s.namespace}",
                                              "apply", "-f", "-"]
         if self.s.dry_run:
@@ -100,9 +98,9 @@ class GkeRun:
         try:
             done = subprocess.run(cmd, input=text, capture_output=True, text=True, timeout=120)
         except FileNotFoundError:
-            raise PodError("kubectl is not installed or not on PATH") from None
+            raise DeployError("kubectl is not installed or not on PATH") from None
         if done.returncode:
-            raise PodError(f"kubectl apply refused the JobSet: {done.stderr.strip()}")
+            raise DeployError(f"kubectl apply refused the JobSet: {done.stderr.strip()}")
         log(done.stdout.strip())
 
     def wait_running(self, expected: int) -> None:
@@ -119,8 +117,8 @@ class GkeRun:
                 log(f"waiting for the pods: {note}")
                 said = note
             if time.monotonic() > deadline:
-                raise PodError(f"{note} after READY_TIMEOUT={self.s.ready_timeout:g} s; the "
-                               f"JobSet is left as it is: kubectl describe jobset {self.s.name}")
+                raise DeployError(f"{note} after READY_TIMEOUT={self.s.ready_timeout:g} s; the "
+                                  f"JobSet is left as it is: kubectl describe jobset {self.s.name}")
             self.sleep(min(self.s.poll_seconds, 5))
 
     def run(self) -> None:
@@ -142,11 +140,11 @@ class GkeRun:
             self.finish(expected)
             return
         self.delete()
-        raise PodError(outcome)
+        raise DeployError(outcome)
 
     def watch(self) -> str:
         """'done' at DONE; else why the run failed (after showing the failing pod's log)."""
-        restarts, stall, look, record = 0, _Stall(self.s.stall_timeout), 0.0, None
+        restarts, stall, look, record = 0, job.Stall(self.s.stall_timeout), 0.0, None
         while True:
             if self.bucket.exists(protocol.done_path(self.s.workdir)):
                 return "done"
@@ -178,9 +176,7 @@ class GkeRun:
 
     def newest_record(self) -> str | None:
         """The newest launch's record (process 0 rewrites it at every log row), or None."""
-        listed = self.bucket.list(protocol.launches_dir(self.s.workdir) + "/") or []
-        newest = max(filter(None, (protocol.launch_of(self.s.workdir, line) for line in listed)),
-                     default="")
+        newest = job.newest_launch(self.bucket, self.s.workdir)
         return self.bucket.read(protocol.record_path(self.s.workdir, newest)) if newest else None
 
     def failed(self, condition: dict) -> str:
@@ -215,22 +211,20 @@ class GkeRun:
     def report(self) -> None:
         """The goodput report (vitpod.report in the local venv, which reads the bucket); the
         pods are gone with the JobSet."""
-        python = os.path.join(os.path.dirname(DEPLOY_DIR), ".venv", "bin", "python")
-        if not os.path.exists(python):
+        python = job.local_python()
+        if not python:
             log("no goodput report: no .venv here (make install), or run python -m "
                 f"vitpod.report --workdir={self.s.workdir} where vitpod is installed")
             return
-        price = ([f"--price_per_chip_hour={self.s.price_per_chip_hour:g}"]
-                 if self.s.price_per_chip_hour else [])
-        done = subprocess.run([python, "-m", "vitpod.report", f"--workdir={self.s.workdir}",
-                               *price], timeout=600)
+        done = subprocess.run([python, "-m", "vitpod.report", *job.report_flags(self.s)],
+                              timeout=600)
         if done.returncode:
             log(f"warning: vitpod.report exited {done.returncode}")
 
     def delete(self) -> None:
         code, _, err = self.kubectl("delete", "jobset", self.s.name, "--wait=true")
         if code and "(NotFound)" not in err:
-            raise PodError(f"kubectl delete jobset {self.s.name}: {err.strip() or code}")
+            raise DeployError(f"kubectl delete jobset {self.s.name}: {err.strip() or code}")
         log(f"deleted the JobSet {self.s.name} and its pods")
 
     def logs(self) -> None:
@@ -240,7 +234,7 @@ class GkeRun:
                 self.show_tail(pod, 50 if which == "all" else 200)
 
 
-def save_every_minutes(s: Settings) -> float | None:
+def save_every_minutes(s: GkeSettings) -> float | None:
     """save_every_minutes as the trainers will have it: the last --config.save_every_minutes
     in TRAIN_FLAGS, else the config file's (read with the local .venv, as preflight reads it);
     None when it cannot be told."""
@@ -249,10 +243,10 @@ def save_every_minutes(s: Settings) -> float | None:
         key, eq, text = flag.partition("=")
         if key == "--config.save_every_minutes":
             value = text if eq else " ".join(flags[i + 1:i + 2])
-    python = os.path.join(_ROOT, ".venv", "bin", "python")
-    if value is None and os.path.exists(python):
+    python = job.local_python()
+    if value is None and python:
         try:
-            done = subprocess.run([python, "-c", _READ_SAVE_MINUTES, s.config], cwd=_ROOT,
+            done = subprocess.run([python, "-c", _READ_SAVE_MINUTES, s.config], cwd=job.ROOT,
                                   capture_output=True, text=True, timeout=120)
             value = done.stdout.strip() if done.returncode == 0 else None
         except subprocess.TimeoutExpired:

@@ -8,13 +8,14 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import signal
 import sys
 import time
 
-from deploy.tpu_slice import SPOT_NOTICE_SECONDS
-from vitpod.workdir import protocol  # a leaf: standard library only
+from deploy.tpu_vm.queued_resource import SPOT_NOTICE_SECONDS
+from vitpod import protocol  # a leaf: standard library only
 
 NODE_ENV = "VITPOD_SIM_NODE"  # SIM_DIR:NAME:WORKER, in every worker process's environment
 SCENARIO = {
@@ -159,8 +160,19 @@ def device_order_env(tpu_type: str, slices: int) -> dict:
 def device_orders(types: list[str], counts: list[int]) -> dict:
     """Each (type, slice count)'s order from libtpu's description of its chips, computed once
     here, in a process of its own per job (vitpod.device_order), not in every trainer."""
-    from deploy.gke.tpus import libtpu_topology
+    from deploy.tpu_types import libtpu_topology
     from vitpod.device_order import computed
 
     return {device_order_key(t, n): computed(libtpu_topology(t), n)
             for t in types for n in counts if libtpu_topology(t)}
+
+
+def install_shim(bin_dir: str, tool: str, module: str) -> str:
+    """A `tool` in bin_dir that runs `python -m module` with this Python, from any folder."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.path.join(bin_dir, tool)
+    with open(path, "w") as f:
+        f.write(f"#!/bin/sh\nexport PYTHONPATH={shlex.quote(root)}${{PYTHONPATH:+:$PYTHONPATH}}\n"
+                f"exec {shlex.quote(sys.executable)} -m {module} \"$@\"\n")
+    os.chmod(path, 0o755)
+    return path

@@ -14,7 +14,6 @@ cloud_state.SCENARIO). `install(BIN_DIR)` puts a `gcloud` that runs this module 
 
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -38,19 +37,9 @@ from deploy.sim.cloud_state import (
 )
 from deploy.sim.ssh import check_host_keys, make_client_key, new_host_keys
 from deploy.sim.storage_cli import storage
-from vitpod.workdir import protocol
+from vitpod import protocol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def install(bin_dir: str) -> str:
-    """A `gcloud` in bin_dir that runs this module with this Python, from any folder."""
-    path = os.path.join(bin_dir, "gcloud")
-    with open(path, "w") as f:
-        f.write(f"#!/bin/sh\nexport PYTHONPATH={shlex.quote(ROOT)}${{PYTHONPATH:+:$PYTHONPATH}}\n"
-                f"exec {shlex.quote(sys.executable)} -m deploy.sim.gcloud \"$@\"\n")
-    os.chmod(path, 0o755)
-    return path
 
 
 def hosts(tpu_type: str, chips_per_host: int) -> int:

@@ -18,26 +18,23 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 
 from deploy.gke import image as gke_image
 from deploy.gke.jobset import CONFIGS_DIR
 from deploy.sim import cloud_state as sim
-from deploy.sim import container, image, kubectl, podsim
-from deploy.sim import gcloud as sim_gcloud
-from deploy.sim.gcs import Emulator
-from vitpod.distributed import free_port
-from vitpod.workdir import protocol
+from deploy.sim import container, image, rehearsal
+from testkit.gcs import Emulator
+from vitpod import protocol
 
-ROOT = podsim.ROOT
+ROOT = rehearsal.ROOT
 SIM_DIR = os.path.abspath(os.environ.get("SIM_DIR", os.path.join(ROOT, "runs", "gke-sim")))
 # The package caches pod-sim's workers install from: the image's set-up shares them.
 CACHE_DIR = os.path.abspath(os.environ.get(
     "SIM_CACHE_DIR", os.path.join(ROOT, "runs", "pod-sim", "cache")))
 NAME = "vitpod-sim"
-WORKDIR = f"gs://{podsim.BUCKET}/runs/gke-sim"
+WORKDIR = f"gs://{rehearsal.BUCKET}/runs/gke-sim"
 
 
 def say(message: str) -> None:
@@ -64,7 +61,7 @@ def built_image(wheel: str) -> str:
 def make_image(python_version: str, wheel: str) -> str:
     """The image's IMAGE_HOME: worker.sh setup with the checkout's wheel (as the Dockerfile
     runs it), and the checkout's configs where the manifest points."""
-    home = podsim.warm_caches(wheel, python_version, SIM_DIR)
+    home = rehearsal.warm_caches(wheel, python_version, SIM_DIR, say)
     shutil.copytree(os.path.join(ROOT, CONFIGS_DIR), os.path.join(home, protocol.CONFIGS),
                     dirs_exist_ok=True)
     return home
@@ -75,7 +72,7 @@ def main() -> int:
     tpu_type = os.environ.get("TPU_TYPE", "v4-16")
     slices = os.environ.get("NUM_SLICES", "1")
     config = os.environ.get("CONFIG", "configs/demo.py")
-    train_flags = os.environ.get("TRAIN_FLAGS") or podsim.DEFAULT_FLAGS
+    train_flags = os.environ.get("TRAIN_FLAGS") or rehearsal.DEFAULT_FLAGS
     preempt_at = int(os.environ.get("PREEMPT_AT_STEP", "30"))
     for sub in ("pods", "workdir", "image", "downloads", "warm-home", "client", "bin"):
         shutil.rmtree(os.path.join(SIM_DIR, sub), ignore_errors=True)
@@ -87,21 +84,22 @@ def main() -> int:
     image_bin, downloads = image.make(SIM_DIR, python_version)
     emulator = Emulator()
     try:
-        emulator.create_bucket(podsim.BUCKET)
+        emulator.create_bucket(rehearsal.BUCKET)
         client_env = emulator.env(direct=True)
         os.environ.update(client_env)
         scenario = {"preempt_at_step": preempt_at, "watch_workdir": WORKDIR,
                     "worker_env": client_env, "image_bin": image_bin,
                     "downloads_bin": downloads, "cache_dir": CACHE_DIR,
-                    "tpu_type": tpu_type, "device_orders": podsim.rehearsed_orders(tpu_type)}
+                    "tpu_type": tpu_type,
+                    "device_orders": rehearsal.rehearsed_orders(tpu_type, say)}
         with open(os.path.join(SIM_DIR, "scenario.json"), "w") as f:
             json.dump(scenario, f)
         # No compile cache: a pod that finds the step there reaches the first collective long
         # before the pods that compile it, and on a few busy CPU cores that can outlast the
         # 30 s the CPU collectives (gloo) wait for their peers. TRAIN_FLAGS can turn it on.
         flags = (f"--config.compile_cache=False {train_flags} "
-                 f"{podsim.data_flags(config, train_flags)}").strip()
-        wheel = podsim.build_wheel(SIM_DIR)
+                 f"{rehearsal.data_flags(config, train_flags, say)}").strip()
+        wheel = rehearsal.build_wheel(SIM_DIR)
         scenario["container_image"] = built_image(wheel)
         if scenario["container_image"]:
             container.remove_prefixed(NAME)  # a killed run's pods
@@ -111,36 +109,21 @@ def main() -> int:
             json.dump(scenario, f)
         bin_dir = os.path.join(SIM_DIR, "bin")
         os.makedirs(bin_dir, exist_ok=True)
-        sim_gcloud.install(bin_dir)
-        kubectl.install(bin_dir)
-        settings = {"NAME": NAME, "TPU_TYPE": tpu_type, "NUM_SLICES": slices,
-                    "WORKDIR": WORKDIR, "CONFIG": config, "TRAIN_FLAGS": flags,
-                    "IMAGE": container.SIM_IMAGE, "PLATFORM": "cpu", "POLL_SECONDS": "1",
-                    "READY_TIMEOUT": "120", "MAX_RETRIES": "3", "GRACE_SECONDS": "60",
-                    "INIT_TIMEOUT": "120", "POD_ENV": os.devnull,
-                    # every pod is on loopback: a free port, not JAX's default
-                    "COORDINATOR_PORT": str(free_port())}
-        say(f"gke-run of {config} on a simulated {tpu_type}"
-            + (f" x {slices} slices" if slices != "1" else "") + f", workdir {WORKDIR}, "
-            f"node pools preempted at step {preempt_at or 'never'}")
-        client = os.path.join(SIM_DIR, "client")
-        os.makedirs(client, exist_ok=True)
-        env = {**os.environ, **settings, "PATH": f"{bin_dir}:{os.environ['PATH']}",
-               "HOME": client}
-        for key in ("VIRTUAL_ENV", "PYTHONPATH"):
-            env.pop(key, None)
-        code = subprocess.run([sys.executable, "-m", "deploy.gke", "run"], cwd=ROOT,
-                              env=env).returncode
-        return summarize(code)
+        sim.install_shim(bin_dir, "gcloud", "deploy.sim.gcloud")
+        sim.install_shim(bin_dir, "kubectl", "deploy.sim.kubectl")
+        settings = rehearsal.settings(
+            NAME, tpu_type, WORKDIR, config, flags, NUM_SLICES=slices,
+            IMAGE=container.SIM_IMAGE, READY_TIMEOUT="120", GRACE_SECONDS="60",
+            INIT_TIMEOUT="120")
+        say(rehearsal.headline("gke-run", config, tpu_type, slices, WORKDIR,
+                               f"node pools preempted at step {preempt_at or 'never'}"))
+        return summarize(rehearsal.run_door("deploy.gke", settings, SIM_DIR, bin_dir))
     finally:
         emulator.stop()
 
 
 def summarize(code: int) -> int:
-    from google.cloud import storage as gcs
-
-    target = os.path.join(SIM_DIR, "workdir")
-    podsim.copy_workdir(gcs.Client(project="test-project"), target, WORKDIR)
+    target = rehearsal.copy_back(SIM_DIR, WORKDIR)
     with sim.locked_state() as state:
         jobsets, preempted = state.get("jobsets", {}), state.get("preempted", 0)
         restarts = sum(js["restarts"] for js in state.get("deleted", {}).values())
@@ -151,14 +134,8 @@ def summarize(code: int) -> int:
             sim.signal_node("", 9)
             os.kill(js["controller"], 9)
         code = code or 1
-    leftovers = sim.node_processes()
-    if leftovers:
-        sim.signal_node("", 9)
-        print(f"error: {len(leftovers)} pod process(es) still ran after gke-run (now killed): "
-              f"{leftovers}", file=sys.stderr)
-        code = code or 1
-    done = protocol.done_path(target)
-    steps = json.load(open(done))["step"] if os.path.exists(done) else 0
+    code = rehearsal.kill_leftovers("pod", "gke-run") or code
+    steps = rehearsal.done_steps(target)
     say(f"{'DONE' if steps else 'NOT DONE'}: {steps} steps, {restarts} restart(s), "
         f"{preempted} preemption(s); workdir copied to {os.path.relpath(target, ROOT)} "
         f"(exit {code})")

@@ -48,7 +48,7 @@ from deploy.sim.cloud_state import (
     scenario,
 )
 from deploy.sim.kubectl import JOBSET_LABEL, pod_dir
-from vitpod.workdir import protocol
+from vitpod import protocol
 
 LABELS = {"job": "jobset.sigs.k8s.io/replicatedjob-name", "index": "jobset.sigs.k8s.io/job-index",
           "pod": "batch.kubernetes.io/job-completion-index",

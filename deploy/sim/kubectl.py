@@ -29,15 +29,6 @@ KIND = "jobsets.jobset.x-k8s.io"
 JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"
 
 
-def install(bin_dir: str) -> str:
-    path = os.path.join(bin_dir, "kubectl")
-    with open(path, "w") as f:
-        f.write(f"#!/bin/sh\nexport PYTHONPATH={shlex.quote(ROOT)}${{PYTHONPATH:+:$PYTHONPATH}}\n"
-                f"exec {shlex.quote(sys.executable)} -m deploy.sim.kubectl \"$@\"\n")
-    os.chmod(path, 0o755)
-    return path
-
-
 def pod_dir(pod: str) -> str:
     return os.path.join(sim_dir(), "pods", pod)
 

@@ -17,7 +17,7 @@ import sys
 import time
 
 from deploy.sim.cloud_state import fail, locked_state, sim_dir
-from vitpod.workdir import protocol
+from vitpod import protocol
 
 STRICT_CHOICES = ("ask", "no", "yes")
 KEYGEN_SECONDS = 2  # how long making the key takes: a parallel first call starts meanwhile

@@ -1,4 +1,1 @@
-"""A run's workdir: its recorded config and manifest, the launch protocol, goodput records.
-
-Standard library only at import time: deploy/ imports vitpod.workdir.protocol.
-"""
+"""A run's workdir: its recorded files and manifest, the lease, goodput records, markers."""

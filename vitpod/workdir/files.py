@@ -110,10 +110,11 @@ def recorded_architecture(workdir: str, init_from: str) -> dict | None:
     return {k: model_cfg[k] for k in ARCH_KEYS if k in model_cfg} or None
 
 
-def enable_compile_cache(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """JAX's persistent cache in the workdir, unless off or already set (env or a shared dir).
-    JAX opens its cache once per process, at the first compile after this."""
-    if config.compile_cache and not jax.config.jax_compilation_cache_dir:
+def enable_compile_cache(wanted: bool, workdir: str) -> None:
+    """JAX's persistent cache in the workdir when `wanted` (config.compile_cache) and not set
+    already (env or a shared dir). JAX opens its cache once per process, at the first compile
+    after this."""
+    if wanted and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir",
                           storage.join(storage.absolute(workdir), "compile_cache"))
         if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:

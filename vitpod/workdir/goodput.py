@@ -17,9 +17,8 @@ import time
 
 from absl import logging
 
-from vitpod import storage
+from vitpod import protocol, storage
 from vitpod.errors import UserError
-from vitpod.workdir import protocol
 
 _REMEDY = "delete that launch's folder (the goodput report then leaves it out) and relaunch"
 

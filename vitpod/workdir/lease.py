@@ -25,9 +25,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vitpod import distributed, storage
+from vitpod import distributed, gcs, protocol, storage
 from vitpod.errors import UserError
-from vitpod.workdir import protocol
 
 
 class _Conflict(Exception):
@@ -68,7 +67,7 @@ class Lease:
     # -- conditional reads and writes: (content or None, version) --
     def _read(self) -> tuple[dict | None, object]:
         if storage.is_gcs(self.path):
-            data, generation = storage.read_versioned(self.path)
+            data, generation = gcs.read_versioned(self.path)
             return (None if data is None else self._parse(data)), generation
         try:
             holder = self._parse(storage.read_bytes(self.path))
@@ -92,8 +91,8 @@ class Lease:
         if storage.is_gcs(self.path):
             data = None if content is None else json.dumps(content).encode()
             try:
-                return storage.write_if_unchanged(self.path, data, expected)
-            except storage.Changed:  # a retried request may find its own first try's write
+                return gcs.write_if_unchanged(self.path, data, expected)
+            except gcs.Changed:  # a retried request may find its own first try's write
                 now, generation = self._read()
                 if now == content:
                     return generation

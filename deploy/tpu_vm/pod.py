@@ -1,6 +1,6 @@
 """Cloud TPU slices for vitpod: create (queued resources), set up, check, launch, watch, delete.
 
-    python3 -m deploy.pod {create|setup|check|launch|watch|status|logs|ssh|delete|run}
+    python3 -m deploy.tpu_vm {create|setup|check|launch|watch|status|logs|ssh|delete|run}
 
 Run from the repository root. Settings come from deploy/pod.env (or $POD_ENV), overridden by
 environment variables of the same names (make passes `make pod-run TPU_TYPE=v4-32` through).
@@ -11,26 +11,23 @@ and names the workers that failed. Standard library only: this runs on any machi
 Python 3.11 and gcloud.
 """
 
-import os
 import shlex
-import subprocess
-import sys
 import time
 
-from deploy import worker_setup
-from deploy.gcloud_cli import Gcloud, PodError, StateUnreadable, exit_code, log, reason
-from deploy.gke.tpus import libtpu_topology
-from deploy.launch import PYTHON, Launch
-from deploy.settings import DEPLOY_DIR, Settings, load_settings, slice_devices
-from deploy.slices import Slice, Workers
-from deploy.tpu_slice import SPOT_NOTICE_SECONDS, QueuedResource
-from vitpod.workdir import protocol
+from deploy import job
+from deploy.shell import Cli, DeployError, StateUnreadable, log
+from deploy.tpu_vm import setup as worker_setup
+from deploy.tpu_vm.launch import PYTHON, Launch
+from deploy.tpu_vm.queued_resource import SPOT_NOTICE_SECONDS, QueuedResource
+from deploy.tpu_vm.settings import TpuVmSettings
+from deploy.tpu_vm.slices import Slice, Workers
+from vitpod import protocol
 
 
 class Pod:
     """A slice and the run on it: set-up, launches, the loop that replaces a lost slice."""
 
-    def __init__(self, settings: Settings, slice_: Slice, gcloud: Gcloud):
+    def __init__(self, settings: TpuVmSettings, slice_: Slice, gcloud: Cli):
         self.settings, self.slice, self.g = settings, slice_, gcloud
 
     def create(self) -> bool:
@@ -60,17 +57,13 @@ class Pod:
     def watch(self) -> str:
         return Launch(self.settings, self.g, self.slice).watch()
 
-    def preflight(self) -> None:
-        """The config against every slice type and count it may get, before a slice is
-        created: a fallback that cannot run it would be billed to fail."""
-        s = self.settings
-        preflight(s, [(t.name, n) for t in s.slice_types for n in s.slice_counts])
-
     def run(self) -> None:
         """Create, set up, launch, watch; replace a lost slice and resume; delete when DONE."""
         s = self.settings
         s.require("PROJECT", "ZONE", "NAME", "TPU_TYPE", "WORKDIR", "CONFIG")
-        self.preflight()
+        # Every type and count it may get, before one is created: a fallback that cannot run
+        # the config would be billed to fail.
+        job.preflight(s, [(t.name, n) for t in s.slice_types for n in s.slice_counts])
         lost = 0
         while True:
             asked = time.time()
@@ -87,7 +80,7 @@ class Pod:
                 outcome = launch.watch()
             except StateUnreadable:
                 raise  # the slice may be fine: leave it, and say so
-            except PodError as crash:
+            except DeployError as crash:
                 log(f"the run crashed: {crash}")
                 log("deleting the slice (logs stay in the workdir)")
                 self.slice.delete()
@@ -101,7 +94,7 @@ class Pod:
                 return
             lost += 1
             if lost > s.max_retries:
-                raise PodError(f"gave up after {s.max_retries} relaunches (MAX_RETRIES); the "
+                raise DeployError(f"gave up after {s.max_retries} relaunches (MAX_RETRIES); the "
                                "workdir keeps the progress: make pod-run again to continue")
             if outcome == "stopped":
                 log(f"relaunching on the same slice ({lost}/{s.max_retries})")
@@ -116,10 +109,8 @@ class Pod:
     def report(self) -> None:
         """The run's goodput (python -m vitpod.report), computed on worker 0."""
         s = self.settings
-        price = f" --price_per_chip_hour={s.price_per_chip_hour:g}" if s.price_per_chip_hour \
-            else ""
         self.slice.workers().run(0, f"cd ~ && {PYTHON} -m vitpod.report "
-                                    f"--workdir={shlex.quote(s.workdir)}{price}", retries=2)
+                                    f"{shlex.join(job.report_flags(s))}", retries=2)
 
     # --- for people ----------------------------------------------------------------------------
     def status(self) -> None:
@@ -137,49 +128,17 @@ class Pod:
         self.slice.workers().shell(self.settings.worker)
 
 
-def preflight(s: Settings, jobs: list[tuple[str, int]], say=log,
-              outcome: str = "nothing created") -> None:
-    """The config against each (slice type, slice count) in `jobs` (vitpod.preflight, in the
-    local venv): the global batch must divide over every one, and the launch's start-up runs on
-    libtpu's description of each type's chips, in their real order. Its lines go to `say`."""
-    python = os.path.join(os.path.dirname(DEPLOY_DIR), ".venv", "bin", "python")
-    counts = [(t, slice_devices(t), n) for t, n in jobs]
-    if not os.path.exists(python) or not all(d for _, d, _ in counts):
-        say("config not checked against the slice types (no .venv here: make install; or "
-            "a type whose device count is unknown)")
-        return
-    flags = [f for f in shlex.split(s.train_flags) if f.startswith("--config.")]
-    slices = ",".join((f"{t}={d}" if n == 1 else f"{n}x{t}={d * n}/{n}")
-                      + (f"@{libtpu_topology(t)}" if libtpu_topology(t) else "")
-                      for t, d, n in counts)
-    check = [python, "-m", "vitpod.preflight", f"--config={s.config}", f"--slices={slices}",
-             *flags]
-    done = subprocess.run(check, capture_output=True, text=True, timeout=300)
-    for line in done.stdout.splitlines():
-        say(f"preflight: {line}")
-    if done.returncode:
-        why = reason(done.stderr, "").removeprefix("error: ") or f"exit {done.returncode}"
-        raise PodError(f"preflight: {why} ({outcome})")
-
-
-VERBS = {"create": Pod.create, "setup": Pod.setup, "check": Pod.check, "launch": Pod.launch,
-         "watch": Pod.watch, "status": Pod.status, "logs": Pod.logs, "ssh": Pod.shell,
-         "delete": Pod.delete, "run": Pod.run}
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[1] not in VERBS:
-        print(f"usage: python3 -m deploy.pod {{{'|'.join(VERBS)}}}", file=sys.stderr)
-        return 2
-    def verb():
-        path = os.environ.get("POD_ENV", os.path.join(DEPLOY_DIR, "pod.env"))
-        settings = load_settings(path, dict(os.environ))
-        gcloud = Gcloud(settings.dry_run, timeout=settings.ssh_timeout)
-        outcome = VERBS[argv[1]](Pod(settings, QueuedResource(settings, gcloud), gcloud))
-        if argv[1] == "watch":
+def _on_pod(verb):
+    """verb(pod), given the settings: the pod on the queued resource NAME."""
+    def call(settings: TpuVmSettings):
+        cli = Cli(settings.dry_run, timeout=settings.ssh_timeout)
+        outcome = verb(Pod(settings, QueuedResource(settings, cli), cli))
+        if verb is Pod.watch:
             log(f"watch: {outcome}")
+    return call
 
-    return exit_code(verb)
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+VERBS = {name: _on_pod(verb) for name, verb in {
+    "create": Pod.create, "setup": Pod.setup, "check": Pod.check, "launch": Pod.launch,
+    "watch": Pod.watch, "status": Pod.status, "logs": Pod.logs, "ssh": Pod.shell,
+    "delete": Pod.delete, "run": Pod.run}.items()}

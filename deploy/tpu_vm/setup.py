@@ -2,41 +2,22 @@
 checking them, with worker.sh and worker_check.py copied into each worker's home.
 """
 
-import glob
 import os
 import shlex
-import subprocess
-import sys
 
-from deploy.gcloud_cli import PodError, log, reason
-from deploy.settings import DEPLOY_DIR, Settings, slice_devices
-from deploy.slices import Workers
+from deploy import job
+from deploy.settings import DEPLOY_DIR, slice_devices
+from deploy.shell import DeployError, log, reason
+from deploy.tpu_vm.settings import TpuVmSettings
+from deploy.tpu_vm.slices import Workers
 from deploy.worker_probe import IN_USE, UNREACHABLE
-from vitpod.workdir import protocol
+from vitpod import protocol
 
 PROBE_SECONDS = 15  # how long each worker tries to reach worker 0; worker 0 listens 5 s longer
 
-# The names worker.sh finds in the worker's home, passed in its environment (it is bash).
-HOME_NAMES = {"VENV": protocol.VENV, "CONFIGS": protocol.CONFIGS,
-              "CONSTRAINTS": protocol.CONSTRAINTS, "CHECK_SCRIPT": protocol.CHECK_SCRIPT}
-
-
-def script_vars(settings: Settings, **extra: str) -> dict[str, str]:
-    """worker.sh's environment (the container image's build passes the same names)."""
-    return {"PYTHON_VERSION": settings.python_version, "UV_VERSION": settings.uv_version,
-            "PLATFORM": settings.platform, "PYPI_MIRROR": settings.pypi_mirror,
-            "PYTHON_MIRROR": settings.python_mirror, **HOME_NAMES, **extra}
-
-
-def script_env(settings: Settings, **extra: str) -> str:
-    """worker.sh's environment as `KEY=value ...`, every value shell-quoted."""
-    pairs = script_vars(settings, **extra)
-    return " ".join(f"{k}={shlex.quote(str(v))}" for k, v in pairs.items())
-
-
-def setup(settings: Settings, workers: Workers) -> None:
+def setup(settings: TpuVmSettings, workers: Workers) -> None:
     """Copy the wheel, the constraints and the worker scripts to every worker; run the set-up."""
-    wheel = build_wheel(settings)
+    wheel = job.build_wheel(settings)
     files = {wheel: os.path.basename(wheel),
              os.path.join(DEPLOY_DIR, "constraints.txt"): protocol.CONSTRAINTS,
              os.path.join(DEPLOY_DIR, "worker.sh"): protocol.WORKER_SCRIPT,
@@ -52,25 +33,12 @@ def setup(settings: Settings, workers: Workers) -> None:
     log(f"setting up every worker: uv {settings.uv_version}, Python {settings.python_version}, "
         f"{os.path.basename(wheel)}[tpu] with deploy/constraints.txt")
     workers.on_each("copying the wheel", lambda i: workers.copy(i, "~/", *sources))
-    command = (f"{script_env(settings)} bash {protocol.WORKER_SCRIPT} setup "
+    command = (f"{job.script_env(settings)} bash {protocol.WORKER_SCRIPT} setup "
                f"{shlex.quote(os.path.basename(wheel))}")
     workers.on_each("setup", lambda i: workers.run(i, command))
 
 
-def build_wheel(settings: Settings) -> str:
-    if settings.wheel:  # a wheel built before: install it as it is
-        return settings.wheel
-    root = os.path.dirname(DEPLOY_DIR)
-    dist = os.path.join(root, "dist")
-    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", dist, root]
-    if settings.dry_run:
-        print(shlex.join(build))
-        return os.path.join(dist, "vitpod-VERSION-py3-none-any.whl")
-    subprocess.run(build, check=True)
-    return max(glob.glob(os.path.join(dist, "vitpod-*.whl")), key=os.path.getmtime)
-
-
-def check(settings: Settings, workers: Workers, tpu_type: str, slices: int = 1) -> None:
+def check(settings: TpuVmSettings, workers: Workers, tpu_type: str, slices: int = 1) -> None:
     """Every worker: its Python, `import vitpod`, the processes that hold its TPU (stopped with
     FREE_TPU=1), the devices JAX sees against the slice; then the coordinator's port."""
     devices, n = slice_devices(tpu_type), workers.count
@@ -79,7 +47,7 @@ def check(settings: Settings, workers: Workers, tpu_type: str, slices: int = 1) 
     script = protocol.WORKER_SCRIPT
     command = (f"cd ~ && if [ ! -f {script} ]; then echo 'FAILED: vitpod was never set up "
                f"here: run make pod-setup'; exit 1; fi; "
-               f"{script_env(settings, LOCAL_DEVICES=str(local))} bash {script} check"
+               f"{job.script_env(settings, LOCAL_DEVICES=str(local))} bash {script} check"
                + (" --free_tpu" if settings.free_tpu else ""))
     workers.on_each("pod-check", lambda i: workers.run(i, command, retries=2))
     probe_coordinator(settings, workers)
@@ -90,7 +58,7 @@ def check(settings: Settings, workers: Workers, tpu_type: str, slices: int = 1) 
         + f"; worker 0's coordinator port {settings.coordinator_port} reachable from every worker")
 
 
-def probe_coordinator(settings: Settings, workers: Workers) -> None:
+def probe_coordinator(settings: TpuVmSettings, workers: Workers) -> None:
     """JAX's coordinator port as jax.distributed will use it, all workers at once: worker 0
     listens on COORDINATOR_PORT, every other worker connects to its internal IP."""
     port, python = settings.coordinator_port, f"{protocol.VENV}/bin/python"
@@ -113,17 +81,17 @@ def probe_coordinator(settings: Settings, workers: Workers) -> None:
         log(f"worker {i}: the coordinator probe failed: "
             f"{r if isinstance(r, Exception) else reason(r[2] or r[1], f'exit {r[0]}')}")
     if codes[0] == IN_USE:
-        raise PodError(f"port {port} (COORDINATOR_PORT) is in use on worker 0: a stale process "
-                       "may hold it (a trainer vitpod did not stop?); stop it, or set "
-                       "COORDINATOR_PORT to a free port")
+        raise DeployError(f"port {port} (COORDINATOR_PORT) is in use on worker 0: a stale process "
+                          "may hold it (a trainer vitpod did not stop?); stop it, or set "
+                          "COORDINATOR_PORT to a free port")
     peers = [i for i in failed if codes[i] == UNREACHABLE]
     if peers and codes[0] in (0, 1):  # worker 0 listened, and they did not get through
-        raise PodError(
+        raise DeployError(
             f"worker(s) {', '.join(map(str, peers))} cannot reach worker 0 ({host}) on the "
             f"coordinator port {port}: open it (gcloud compute firewall-rules create "
             f"vitpod-coordinator --project={settings.project} --network={network or 'NETWORK'} "
             f"--allow=tcp:{port} --source-ranges={cidr or 'RANGE'}), or set COORDINATOR_PORT to "
             "a port the network allows")
     if failed:
-        raise PodError(f"the coordinator probe failed on worker(s) {', '.join(map(str, failed))} "
-                       "(reasons above)")
+        raise DeployError("the coordinator probe failed on worker(s) "
+                          f"{', '.join(map(str, failed))} (reasons above)")

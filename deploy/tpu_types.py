@@ -12,7 +12,7 @@ containers per VM there, neither verified here (docs/gke.md).
 import dataclasses
 import math
 
-from deploy.gcloud_cli import PodError
+from deploy.shell import DeployError
 
 ACCELERATOR_LABEL = "cloud.google.com/gke-tpu-accelerator"
 TOPOLOGY_LABEL = "cloud.google.com/gke-tpu-topology"
@@ -72,20 +72,20 @@ def known_types() -> dict[str, GkeTpu]:
 
 
 def gke_tpu(tpu_type: str) -> GkeTpu:
-    """The GKE values of a type; a PodError naming the accepted sizes otherwise."""
+    """The GKE values of a type; a DeployError naming the accepted sizes otherwise."""
     known = known_types()
     if tpu_type in known:
         return known[tpu_type]
     generation = tpu_type.rsplit("-", 1)[0]
     if generation in REFUSED:
-        raise PodError(f"TPU_TYPE={tpu_type!r}: not supported on GKE by vitpod yet: "
-                       f"{REFUSED[generation]} (docs/gke.md)")
+        raise DeployError(f"TPU_TYPE={tpu_type!r}: not supported on GKE by vitpod yet: "
+                          f"{REFUSED[generation]} (docs/gke.md)")
     sizes = [t.name for t in known.values() if t.name.rsplit("-", 1)[0] == generation]
     if sizes:
         shown = ", ".join(sizes[:12]) + (", ..." if len(sizes) > 12 else "")
-        raise PodError(f"TPU_TYPE={tpu_type!r}: no GKE slice of that size; use one of {shown}")
-    raise PodError(f"TPU_TYPE={tpu_type!r}: not a TPU type vitpod knows on GKE; use "
-                   f"{', '.join(g + '-N' for g in GENERATIONS)} (e.g. v5litepod-16)")
+        raise DeployError(f"TPU_TYPE={tpu_type!r}: no GKE slice of that size; use one of {shown}")
+    raise DeployError(f"TPU_TYPE={tpu_type!r}: not a TPU type vitpod knows on GKE; use "
+                      f"{', '.join(g + '-N' for g in GENERATIONS)} (e.g. v5litepod-16)")
 
 
 # libtpu's names of the generations (jax.experimental.topologies.get_topology_desc).

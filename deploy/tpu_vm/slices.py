@@ -1,8 +1,9 @@
-"""What pod-run needs of a slice and of its workers, whatever kind they are.
+"""What the TPU-VM run loop needs of a slice and of its workers.
 
-A TPU slice as one queued resource (tpu_slice.QueuedResource, with tpu_workers.TpuVmWorkers)
-is one kind; another (N nodes of one queued resource, a GKE JobSet) is a new class with these
-methods, and the run loop, the launch and the set-up stay as they are.
+One queued resource (queued_resource.QueuedResource) with its TPU VMs
+(workers.TpuVmWorkers, or MultisliceWorkers for several nodes) is the kind there is; the run
+loop, the launch and the set-up use only these methods. GKE is not a kind of slice: the
+cluster restarts a JobSet itself, so deploy/gke watches it instead (deploy/gke/run.py).
 """
 
 import dataclasses
@@ -38,7 +39,7 @@ class Workers(Protocol):
         ...
 
     def on_each(self, what: str, call: Callable[[int], Result]) -> dict[int, object]:
-        """call(i) on every worker in parallel; a PodError naming each worker that failed."""
+        """call(i) on every worker in parallel; a DeployError naming each worker that failed."""
         ...
 
     def each(self, call: Callable[[int], object]) -> dict[int, object]:

@@ -1,8 +1,7 @@
-"""deploy.pod against the simulated gcloud (deploy/sim/gcloud.py), which plays the cloud's
+"""deploy.tpu_vm against the simulated gcloud (deploy/sim/gcloud.py), which plays the cloud's
 control plane and executes what real gcloud would: copies into worker homes, runs commands
 there with bash, reads the bucket. The whole pod-run is rehearsed in tests/test_pod_sim.py."""
 
-import contextlib
 import json
 import os
 import platform
@@ -15,12 +14,10 @@ import time
 
 import pytest
 
-from deploy.settings import slice_devices
-from deploy.sim import gcloud as sim_gcloud
-from deploy.sim import image
-from tests.conftest import ROOT
-from vitpod.distributed import free_port
-from vitpod.workdir import protocol
+from deploy.sim import cloud_state, image
+from tests.conftest import ROOT, holding_open
+from vitpod import protocol
+from vitpod.local_hosts import free_port
 
 BASE = {"PROJECT": "proj", "ZONE": "us-central2-b", "NAME": "vp", "TPU_TYPE": "v4-16",
         "CAPACITY": "spot", "WORKDIR": "gs://bkt/run", "CONFIG": "configs/tiny.py",
@@ -38,7 +35,7 @@ class Cloud:
         image_bin, downloads = image.make(str(self.dir), platform.python_version())
         self.scenario = {"image_bin": image_bin, "downloads_bin": downloads,
                          "cache_dir": str(root / "cache")}
-        sim_gcloud.install(str(self.bin))
+        cloud_state.install_shim(str(self.bin), "gcloud", "deploy.sim.gcloud")
         # The machine gcloud runs on has used it before: it has its ssh key.
         self.client = self.dir / "client"
         (self.client / ".ssh").mkdir(parents=True)
@@ -57,7 +54,7 @@ class Cloud:
                 **BASE, **settings}
 
     def pod(self, verb, timeout=300, **settings):
-        return subprocess.run([sys.executable, "-m", "deploy.pod", verb], cwd=ROOT,
+        return subprocess.run([sys.executable, "-m", "deploy.tpu_vm", verb], cwd=ROOT,
                               timeout=timeout, env=self.env(**settings), capture_output=True,
                               text=True)
 
@@ -278,21 +275,6 @@ def test_a_first_gcloud_on_a_machine_makes_its_ssh_key_before_the_parallel_calls
     assert sorted(c[5] for c in others) == sorted([f"--worker={i}" for i in range(4)] * 2)
 
 
-@contextlib.contextmanager
-def _holding(device):
-    """A process vitpod did not start that holds `device` open, as a stale TPU program would;
-    killed at the end whatever happens."""
-    holder = subprocess.Popen([sys.executable, "-c", f"import time; f = open({str(device)!r}); "
-                               "print('held', flush=True); time.sleep(600)"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        yield holder
-    finally:
-        holder.kill()
-        holder.wait()
-
-
 def test_pod_check_names_who_holds_the_tpu_and_free_tpu_stops_them(cloud):
     assert cloud.pod("create").returncode == 0
     project = str(ROOT / ".venv" / "bin" / "python")
@@ -301,7 +283,7 @@ def test_pod_check_names_who_holds_the_tpu_and_free_tpu_stops_them(cloud):
     lock = cloud.home("vp", 1) / "tmp" / "libtpu_lockfile"  # the rehearsal's /tmp/libtpu_lockfile
     lock.parent.mkdir()
     lock.write_text("")
-    with _holding(cloud.home("vp", 1) / "dev" / "accel2") as holder:
+    with holding_open(cloud.home("vp", 1) / "dev" / "accel2") as holder:
         held = cloud.pod("check", PYTHON_VERSION=platform.python_version())
         assert held.returncode == 1, held.stdout
         assert f"[w1] FAILED: the TPU is held by pid {holder.pid} ({sys.executable} " in \
@@ -321,7 +303,7 @@ def test_pod_check_names_who_holds_the_tpu_and_free_tpu_stops_them(cloud):
 def test_pod_launch_with_free_tpu_stops_who_holds_the_tpu_first(cloud, gcs, tmp_path):
     assert cloud.pod("create").returncode == 0
     settings = _hung_trainers(cloud, gcs, tmp_path, "free-tpu")
-    with _holding(cloud.home("vp", 0) / "dev" / "accel0") as holder:
+    with holding_open(cloud.home("vp", 0) / "dev" / "accel0") as holder:
         launched = cloud.pod("launch", FREE_TPU="1", **settings)
         assert launched.returncode == 0, launched.stdout + launched.stderr
         assert holder.wait(timeout=10) == -signal.SIGTERM
@@ -332,20 +314,6 @@ def test_pod_launch_with_free_tpu_stops_who_holds_the_tpu_first(cloud, gcs, tmp_
         started = [n for n, line in enumerate(lines) if "podworker start" in line or
                    "started, process group" in line]
         assert freed and started and max(freed) < min(started)
-
-
-def test_the_tpu_holders_are_found_without_lsof(tmp_path, monkeypatch):
-    from deploy import worker_check
-
-    (tmp_path / "dev" / "vfio").mkdir(parents=True)
-    (tmp_path / "dev" / "vfio" / "0").write_text("")
-    monkeypatch.setenv(protocol.SIM_ROOT_ENV, str(tmp_path))
-    monkeypatch.setattr(worker_check.shutil, "which", lambda name: None)
-    assert worker_check.tpu_holders() == []
-    with _holding(tmp_path / "dev" / "vfio" / "0") as holder:
-        [(pid, command)] = worker_check.tpu_holders()
-        assert pid == holder.pid and command.startswith(f"{sys.executable} -c import time")
-        assert len(command) <= 80
 
 
 def _quickly_checked(cloud, workers=2):
@@ -475,7 +443,7 @@ def test_the_launch_line_sets_the_coordinator_port_and_init_timeout(cloud, port)
     env = cloud.env(DRY_RUN="1", COORDINATOR_PORT=port, INIT_TIMEOUT="900")
     if not port:  # JAX's default, written out all the same
         del env["COORDINATOR_PORT"]
-    result = subprocess.run([sys.executable, "-m", "deploy.pod", "launch"], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "deploy.tpu_vm", "launch"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if "podworker start" in line]
@@ -570,96 +538,6 @@ def test_a_multislice_request_names_its_node_count_and_prefix(cloud):
                for s in starts)
 
 
-def test_slice_types_imply_their_device_counts():
-    assert [slice_devices(t) for t in ("v4-8", "v4-32", "v5p-8", "v5litepod-16", "v6e-8",
-                                       "v3-8", "v9-8")] == [4, 16, 4, 16, 8, 8, None]
-
-
-def test_constraints_are_the_tested_versions():
-    """deploy/constraints.txt is what `make install` installs and what every worker gets."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    pinned = [line.split("==") for line in (ROOT / "deploy" / "constraints.txt").read_text()
-              .splitlines() if line and not line.startswith("#")]
-    assert len(pinned) > 50
-    wrong = []
-    for name, want in pinned:
-        try:
-            have = version(name)
-        except PackageNotFoundError:
-            have = None
-        if have != want:
-            wrong.append((name, want, have))
-    assert wrong == []
-    for name in ("jax", "libtpu", "orbax-checkpoint", "google-cloud-storage"):
-        assert name in {n for n, _ in pinned}
-
-
-def _wait_for(path, seconds=60):
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.1)
-
-
-def test_podworker_stops_its_own_trainer_by_pid_file_and_leaves_other_runs_alone(tmp_path):
-    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)",
-                              "vitpod.train", "--workdir=another-run"])
-    env = {**os.environ, "VITPOD_LAUNCH_ID": "L1", "VITPOD_WORKER": "0"}
-    workdir = tmp_path / "wd"
-    # A trainer that ignores SIGTERM: stopped by SIGKILL after the grace period.
-    stubborn = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                "print('training', flush=True); time.sleep(600)")
-
-    def podworker(*args, launch="L1"):
-        return subprocess.run([sys.executable, "-m", "vitpod.podworker", *args], cwd=tmp_path,
-                              env={**env, "VITPOD_LAUNCH_ID": launch, "PYTHONPATH": str(ROOT)},
-                              capture_output=True, text=True, timeout=120)
-    try:
-        started = podworker("start", f"--workdir={workdir}", "--sync_seconds=0.2", "--",
-                            sys.executable, "-c", stubborn)
-        assert started.returncode == 0, started.stderr
-        assert "worker 0: no earlier trainer running" in started.stdout
-        _wait_for(workdir / "launches" / "L1" / "worker-0.started")
-        log = workdir / "logs" / "L1" / "worker-0.log"
-        _wait_for(log)
-        deadline = time.monotonic() + 30
-        while "training" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert "training" in log.read_text()  # the log is copied to the workdir as it grows
-        group = int((tmp_path / "vitpod.pid").read_text().split()[0])
-        retried = podworker("start", f"--workdir={workdir}", "--", sys.executable, "-c", "0")
-        assert f"launch L1 already running (process group {group})" in retried.stdout
-        again = podworker("start", f"--workdir={workdir}", "--grace=1", "--", sys.executable,
-                          "-c", "print('second launch')", launch="L2")
-        assert f"killed the earlier trainer (process group {group}) after 1 s" in again.stdout
-        exited = json.loads((workdir / "launches" / "L1" / "worker-0.exited").read_text())
-        assert exited["code"] == -9
-        _wait_for(workdir / "launches" / "L2" / "worker-0.exited")
-        assert "second launch" in (workdir / "logs" / "L2" / "worker-0.log").read_text()
-        stopped = podworker("stop")
-        assert "worker 0: no earlier trainer running" in stopped.stdout
-        assert decoy.poll() is None  # another run's trainer, by name alone, was not touched
-    finally:
-        decoy.kill()
-
-
-def test_podworker_stop_leaves_a_group_that_reused_the_recorded_number_alone(tmp_path):
-    """The pid file outlives its supervisor; a later process group under that number, even a
-    vitpod one, was started later than the recorded supervisor and is not signalled."""
-    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)",
-                                 "vitpod.train", "--workdir=another-run"], start_new_session=True)
-    try:
-        (tmp_path / "vitpod.pid").write_text(f"{stranger.pid} L0 1\n")  # started at tick 1
-        stopped = subprocess.run([sys.executable, "-m", "vitpod.podworker", "stop"],
-                                 cwd=tmp_path, env={**os.environ, "VITPOD_WORKER": "0"},
-                                 capture_output=True, text=True, timeout=60)
-        assert "worker 0: no earlier trainer running" in stopped.stdout, stopped.stderr
-        assert stranger.poll() is None
-    finally:
-        stranger.kill()
-
-
 def test_make_passes_values_as_typed_and_dry_run_prints_the_create_request(tmp_path):
     """`$(shell ...)` in a value given to make is text, not a command (DRY_RUN=1 included),
     and a dry pod-create prints the queued-resources create command it would send."""
@@ -691,9 +569,9 @@ def test_make_pod_launch_dry_run_connects_whatever_the_host_keys(tmp_path):
 def _hung_trainers(cloud, gcs, tmp_path, bucket):
     """Workers whose trainer gets ready at once, then hangs; the launch settings for them."""
     hung = tmp_path / "hung_trainer.py"
-    hung.write_text("import sys, time\nfrom vitpod import podworker\n"
+    hung.write_text("import sys, time\nfrom vitpod.workdir.markers import mark\n"
                     "workdir = [a for a in sys.argv if a.startswith('--workdir=')][0][10:]\n"
-                    "podworker.mark(workdir, 'joining')\npodworker.mark(workdir, 'ready')\n"
+                    "mark(workdir, 'joining')\nmark(workdir, 'ready')\n"
                     "print('step 1, then a collective that never returns', flush=True)\n"
                     "time.sleep(600)\n")
     project = str(ROOT / ".venv" / "bin" / "python")

@@ -10,10 +10,11 @@ https://cloud.google.com/sdk/gcloud/reference/compute/tpus/queued-resources/crea
 import json
 import time
 
-from deploy.gcloud_cli import Gcloud, PodError, log, reason
-from deploy.settings import CAPACITY_FLAGS, Settings, SliceType, slice_workers
-from deploy.slices import Health
-from deploy.tpu_workers import MultisliceWorkers, TpuVmWorkers
+from deploy.settings import CAPACITY_FLAGS, SliceType, slice_workers
+from deploy.shell import Cli, DeployError, log, reason
+from deploy.tpu_vm.settings import TpuVmSettings
+from deploy.tpu_vm.slices import Health
+from deploy.tpu_vm.workers import MultisliceWorkers, TpuVmWorkers
 
 # Waiting ones, and the node's states after which the slice is gone.
 WAITING = ("ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "CREATING")
@@ -31,7 +32,7 @@ class QueuedResource:
     NUM_SLICES (TPU_TYPES=v5litepod-32,v5litepod-16 NUM_SLICES=2,1: 2 x 32, 1 x 32, 2 x 16,
     1 x 16)."""
 
-    def __init__(self, settings: Settings, gcloud: Gcloud):
+    def __init__(self, settings: TpuVmSettings, gcloud: Cli):
         self.settings, self.g, self.sleep = settings, gcloud, gcloud.sleep
         self.name = settings.name
         types = settings.slice_types or (SliceType("", settings.zone, ""),)
@@ -110,7 +111,7 @@ class QueuedResource:
             if node is None or node.get("state") in NODE_GONE:
                 if reachable_only:
                     continue
-                raise PodError(f"no TPU VM named {name}: make pod-create first")
+                raise DeployError(f"no TPU VM named {name}: make pod-create first")
             # The slice we have, whichever of the fallback types it is.
             self.obtained = node.get("acceleratorType") or ""
             count = max(1, len(node.get("networkEndpoints", [])))
@@ -121,9 +122,9 @@ class QueuedResource:
         if len(names) == 1 and nodes:
             return nodes[0]
         if not reachable_only and len({n.count for n in nodes}) > 1:
-            raise PodError(f"the slices of {self.name} have different numbers of workers ("
-                           f"{', '.join(f'{n.node}: {n.count}' for n in nodes)}): make "
-                           "pod-delete, then create them again")
+            raise DeployError(f"the slices of {self.name} have different numbers of workers ("
+                              f"{', '.join(f'{n.node}: {n.count}' for n in nodes)}): make "
+                              "pod-delete, then create them again")
         return MultisliceWorkers(nodes)
 
     def accelerator_type(self) -> str:
@@ -171,7 +172,7 @@ class QueuedResource:
             elif state == "FAILED" or (state in WAITING and waited and len(self.options) > 1):
                 failures += state == "FAILED"
                 if failures > s.max_retries:
-                    raise PodError(f"{self.name} FAILED {failures} times, last: {message}")
+                    raise DeployError(f"{self.name} FAILED {failures} times, last: {message}")
                 why = (f"FAILED: {message or 'no reason given'}" if state == "FAILED" else
                        f"waited {s.queue_timeout:g} s for capacity")
                 self.delete()
@@ -193,8 +194,8 @@ class QueuedResource:
                 last = None
                 continue
             if time.monotonic() > deadline:
-                raise PodError(f"{self.name} still {state} after {s.wait_timeout:g} s"
-                               " (no capacity yet); raise WAIT_TIMEOUT or try another zone")
+                raise DeployError(f"{self.name} still {state} after {s.wait_timeout:g} s"
+                                  " (no capacity yet); raise WAIT_TIMEOUT or try another zone")
             self.sleep(s.poll_seconds)
 
     def _use(self, index: int) -> None:
@@ -232,7 +233,7 @@ class QueuedResource:
             *([f"--valid-until-duration={s.queue_timeout:g}s"] if s.queue_timeout > 0 else [])),
             retries=3)
         if code and "ALREADY_EXISTS" not in err:  # a retry after a request that got through
-            raise PodError(f"creating {self.name} failed: {reason(err, code)}")
+            raise DeployError(f"creating {self.name} failed: {reason(err, code)}")
 
     def delete(self) -> None:
         """Delete the queued resource and its node; wait until the name is free again."""
@@ -240,7 +241,7 @@ class QueuedResource:
         code, _, err = self.g.call(*self._qr("delete", "--force", "--quiet", "--async"),
                                    retries=3)
         if code and "NOT_FOUND" not in err:
-            raise PodError(f"deleting {self.name} failed: {reason(err, code)}")
+            raise DeployError(f"deleting {self.name} failed: {reason(err, code)}")
         if self.settings.dry_run:
             return
         s, last = self.settings, None
@@ -250,7 +251,7 @@ class QueuedResource:
                 log(f"{self.name}: {state}")
                 last = state
             if time.monotonic() > deadline:
-                raise PodError(f"{self.name} still {state} {s.wait_timeout:g} s after its "
-                               "deletion: check make pod-status / the console")
+                raise DeployError(f"{self.name} still {state} {s.wait_timeout:g} s after its "
+                                  "deletion: check make pod-status / the console")
             self.sleep(min(s.poll_seconds, 10))
         log(f"{self.name}: deleted")

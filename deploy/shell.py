@@ -1,11 +1,11 @@
-"""gcloud for deploy/: calls with retries and timeouts, resources read as JSON, the bucket's
-objects, per-worker calls in parallel. Standard library only.
+"""The command-line tools deploy/ runs (gcloud, kubectl): calls with retries and timeouts,
+resources read as JSON; the one error type and the one error form of every deploy
+entrypoint. Standard library only.
 
 A gcloud error is NOT_FOUND only when gcloud says so; any other failure (network, quota,
 auth) is retried and, if it persists, reported, never taken for a preemption.
 """
 
-import concurrent.futures
 import datetime
 import json
 import os
@@ -13,7 +13,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -22,11 +21,11 @@ from vitpod.errors import one_line
 _print_lock = threading.Lock()
 
 
-class PodError(Exception):
+class DeployError(Exception):
     """A problem to report: one line, or one line per bad setting."""
 
 
-class StateUnreadable(PodError):
+class StateUnreadable(DeployError):
     """gcloud could not tell the slice's state (network, quota, auth): never a lost slice."""
 
 
@@ -47,7 +46,7 @@ def reason(output: str, otherwise: object) -> str:
     return one_line(output) if output.strip() else str(otherwise)
 
 
-class Gcloud:
+class Cli:
     """Runs gcloud (or prints it with dry_run); `sleep` is injectable for fast retries. `tool`:
     another CLI called the same way (kubectl for GKE)."""
 
@@ -79,7 +78,7 @@ class Gcloud:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     stdin=subprocess.DEVNULL, text=True, start_new_session=True)
         except FileNotFoundError:
-            raise PodError(f"{self.tool} is not installed or not on PATH") from None
+            raise DeployError(f"{self.tool} is not installed or not on PATH") from None
         lines = {"out": [], "err": []}
 
         def pump(name, pipe):
@@ -125,54 +124,12 @@ class Gcloud:
                               "pod-status")
 
 
-def for_each_worker(workers: int, fn, threads: int = 32) -> dict[int, object]:
-    """fn(i) for every worker index, in parallel; {i: result or the exception raised}."""
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, workers))) as pool:
-        futures = {i: pool.submit(fn, i) for i in range(workers)}
-    results = {}
-    for i, future in futures.items():
-        try:
-            results[i] = future.result()
-        except Exception as e:  # noqa: BLE001 - reported per worker by the caller
-            results[i] = e
-    return results
-
-
-class Bucket:
-    """The workdir's objects, read and written with `gcloud storage` (no client library)."""
-
-    def __init__(self, gcloud: Gcloud):
-        self.g = gcloud
-
-    def list(self, url: str) -> list[str] | None:
-        """The objects (and folders) `gcloud storage ls` shows under url; None when unreadable."""
-        code, out, _ = self.g.call("storage", "ls", url, retries=2, timeout=120)
-        return out.splitlines() if code == 0 else None
-
-    def exists(self, url: str) -> bool:
-        return self.list(url) is not None
-
-    def read(self, url: str) -> str | None:
-        code, out, _ = self.g.call("storage", "cat", url, retries=2)
-        return out if code == 0 else None
-
-    def write_json(self, url: str, value: object) -> str:
-        """'' when written, else why not."""
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(value, f)
-        try:
-            code, _, err = self.g.call("storage", "cp", f.name, url, retries=2, timeout=120)
-        finally:
-            os.remove(f.name)
-        return reason(err, code) if code else ""
-
-
 def exit_code(verb) -> int:
     """Run a command-line verb: 0, or its failure as `error: ...` lines on stderr and 1 (130
     on Ctrl-C). The one error form of every deploy entrypoint."""
     try:
         verb()
-    except PodError as e:
+    except DeployError as e:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 1

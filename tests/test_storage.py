@@ -1,6 +1,6 @@
 """Data and workdirs on gs://, against a real GCS server (fake-gcs-server) on loopback.
 
-Requests pass through the project's fault proxy (deploy/sim/gcs.py), which can fail a
+Requests pass through the project's fault proxy (testkit/gcs.py), which can fail a
 fraction of them (503s and dropped connections) or answer 403 for a bucket.
 """
 
@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, assert_params_close, load_config, read_params
+from tests.conftest import ROOT, assert_params_close, load_config, read_params, tiny_run
 from vitpod import inference, predict, storage, train, upload
 from vitpod.data import imagefolder
 from vitpod.errors import UserError
@@ -37,10 +37,7 @@ def bucket_data(gcs_server, colors):
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory, colors):
     """The same tiny run with data and workdir on local disk: the reference."""
-    workdir = tmp_path_factory.mktemp("local")
-    config = load_config("tiny", data__train_dir=str(colors / "train"),
-                         data__val_dir=str(colors / "val"))
-    return workdir, train.run(config, str(workdir))
+    return tiny_run(tmp_path_factory, colors, "local")
 
 
 def gcs_config(data: str = DATA, **overrides):
@@ -177,7 +174,7 @@ def test_transient_failures_on_reads_and_writes_do_not_change_the_result(
 
 def test_two_processes_train_from_the_bucket_and_resume(gcs, bucket_data, local_run):
     workdir = f"{RUNS}/two"
-    cmd = [sys.executable, "-m", "vitpod.launch", "--num_processes=2",
+    cmd = [sys.executable, "-m", "vitpod.local_hosts", "--num_processes=2",
            "--devices_per_process=4", "--", "--config=configs/tiny.py", f"--workdir={workdir}",
            f"--config.data.train_dir={DATA}/train", f"--config.data.val_dir={DATA}/val"]
     for extra in (["--stop_after=3"], []):

@@ -4,18 +4,33 @@ One node is a slice; a multislice job is several nodes whose workers are numbere
 after slice, as JAX numbers their processes.
 """
 
+import concurrent.futures
 import os
 import subprocess
 import threading
 
-from deploy.gcloud_cli import Gcloud, PodError, for_each_worker, log, reason
-from deploy.settings import Settings
-from deploy.slices import Result
-from vitpod.workdir import protocol
+from deploy.shell import Cli, DeployError, log, reason
+from deploy.tpu_vm.settings import TpuVmSettings
+from deploy.tpu_vm.slices import Result
+from vitpod import protocol
 
 # A slice recreated under its name has new host keys; gcloud's default (no on the first
 # connection, yes afterwards) would then refuse every worker.
 HOST_KEYS = "--strict-host-key-checking=no"
+
+
+def for_each_worker(workers: int, fn, threads: int = 32) -> dict[int, object]:
+    """fn(i) for every worker index, in parallel; {i: result or the exception raised}."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, workers))) as pool:
+        futures = {i: pool.submit(fn, i) for i in range(workers)}
+    results = {}
+    for i, future in futures.items():
+        try:
+            results[i] = future.result()
+        except Exception as e:  # noqa: BLE001 - reported per worker by the caller
+            results[i] = e
+    return results
+
 
 
 def report_failures(what: str, results: dict[int, object]) -> None:
@@ -25,8 +40,8 @@ def report_failures(what: str, results: dict[int, object]) -> None:
         why = str(r) if isinstance(r, Exception) else reason(r[2] or r[1], f"exit {r[0]}")
         log(f"worker {i}: {what} failed: {why}")
     if failed:
-        raise PodError(f"{what} failed on worker(s) {', '.join(map(str, sorted(failed)))} "
-                       "(reasons above)")
+        raise DeployError(f"{what} failed on worker(s) {', '.join(map(str, sorted(failed)))} "
+                          "(reasons above)")
 
 
 _key_lock = threading.Lock()
@@ -57,7 +72,7 @@ def worker0_address(node: "TpuVmWorkers") -> tuple[str, str, str]:
     found = node.g.describe(*node._vm("describe", node.node),
                             retries=node.settings.describe_retries)
     if found is None:
-        raise PodError(f"no TPU VM named {node.node}: make pod-create first")
+        raise DeployError(f"no TPU VM named {node.node}: make pod-create first")
     endpoint = (found.get("networkEndpoints") or [{}])[0]
     network = found.get("networkConfig", {}).get("network", "").rsplit("/", 1)[-1]
     return endpoint.get("ipAddress", ""), network, found.get("cidrBlock", "")
@@ -66,7 +81,7 @@ def worker0_address(node: "TpuVmWorkers") -> tuple[str, str, str]:
 class TpuVmWorkers:
     """Workers 0..count-1 of the TPU VM `node` in `zone`, printed as [w`first`+i]."""
 
-    def __init__(self, gcloud: Gcloud, settings: Settings, zone: str, count: int,
+    def __init__(self, gcloud: Cli, settings: TpuVmSettings, zone: str, count: int,
                  node: str = "", first: int = 0):
         self.g, self.settings, self.zone, self.count = gcloud, settings, zone, count
         self.node, self.first = node or settings.name, first
@@ -133,8 +148,8 @@ class MultisliceWorkers:
 
     def shell(self, worker: str) -> None:
         if not worker.isdigit() or int(worker) >= self.count:
-            raise PodError(f"WORKER={worker}: pick one worker, 0-{self.count - 1} (slice after "
-                           "slice, as make pod-logs WORKER=all numbers them)")
+            raise DeployError(f"WORKER={worker}: pick one worker, 0-{self.count - 1} (slice after "
+                              "slice, as make pod-logs WORKER=all numbers them)")
         node, local = self.slots[int(worker)]
         node.shell(str(local))
 

@@ -9,34 +9,21 @@ import os
 import shlex
 import time
 
-from deploy.gcloud_cli import Bucket, Gcloud, PodError, log
-from deploy.settings import Settings, slice_devices
-from deploy.slices import Slice, Workers
-from vitpod.workdir import protocol
+from deploy import job
+from deploy.bucket import Bucket
+from deploy.settings import slice_devices
+from deploy.shell import Cli, DeployError, log
+from deploy.tpu_vm.settings import TpuVmSettings
+from deploy.tpu_vm.slices import Slice, Workers
+from vitpod import protocol
 
 PYTHON = f"{protocol.VENV}/bin/python"  # on a worker, from its home
-
-
-def train_command(s: Settings, python: str, config: str, devices: int,
-                  *extra: str) -> list[str]:
-    """The trainer's command line on every host: the config and workdir, the platform and
-    device count it must find (`devices`: the whole job's; 0 leaves it unchecked), `extra`
-    flags, then TRAIN_FLAGS (last, so that they win)."""
-    return [python, "-m", "vitpod.train", f"--config={config}", f"--workdir={s.workdir}",
-            f"--expect_platform={s.platform}",
-            *([f"--expect_devices={devices}"] if devices else []), *extra,
-            *shlex.split(s.train_flags)]
-
-
-def slice_label(tpu_type: str, slices: int) -> str:
-    """What the goodput report calls the job's hardware: v4-32, or 2xv4-16 for two slices."""
-    return tpu_type if slices == 1 else f"{slices}x{tpu_type}"
 
 
 class Launch:
     """The trainers of one launch (`id`) on `slice`; an id of '' in `watch` means the newest."""
 
-    def __init__(self, settings: Settings, gcloud: Gcloud, slice_: Slice, launch_id: str = ""):
+    def __init__(self, settings: TpuVmSettings, gcloud: Cli, slice_: Slice, launch_id: str = ""):
         self.settings, self.slice, self.id = settings, slice_, launch_id
         self.bucket, self.sleep = Bucket(gcloud), gcloud.sleep
         self.worker_count = 0
@@ -54,8 +41,8 @@ class Launch:
                         lambda i: workers.copy(i, f"~/{protocol.CONFIGS}/", config_file))
         remote_config = protocol.join(protocol.CONFIGS, os.path.basename(config_file)) + (
             f":{arg}" if arg else "")
-        label = slice_label(tpu_type, slices)
-        train = train_command(s, PYTHON, remote_config, (slice_devices(tpu_type) or 0) * slices)
+        label = job.slice_label(tpu_type, slices)
+        train = job.train_command(s, PYTHON, remote_config, (slice_devices(tpu_type) or 0) * slices)
         self.id = protocol.new_launch_id()
         log(f"launch {self.id} on {workers.count} worker(s)"
             + (f" of {slices} slices" if slices > 1 else "") + f": {shlex.join(train)}")
@@ -78,7 +65,7 @@ class Launch:
             workers.on_each("starting the trainer", start)
             if not s.dry_run:
                 self.wait_ready(workers)
-        except PodError:
+        except DeployError:
             self.stop(workers)
             raise
         log(f"follow with: make pod-logs WORKER=all; logs also go to "
@@ -112,8 +99,8 @@ class Launch:
             early = sorted(m[protocol.EXITED] - m[protocol.READY])
             if early:
                 self.show_tail(workers, early)
-                raise PodError(f"worker(s) {', '.join(map(str, early))} exited before the job "
-                               "was ready (log tail above); stopped the others")
+                raise DeployError(f"worker(s) {', '.join(map(str, early))} exited before the job "
+                                  "was ready (log tail above); stopped the others")
             if time.monotonic() > deadline:
                 # The first stage a worker missed: it never started, its trainer never got as
                 # far as joining the job, or (all joined) JAX is stuck waiting for a host.
@@ -124,8 +111,8 @@ class Launch:
                 what = ("never started" if silent else
                         "started, but the trainer never got to joining the job" if late else
                         "joined, but JAX did not come up (it waits for every host)")
-                raise PodError(f"worker(s) {', '.join(map(str, stuck))} {what} within "
-                               f"READY_TIMEOUT={s.ready_timeout:g} s; stopped the others")
+                raise DeployError(f"worker(s) {', '.join(map(str, stuck))} {what} within "
+                                  f"READY_TIMEOUT={s.ready_timeout:g} s; stopped the others")
             self.sleep(min(s.poll_seconds, 5))
 
     def show_tail(self, workers: Workers, which, lines: int = 20) -> None:
@@ -147,7 +134,7 @@ class Launch:
         stopped on a slice that is still up ('stopped'); a crash raises with its log tail."""
         exited_since, last = None, None
         self.id = self.id or self.newest()
-        stall = _Stall(self.settings.stall_timeout)
+        stall = job.Stall(self.settings.stall_timeout)
         while True:
             if self.done():
                 return "done"
@@ -170,23 +157,21 @@ class Launch:
             last = health.note
             self.sleep(self.settings.poll_seconds)
 
-    def _stop_stalled(self, stall: "_Stall") -> None:
+    def _stop_stalled(self, stall: "job.Stall") -> None:
         """A launch whose record has not moved: hung (a collective waiting for a host that
         will never come), and billing. Stopped like a crash, with every worker's log tail."""
         workers = self.slice.workers()
         self.show_tail(workers, range(workers.count), 30)
         self.stop(workers)
-        raise PodError(f"no progress for {stall.timeout:g} s (STALL_TIMEOUT): launch {self.id}'s "
-                       f"{protocol.RECORD} {stall.seen_as()}; the trainers look hung, stopped "
-                       f"them (log tail above, full logs in "
-                       f"{protocol.log_dir(self.settings.workdir, self.id)}/)")
+        raise DeployError(f"no progress for {stall.timeout:g} s (STALL_TIMEOUT): launch "
+                          f"{self.id}'s {protocol.RECORD} {stall.seen_as()}; the trainers look "
+                          f"hung, stopped them (log tail above, full logs in "
+                          f"{protocol.log_dir(self.settings.workdir, self.id)}/)")
 
     def newest(self) -> str:
         """The latest launch in the workdir (for `pod-watch` of a run launched before)."""
         workdir = self.settings.workdir
-        listed = self.bucket.list(protocol.launches_dir(workdir) + "/") or []
-        return max(filter(None, (protocol.launch_of(workdir, line) for line in listed)),
-                   default="")
+        return job.newest_launch(self.bucket, workdir)
 
     def wait_exited(self, seconds: float = 120) -> None:
         """Give the workers time to exit and copy the end of their logs to the workdir."""
@@ -225,27 +210,6 @@ class Launch:
         bad = [i for i, c in codes.items() if c != 0] or exited
         self.show_tail(workers, bad, 30)
         self.stop(workers)
-        raise PodError(f"the trainer crashed on worker(s) {', '.join(map(str, bad))} (exit "
-                       f"{', '.join(str(codes[i]) for i in bad)}; log tail above, full logs in "
-                       f"{protocol.log_dir(self.settings.workdir, self.id)}/)")
-
-
-class _Stall:
-    """Whether the launch record (rewritten by process 0 at every log row) stopped changing for
-    `timeout` seconds; 0 turns the check off."""
-
-    def __init__(self, timeout: float):
-        self.timeout, self.last, self.since = timeout, None, time.monotonic()
-
-    def stuck(self, record: str | None) -> bool:
-        if record != self.last:
-            self.last, self.since = record, time.monotonic()
-        return self.timeout > 0 and time.monotonic() - self.since > self.timeout
-
-    def seen_as(self) -> str:
-        if self.last is None:
-            return "was never written"
-        try:
-            return f"stayed at step {json.loads(self.last)['progress']['step']}"
-        except (ValueError, KeyError, TypeError):
-            return "did not change"
+        raise DeployError(f"the trainer crashed on worker(s) {', '.join(map(str, bad))} (exit "
+                          f"{', '.join(str(codes[i]) for i in bad)}; log tail above, full logs in "
+                          f"{protocol.log_dir(self.settings.workdir, self.id)}/)")
