@@ -145,13 +145,13 @@ ROWS = [
      "(v4:2x2x4 is a v4-32, v5e:2x4 a v5e-8)"),
     ("plan-no-topology", "plan", f"--config={CONFIGS}/tiny.py",
      "error: pass --topology=GEN:AxB[xC], e.g. v4:2x2x4 (a v4-32)"),
-    ("launch-no-train-flags", "launch", "--num_processes=2", "error: pass the train flags "
+    ("local-hosts-no-train-flags", "local_hosts", "--num_processes=2", "error: pass the train flags "
      "after --, e.g. -- --config=configs/demo.py --workdir=runs/x"),
-    ("launch-no-processes", "launch", f"--num_processes=0 -- {TRAIN}",
+    ("local-hosts-no-processes", "local_hosts", f"--num_processes=0 -- {TRAIN}",
      "error: --num_processes=0 must be >= 1"),
-    ("launch-no-devices", "launch", f"--devices_per_process=0 -- {TRAIN}",
+    ("local-hosts-no-devices", "local_hosts", f"--devices_per_process=0 -- {TRAIN}",
      "error: --devices_per_process=0 must be >= 1"),
-    ("launch-bad-number", "launch", f"--devices_per_process=abc -- {TRAIN}", "error: flag "
+    ("local-hosts-bad-number", "local_hosts", f"--devices_per_process=abc -- {TRAIN}", "error: flag "
      "--devices_per_process=abc: invalid literal for int() with base 10: 'abc' (see --helpfull)"),
     ("report-no-records", "report", "--workdir={d}/empty", "error: no launch records in "
      "{d}/empty/launches: is it a vitpod workdir (runs before goodput records have none)?"),
