@@ -28,15 +28,19 @@ import time
 from absl import app, flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SECTION = "## TPU train step under XLA's cost model: vitpod vs big_vision"
 ROWS = [f"{v},{t},{b}" for v in ("S/16", "B/16") for t in ("v5e:2x2", "v4:2x2x1")
         for b in (64, 128, 256)]
 flags.DEFINE_list("rows", ROWS, "VARIANT,TOPOLOGY,GLOBAL_BATCH rows, each a comma triple "
                   "(the list is flat: every three items make a row).")
 flags.DEFINE_string("out", "", "Also write the JSON here, updated after every row.")
+flags.DEFINE_string("markdown", "", "Also write the table as this file's section "
+                    f"{SECTION!r} (benchmarks/results.md), the other sections kept.")
 flags.DEFINE_list("sides", ["vitpod", "reference"], "Which steps to compile; a side left out "
                   "keeps its figures from --out (the reference does not change with vitpod).")
 FLAGS = flags.FLAGS
 NUM_CLASSES, IMAGE_SIZE, TOTAL_STEPS = 1000, 224, 100_000
+TARGETS = {"seconds": 0.90, "temp_bytes": 1.0}
 
 
 def reference_lowered(variant: str, batch: int, devices):
@@ -150,7 +154,44 @@ def main(argv) -> None:
             with open(FLAGS.out, "w") as f:
                 json.dump({**out, "rows": [*rows.values(), *(
                     r for k, r in known.items() if k not in rows)]}, f, indent=1)
+        if FLAGS.markdown:  # after every row: an interrupted run keeps what it measured
+            write_section(FLAGS.markdown, out)
     print(json.dumps(out))
+
+
+def table(out: dict) -> list[str]:
+    """One markdown row per (variant, topology, batch): both sides' figures and the ratios."""
+    lines = ["| row (per chip) | vitpod: time, bytes, temporaries | reference: time, bytes, "
+             "temporaries | time ratio | bytes ratio | temp ratio | target |",
+             "|---|---|---|---|---|---|---|"]
+    for r in out["rows"]:
+        sides = [f"{r[s]['seconds'] * 1e3:.2f} ms, {r[s]['bytes_accessed'] / 1e9:.2f} GB, "
+                 f"{r[s]['temp_bytes'] / 2**30:.3f} GiB" for s in ("vitpod", "reference")]
+        met = all(r[f"{k}_ratio"] <= v for k, v in TARGETS.items())
+        lines.append(f"| {r['variant']}, batch {r['global_batch']}, {r['topology']} "
+                     f"({r['chips']} chips) | {sides[0]} | {sides[1]} | "
+                     f"{r['seconds_ratio']:.3f}x | {r['bytes_accessed_ratio']:.3f}x | "
+                     f"{r['temp_bytes_ratio']:.3f}x | {'met' if met else 'not met'} |")
+    return lines
+
+
+def write_section(path: str, out: dict) -> None:
+    """Replace (or append) SECTION of the markdown file at `path`."""
+    lines = open(path).read().splitlines() if os.path.exists(path) else []
+    start = next((i for i, line in enumerate(lines) if line == SECTION), len(lines))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+               len(lines))
+    flags_text = ", ".join(f"{k}={v}" for k, v in out["compiler_options"].items())
+    body = [SECTION, "",
+            f"`python benchmarks/tpu_step.py` ({time.strftime('%Y-%m-%d')}): both steps "
+            f"compiled on this CPU for the topology with {flags_text}; jax "
+            f"{out['versions']['jax']}, libtpu {out['versions']['libtpu']}. Figures are XLA's "
+            "TPU cost-model estimates per chip (a memory-bound roofline, collectives priced as "
+            "HBM traffic), not measurements. Target: time <= "
+            f"{TARGETS['seconds']:.2f}x and temporaries <= {TARGETS['temp_bytes']:.1f}x the "
+            "reference's (docs/tpu_step.md).", "", *table(out), ""]
+    with open(path, "w") as f:
+        f.write("\n".join([*lines[:start], *body, *lines[end:]]) + "\n")
 
 
 if __name__ == "__main__":

@@ -130,6 +130,8 @@ def _predicted(estimate: dict, flops: float, peak: float, per_chip_batch: float)
     above, not the cost model's own calibrated rates) it implies, the bytes it moves and the
     temporaries of the program it was computed for (compiled with cost.COMPILER_OPTIONS)."""
     seconds = estimate["seconds"]
+    if seconds <= 0:  # e.g. a custom call the cost model prices at -1 s
+        return {"predicted_by": f"{cost.CAVEAT}; it gave {seconds:g} s for this program"}
     return {"predicted_step_seconds": _short(seconds),
             "predicted_img_per_sec_per_chip": round(per_chip_batch / seconds),
             "predicted_mfu": _short(flops / seconds / peak),
