@@ -73,3 +73,34 @@ def test_the_checks_catch_the_cpu_layout_compiled_for_tpu(monkeypatch):
     hlo = _compiled_hlo()
     assert [m for m in attention_matmuls(hlo) if "f32" in m[1]]
     assert qkv_relayouts(hlo)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("bfloat16", 3e-2)])
+def test_the_tpu_layout_computes_the_cpu_layouts_logits_and_gradients(monkeypatch, dtype,
+                                                                       tolerance):
+    """Run here with the platform forced, the per-head-kernel attention and its custom VJP
+    give the heads-first attention's logits and parameter gradients (f32: float noise)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    config = load_config("tiny", data__image_size=16, model__dtype=dtype)
+    graphdef, _ = model.abstract_model(config.model, 16, 5)
+    params = model.init_params(config.model, 16, 5, jax.random.key(0))
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape),
+                          params)  # a non-zero head, so that every gradient flows
+    images = jax.random.normal(jax.random.key(2), (4, 16, 16, 3))
+
+    def loss_and_grads(platform):
+        monkeypatch.setattr(model, "_platform", lambda: platform)
+        loss = lambda p: jnp.sum(jnp.sin(model.apply(graphdef, p, images)))  # noqa: E731
+        return jax.value_and_grad(loss)(params)
+
+    (loss_cpu, grads_cpu), (loss_tpu, grads_tpu) = loss_and_grads("cpu"), loss_and_grads("tpu")
+    assert float(loss_tpu) == pytest.approx(float(loss_cpu), rel=tolerance, abs=tolerance)
+    # Relative to the largest gradient: the key bias's is zero up to rounding (a constant
+    # shift of each row of logits), so no per-leaf scale would do.
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_cpu))
+    for a, b in zip(jax.tree.leaves(grads_cpu), jax.tree.leaves(grads_tpu), strict=True):
+        np.testing.assert_allclose(np.asarray(b, np.float32) / scale,
+                                   np.asarray(a, np.float32) / scale, atol=tolerance)
