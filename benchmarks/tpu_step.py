@@ -97,7 +97,6 @@ def reference_lowered(variant: str, batch: int, devices):
 
 def vitpod_lowered(variant: str, batch: int, devices):
     """vitpod's train step with the same settings, lowered as `plan` lowers it."""
-    sys.path.insert(0, os.path.dirname(HERE))
     from tests.conftest import load_config
     from vitpod.planning.compile import lower_train_step
 
@@ -121,6 +120,7 @@ def measure(lowered) -> dict:
 
 def main(argv) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
+    sys.path.insert(0, os.path.dirname(HERE))
     import jax
     import libtpu
 
