@@ -7,7 +7,7 @@ import re
 import pytest
 
 from tests.conftest import load_config
-from vitpod import model
+from vitpod import attention, model
 from vitpod.planning.compile import lower_train_step, tpu_devices
 
 pytest.importorskip("libtpu", reason="compiling for TPUs needs libtpu: install the tpu extra")
@@ -69,7 +69,7 @@ def test_tpu_attention_projects_into_heads_without_copies(bf16_hlo):
 def test_the_checks_catch_the_cpu_layout_compiled_for_tpu(monkeypatch):
     """The heads-first layout (f32 logits, reshaped activations), which the CPU keeps, fails
     both checks when compiled for a TPU: they would notice it coming back there."""
-    monkeypatch.setattr(model, "_platform", lambda: "cpu")
+    monkeypatch.setattr(attention, "_platform", lambda: "cpu")
     hlo = _compiled_hlo()
     assert [m for m in attention_matmuls(hlo) if "f32" in m[1]]
     assert qkv_relayouts(hlo)
@@ -92,7 +92,7 @@ def test_the_tpu_layout_computes_the_cpu_layouts_logits_and_gradients(monkeypatc
     images = jax.random.normal(jax.random.key(2), (4, 16, 16, 3))
 
     def loss_and_grads(platform):
-        monkeypatch.setattr(model, "_platform", lambda: platform)
+        monkeypatch.setattr(attention, "_platform", lambda: platform)
         loss = lambda p: jnp.sum(jnp.sin(model.apply(graphdef, p, images)))  # noqa: E731
         return jax.value_and_grad(loss)(params)
 
