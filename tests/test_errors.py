@@ -145,14 +145,15 @@ ROWS = [
      "(v4:2x2x4 is a v4-32, v5e:2x4 a v5e-8)"),
     ("plan-no-topology", "plan", f"--config={CONFIGS}/tiny.py",
      "error: pass --topology=GEN:AxB[xC], e.g. v4:2x2x4 (a v4-32)"),
-    ("local-hosts-no-train-flags", "local_hosts", "--num_processes=2", "error: pass the train flags "
-     "after --, e.g. -- --config=configs/demo.py --workdir=runs/x"),
+    ("local-hosts-no-train-flags", "local_hosts", "--num_processes=2",
+     "error: pass the train flags after --, e.g. -- --config=configs/demo.py --workdir=runs/x"),
     ("local-hosts-no-processes", "local_hosts", f"--num_processes=0 -- {TRAIN}",
      "error: --num_processes=0 must be >= 1"),
     ("local-hosts-no-devices", "local_hosts", f"--devices_per_process=0 -- {TRAIN}",
      "error: --devices_per_process=0 must be >= 1"),
-    ("local-hosts-bad-number", "local_hosts", f"--devices_per_process=abc -- {TRAIN}", "error: flag "
-     "--devices_per_process=abc: invalid literal for int() with base 10: 'abc' (see --helpfull)"),
+    ("local-hosts-bad-number", "local_hosts", f"--devices_per_process=abc -- {TRAIN}",
+     "error: flag --devices_per_process=abc: invalid literal for int() with base 10: 'abc' "
+     "(see --helpfull)"),
     ("report-no-records", "report", "--workdir={d}/empty", "error: no launch records in "
      "{d}/empty/launches: is it a vitpod workdir (runs before goodput records have none)?"),
     ("report-workdir-missing", "report", "--workdir={d}/nope",

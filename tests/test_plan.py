@@ -40,6 +40,12 @@ def test_a_small_vit_fits_and_its_step_sends_one_gradient_all_reduce(topology, c
     assert result["tflops_per_step_per_chip"] > 0
     assert result["img_per_sec_per_chip_at_60pct_mfu"] > result[
         "img_per_sec_per_chip_at_40pct_mfu"] > 0
+    # XLA's cost model, compiled without sliced prefetch: a positive estimate, said to be one.
+    assert result["predicted_step_seconds"] > 0 and result["bytes_accessed_per_step"] > 0
+    assert result["predicted_img_per_sec_per_chip"] == pytest.approx(
+        64 / chips / result["predicted_step_seconds"], rel=0.01)
+    assert 0 <= result["temp_gib"] < 1 and 0 < result["predicted_mfu"] < 1
+    assert "not a measurement" in result["predicted_by"]
     # Pure data parallelism: the only collective is the all-reduce of the f32 gradients
     # (plus four metric sums), within 5 %.
     sent = result["collective_bytes_per_step"]

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from vitpod.attention import Attention
 from vitpod.errors import UserError
 
 # name: (hidden_size, num_layers, num_heads, mlp_dim). Patch size comes from "NAME/PATCH".
@@ -100,29 +101,6 @@ def _dropped(x, rate, row_keys, site, per_example: bool = False, on: bool = True
     keep = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, site), 1 - rate,
                                                    shape))(row_keys)
     return jnp.where(keep, x / (1 - rate), 0).astype(x.dtype)
-
-
-class Attention(nnx.Module):
-    def __init__(self, dim: int, num_heads: int, dtype, rngs: nnx.Rngs):
-        self.num_heads = num_heads
-        dense = lambda: nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)  # noqa: E731
-        self.query, self.key, self.value, self.out = dense(), dense(), dense(), dense()
-
-    def __call__(self, x_bld):
-        # Heads ahead of the tokens for the two per-head matmuls: on CPU this runs the
-        # attention core (fwd + bwd) ~1.4x faster than jax.nn.dot_product_attention's
-        # (batch, length, heads, dim) layout (DESIGN.md, Model). Logits and softmax in f32.
-        b, length, d = x_bld.shape
-        head_dim = d // self.num_heads
-
-        def heads(t_bld):  # (batch, heads, length, head_dim)
-            return t_bld.reshape(b, length, self.num_heads, head_dim).transpose(0, 2, 1, 3)
-
-        logits = jnp.einsum("bhqk,bhsk->bhqs", heads(self.query(x_bld)), heads(self.key(x_bld)),
-                            preferred_element_type=jnp.float32) * head_dim**-0.5
-        weights = jax.nn.softmax(logits, axis=-1).astype(x_bld.dtype)
-        o_bhlk = jnp.einsum("bhqs,bhsk->bhqk", weights, heads(self.value(x_bld)))
-        return self.out(o_bhlk.transpose(0, 2, 1, 3).reshape(b, length, d))
 
 
 class MLP(nnx.Module):

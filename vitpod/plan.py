@@ -6,13 +6,15 @@
 With the `tpu` extra installed (libtpu), compiles the real train step ahead of time for the
 topology (`gen:AxB[xC]`: `v4:2x2x4` is a v4-32, `v5e:2x4` a v5e-8, `v5:2x2x1` a v5p-8,
 `v6e:2x2` a v6e-4) and prints per-chip HBM (params, optimizer state, temporaries), FLOPs per
-step, the step time and img/s per chip implied at 40 % and 60 % MFU, the collective bytes
-per step, and whether it fits (after the start-up a launch runs: the mesh and each host's
-rows of the batch, `host_rows`, in libtpu's order of the chips); if not, the first of FSDP
-over all chips, full remat and gradient accumulation (in that order, compiled to check)
-that makes it fit (vitpod/planning/compile.py compiles, vitpod/planning/fit.py searches).
-Then what each host must feed the chips (vitpod/planning/input_budget.py): img/s, decode
-cores, bucket reads/s.
+step, the step time and img/s per chip implied at 40 % and 60 % MFU, XLA's cost-model
+prediction of the step time (with the img/s and MFU it implies, the bytes it moves and its
+temporaries: an estimate, memory-bound, collectives priced as HBM traffic, not a
+measurement; vitpod/planning/cost.py), the collective bytes per step, and whether it fits
+(after the start-up a launch runs: the mesh and each host's rows of the batch, `host_rows`,
+in libtpu's order of the chips); if not, the first of FSDP over all chips, full remat and
+gradient accumulation (in that order, compiled to check) that makes it fit
+(vitpod/planning/compile.py compiles, vitpod/planning/fit.py searches). Then what each host
+must feed the chips (vitpod/planning/input_budget.py): img/s, decode cores, bucket reads/s.
 With `--num_slices=N` it compiles for N such slices (multislice, the data axis over DCN) and
 also prints the bytes each chip sends over DCN per step, the bandwidth that takes at 40 % and
 60 % MFU, and whether the documented per-chip figure carries it.

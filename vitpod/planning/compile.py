@@ -68,9 +68,9 @@ def step_flops(config, tx, mesh, num_classes: int, batch_abstract) -> float:
     return per_depth[0] + (depth.num_layers - 1) * (per_depth[1] - per_depth[0])
 
 
-def compile_train_step(config, devices, num_classes: int):
-    """The train step compiled for `devices`: (compiled, mesh shape, param bytes and
-    optimizer-state bytes per device, model FLOPs per device per step)."""
+def lower_train_step(config, devices, num_classes: int):
+    """The train step lowered for `devices`: (lowered, mesh shape, param bytes and
+    optimizer-state bytes per device, (tx, mesh, abstract batch))."""
     import jax
     import jax.numpy as jnp
 
@@ -97,7 +97,15 @@ def compile_train_step(config, devices, num_classes: int):
                    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(tree_specs),
                                    strict=True))
 
-    compiled = step.lower(state, batch_abstract).compile()
-    flops = step_flops(config, tx, mesh, num_classes, batch_abstract)
-    return (compiled, shape, nbytes(state["params"], specs["params"]),
-            nbytes(state["opt_state"], specs["opt_state"]), flops)
+    return (step.lower(state, batch_abstract), shape, nbytes(state["params"], specs["params"]),
+            nbytes(state["opt_state"], specs["opt_state"]), (tx, mesh, batch_abstract))
+
+
+def compile_train_step(config, devices, num_classes: int):
+    """The train step compiled for `devices`: (compiled, lowered, mesh shape, param bytes and
+    optimizer-state bytes per device, model FLOPs per device per step)."""
+    lowered, shape, param_bytes, opt_bytes, (tx, mesh, batch) = lower_train_step(
+        config, devices, num_classes)
+    compiled = lowered.compile()
+    flops = step_flops(config, tx, mesh, num_classes, batch)
+    return compiled, lowered, shape, param_bytes, opt_bytes, flops

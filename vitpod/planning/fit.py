@@ -7,6 +7,7 @@ import math
 import re
 
 from vitpod.errors import one_line
+from vitpod.planning import cost
 from vitpod.planning.compile import CHIPS, DCN_BITS_PER_SEC, compile_train_step, tpu_devices
 from vitpod.planning.hlo import collective_bytes, dcn_bytes
 
@@ -53,7 +54,7 @@ def _fits_with(result: dict, overrides: dict, tried: dict) -> dict:
     result["fits_with"] = " ".join(f"--config.{k}={v}" for k, v in overrides.items())
     result["with_remedy"] = {k: tried[k] for k in (
         "mesh", "total_gib", "tflops_per_step_per_chip", "img_per_sec_per_chip_at_40pct_mfu",
-        "img_per_sec_per_chip_at_60pct_mfu", "dcn_bytes_per_step_per_chip",
+        "img_per_sec_per_chip_at_60pct_mfu", *PREDICTED, "dcn_bytes_per_step_per_chip",
         "dcn_gbps_per_chip_at_40pct_mfu", "dcn_gbps_per_chip_at_60pct_mfu", "dcn_verdict")
         if k in tried}
     result["verdict"] += f"; fits with {result['fits_with']} ({tried['total_gib']} GiB per chip)"
@@ -71,8 +72,8 @@ def _plan_once(config, devices, topology: str, num_classes: int) -> dict:
     mesh = {"data": data, "fsdp": fsdp} if slices == 1 else {
         "dcn_data": dcn_data, "data": data, "fsdp": fsdp}  # config keys: data is per slice
     try:
-        compiled, _, param_bytes, opt_bytes, flops = compile_train_step(config, devices,
-                                                                        num_classes)
+        compiled, lowered, _, param_bytes, opt_bytes, flops = compile_train_step(
+            config, devices, num_classes)
     except Exception as e:  # noqa: BLE001  XLA refuses programs over HBM at compile time
         text = str(e)
         if "RESOURCE_EXHAUSTED" not in text:
@@ -107,6 +108,7 @@ def _plan_once(config, devices, topology: str, num_classes: int) -> dict:
         seconds = flops / (peak * mfu)
         out[f"step_seconds_at_{int(mfu * 100)}pct_mfu"] = _short(seconds)
         out[f"img_per_sec_per_chip_at_{int(mfu * 100)}pct_mfu"] = round(per_chip_batch / seconds)
+    out.update(_predicted(cost.estimate(lowered), flops, peak, per_chip_batch))
     if slices > 1:
         out.update(_dcn(dcn_bytes(compiled.as_text()), slices, flops, peak,
                         DCN_BITS_PER_SEC.get(gen), gen))
@@ -117,6 +119,24 @@ def _plan_once(config, devices, topology: str, num_classes: int) -> dict:
         room = hbm - (used - mem.temp_size_in_bytes)
         out["_need"] = mem.temp_size_in_bytes / room if room > 0 else 10**9
     return out
+
+
+PREDICTED = ("predicted_step_seconds", "predicted_img_per_sec_per_chip", "predicted_mfu",
+             "bytes_accessed_per_step", "temp_gib", "predicted_by")
+
+
+def _predicted(estimate: dict, flops: float, peak: float, per_chip_batch: float) -> dict:
+    """The cost model's step time, the img/s per chip and MFU (against the datasheet peak
+    above, not the cost model's own calibrated rates) it implies, the bytes it moves and the
+    temporaries of the program it was computed for (compiled with cost.COMPILER_OPTIONS)."""
+    seconds = estimate["seconds"]
+    if seconds <= 0:  # e.g. a custom call the cost model prices at -1 s
+        return {"predicted_by": f"{cost.CAVEAT}; it gave {seconds:g} s for this program"}
+    return {"predicted_step_seconds": _short(seconds),
+            "predicted_img_per_sec_per_chip": round(per_chip_batch / seconds),
+            "predicted_mfu": _short(flops / seconds / peak),
+            "bytes_accessed_per_step": round(estimate["bytes_accessed"]),
+            "temp_gib": _short(estimate["temp_bytes"] / 2**30), "predicted_by": cost.CAVEAT}
 
 
 def _dcn(sent: dict[str, int], slices: int, flops: float, peak: float,
