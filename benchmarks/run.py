@@ -13,8 +13,6 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-S16 = ["--hidden_size=384", "--num_layers=12", "--num_heads=6", "--mlp_dim=1536"]
-TI16 = ["--hidden_size=192", "--num_layers=12", "--num_heads=3", "--mlp_dim=768"]
 
 
 def bench(script: str, *args: str, env: dict | None = None, timeout: int = 900) -> dict:
@@ -65,13 +63,14 @@ def main() -> None:
                          "full decode",
                          f"<= {target}x loop" if target else "<= 1.0x full decode", note))
     steps = {}
-    for name, shape in (("Ti/16", TI16), ("S/16", S16)):
+    for name in ("Ti/16", "S/16"):
         for devices in (1, 8):
             # The model's FLOPs do not depend on the device count: count them once per shape
             # (the 8-device program's own count is ~1 % higher, its collectives' adds).
             known = [] if devices == 1 else [
                 f"--flops_per_step={steps[name, 1]['flops_per_step']}"]
-            r = bench("train_step.py", *shape, f"--devices={devices}", "--global_batch=16",
+            r = bench("train_step.py", f"--variant={name}", f"--devices={devices}",
+                      "--global_batch=16",
                       "--steps=3", *known)
             steps[(name, devices)] = r
             target = ">= 0.65 MFU" if name == "S/16" else ""

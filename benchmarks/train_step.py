@@ -1,8 +1,7 @@
 """Train-step throughput and MFU of vitpod's shard_map step, against this CPU's matmul peak.
 
-    python benchmarks/train_step.py --image_size=224 --patch_size=16 --hidden_size=384 \
-        --num_layers=12 --num_heads=6 --mlp_dim=1536 --num_classes=1000 --global_batch=16 \
-        --devices=8
+    python benchmarks/train_step.py --variant=S/16 --image_size=224 --num_classes=1000 \
+        --global_batch=16 --devices=8
 
 Prints one JSON line: img_per_sec, flops_per_sec (model FLOPs: XLA's count for the step
 with its layers unrolled, as `plan` counts them), matmul_peak_flops_per_sec (the best of a
@@ -20,12 +19,9 @@ import time
 
 from absl import app, flags
 
+flags.DEFINE_string("variant", "S/16", "The model, as model.variant spells it (S/16, "
+                    "w192-d12-h3-m768/16).")
 flags.DEFINE_integer("image_size", 224, "")
-flags.DEFINE_integer("patch_size", 16, "")
-flags.DEFINE_integer("hidden_size", 384, "")
-flags.DEFINE_integer("num_layers", 12, "")
-flags.DEFINE_integer("num_heads", 6, "")
-flags.DEFINE_integer("mlp_dim", 1536, "")
 flags.DEFINE_integer("num_classes", 1000, "")
 flags.DEFINE_integer("global_batch", 16, "")
 flags.DEFINE_integer("devices", 1, "Fake CPU devices (set before jax starts).")
@@ -65,9 +61,8 @@ def main(argv) -> None:
     from vitpod import model, optim, steps
     from vitpod.planning.compile import step_flops
 
-    model.WIDTHS["bench"] = (FLAGS.hidden_size, FLAGS.num_layers, FLAGS.num_heads,
-                             FLAGS.mlp_dim)
-    config = load_config("tiny", model__variant=f"bench/{FLAGS.patch_size}",
+    shape = model.parse_variant(FLAGS.variant)
+    config = load_config("tiny", model__variant=FLAGS.variant,
                          data__image_size=FLAGS.image_size,
                          model__scan_layers={"true": True, "false": False}.get(FLAGS.scan_layers))
     mesh = jax.make_mesh((FLAGS.devices, 1), ("data", "fsdp"))
@@ -98,8 +93,9 @@ def main(argv) -> None:
     peak = max(peak, matmul_peak())
     print(json.dumps({
         "impl": "vitpod shard_map step", "devices": FLAGS.devices, "global_batch": b,
-        "image_size": size, "patch_size": FLAGS.patch_size, "hidden_size": FLAGS.hidden_size,
-        "num_layers": FLAGS.num_layers, "scan_layers": FLAGS.scan_layers,
+        "image_size": size, "variant": FLAGS.variant, "patch_size": shape.patch_size,
+        "hidden_size": shape.hidden_size, "num_layers": shape.num_layers,
+        "scan_layers": FLAGS.scan_layers,
         "page_faults_per_step": round(faults), "step_seconds": round(seconds, 4),
         "img_per_sec": round(b / seconds, 2), "flops_per_step": flops,
         "flops_per_sec": round(flops / seconds), "matmul_peak_flops_per_sec": round(peak),
