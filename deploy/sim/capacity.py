@@ -47,10 +47,10 @@ def main(name: str) -> None:
     with sim.locked_state() as state:
         if name not in state["resources"]:  # deleted meanwhile
             return
-        nodes = state["resources"][name]["nodes"]
-        state["resources"][name]["state"] = "SUSPENDING"
+        res = state["resources"][name]
+        nodes, node = res["nodes"], res["nodes"][sc["preempt_slice"]]
+        res.update(state="SUSPENDING", lost={**res.get("lost", {}), node: "PREEMPTED"})
         state["preempted"] = state.get("preempted", 0) + 1
-    node = nodes[sc["preempt_slice"]]
     count = sim.signal_node(node, signal.SIGTERM)
     sim.cloud_log(f"{node}: preempted at step {step}: SIGTERM to {count} processes, SUSPENDING")
     deadline = time.monotonic() + sc["grace_seconds"]

@@ -158,9 +158,11 @@ def active_node(name: str, command: str) -> dict:
     with locked_state() as state:
         res = resource_of(state, name)
     # node_gone: the node vanished while the queued resource still reads ACTIVE, as happens
-    # after some preemptions; tests set it in the state. `lost`: a slice of a multislice job
-    # taken back (its node reads PREEMPTED, then NOT_FOUND).
-    if res is None or res.get("state") != "ACTIVE" or res.get("deleting") or res.get(
+    # after some preemptions; tests set it in the state. `lost`: a node taken back (it reads
+    # PREEMPTED, then NOT_FOUND); during the notice (SUSPENDING) its nodes can still be
+    # described, the preempted one as PREEMPTED, but not reached.
+    readable = ("ACTIVE", "SUSPENDING") if command == "describe" else ("ACTIVE",)
+    if res is None or res.get("state") not in readable or res.get("deleting") or res.get(
             "node_gone") or (res.get("lost", {}).get(name) and command != "describe"):
         not_found("nodes", name, f"tpu-vm.{command}")
     return res
