@@ -26,10 +26,10 @@ def _modules() -> dict[str, pathlib.Path]:
     return found
 
 
-def _imports(path: pathlib.Path, module: str) -> set[str]:
+def _imports(path: pathlib.Path, module: str, known) -> set[str]:
     """Every module `path` imports, as absolute dotted names (`from a import b` gives a.b
     when a.b is a module, else a)."""
-    names, known = set(), _modules()
+    names = set()
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -46,7 +46,8 @@ def _imports(path: pathlib.Path, module: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def graph() -> dict[str, set[str]]:
-    return {m: _imports(p, m) for m, p in _modules().items()}
+    modules = _modules()
+    return {m: _imports(p, m, modules) for m, p in modules.items()}
 
 
 def _door(module: str) -> str:
