@@ -1,16 +1,21 @@
 """Multi-head self-attention, laid out per backend at trace time.
 
 On CPU the per-head matmuls run with heads ahead of the tokens (about 1.4x faster there than
-jax.nn.dot_product_attention's layout), logits and softmax in f32. On TPU (and GPU) the
-queries, keys and values come straight out of (d, heads, head_dim) views of the stored
-kernels, as flax's DenseGeneral lays them out, with a custom backward pass that keeps every
-matmul operand in the model's dtype (docs/tpu_step.md). The params are HF's four (d, d)
-projections either way, so checkpoints and HF import/export do not depend on the backend.
+jax.nn.dot_product_attention's layout), logits and softmax in f32. On TPU, when an image
+fits a TensorCore's VMEM, the attention core is one fused kernel per image
+(vitpod/fused_attention.py): no (tokens x tokens) matrix goes through HBM. Otherwise (GPU,
+or a sequence too long for the kernel) the queries, keys and values come straight out of
+(d, heads, head_dim) views of the stored kernels, as flax's DenseGeneral lays them out,
+with a custom backward pass that keeps every matmul operand in the model's dtype
+(docs/tpu_step.md). The params are HF's four (d, d) projections on every path, so
+checkpoints and HF import/export do not depend on the backend.
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from vitpod import fused_attention
 
 
 def _platform() -> str:
@@ -56,7 +61,12 @@ class Attention(nnx.Module):
         self.query, self.key, self.value, self.out = dense(), dense(), dense(), dense()
 
     def __call__(self, x_bld):
-        return (self._heads_first if _platform() == "cpu" else self._per_head_kernels)(x_bld)
+        platform, (_, length, d) = _platform(), x_bld.shape
+        if platform == "cpu":
+            return self._heads_first(x_bld)
+        if platform == "tpu" and fused_attention.fits(length, d, self.dtype):
+            return self._fused(x_bld)
+        return self._per_head_kernels(x_bld)
 
     def _heads_first(self, x_bld):
         # Heads ahead of the tokens for the two per-head matmuls: on CPU this runs the
@@ -91,3 +101,18 @@ class Attention(nnx.Module):
         kernel = self.out.kernel[...].astype(self.dtype).reshape(h, d // h, d)
         return jnp.einsum("blhk,hkd->bld", o_blhk, kernel) + self.out.bias[...].astype(
             self.dtype)
+
+    def _fused(self, x_bld, interpret: bool = False):
+        # The projections stay plain (b, l, d) matmuls: the kernel takes each head as a slice
+        # of the width, so nothing is reshaped or copied. The logits' scale is folded into the
+        # query projection.
+        d, h = x_bld.shape[-1], self.num_heads
+        x_bld = x_bld.astype(self.dtype)
+
+        def project(dense, scale=1.0):
+            kernel, bias = dense.kernel[...] * scale, dense.bias[...] * scale
+            return x_bld @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+
+        o_bld = fused_attention.attend(project(self.query, (d // h) ** -0.5),
+                                       project(self.key), project(self.value), h, interpret)
+        return self.out(o_bld)
