@@ -29,8 +29,8 @@ from absl import app, flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SECTION = "## TPU train step under XLA's cost model: vitpod vs big_vision"
-ROWS = [f"{v},{t},{b}" for v in ("S/16", "B/16") for t in ("v5e:2x2", "v4:2x2x1")
-        for b in (64, 128, 256)]
+ROWS = [item for v in ("S/16", "B/16") for t in ("v5e:2x2", "v4:2x2x1") for b in (64, 128, 256)
+        for item in (v, t, str(b))]  # flat, as --rows is
 flags.DEFINE_list("rows", ROWS, "VARIANT,TOPOLOGY,GLOBAL_BATCH rows, each a comma triple "
                   "(the list is flat: every three items make a row).")
 flags.DEFINE_string("out", "", "Also write the JSON here, updated after every row.")

@@ -1,5 +1,6 @@
-"""The attention's TPU program, compiled for a v5e topology on this CPU (needs libtpu):
-bf16 matmul operands throughout, and no copies re-laying out q, k and v."""
+"""The attention's TPU program, compiled for a v5e topology on this CPU (needs libtpu): the
+fused kernel in place of every attention matmul, no copies re-laying out q, k and v, and on
+the XLA path a sequence too long for the kernel takes, bf16 matmul operands throughout."""
 
 import math
 import re
@@ -7,7 +8,7 @@ import re
 import pytest
 
 from tests.conftest import load_config
-from vitpod import attention, model
+from vitpod import attention, fused_attention, model
 from vitpod.planning.compile import lower_train_step, tpu_devices
 
 pytest.importorskip("libtpu", reason="compiling for TPUs needs libtpu: install the tpu extra")
@@ -51,19 +52,40 @@ def qkv_relayouts(hlo: str) -> list[str]:
             and math.prod(int(d) for d in m.group(1).split(",") if d) == size]
 
 
+def fused_kernels(hlo: str) -> list[str]:
+    """The Pallas kernels' custom calls at the top level of the program."""
+    return re.findall(r'custom_call_target="tpu_custom_call"', hlo)
+
+
 @pytest.fixture(scope="module")
 def bf16_hlo():
     return _compiled_hlo()
 
 
-def test_bf16_attention_matmuls_take_no_f32_operand_on_tpu(bf16_hlo):
-    matmuls = attention_matmuls(bf16_hlo)
+@pytest.fixture(scope="module")
+def xla_path_hlo():
+    """The TPU step when the kernel does not fit (a long sequence): XLA's attention."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused_attention, "fits", lambda *shape: False)
+        return _compiled_hlo()
+
+
+def test_tpu_attention_is_one_fused_kernel_each_way_per_layer(bf16_hlo):
+    layers = model.parse_variant(load_config("tiny").model.variant).num_layers
+    assert len(fused_kernels(bf16_hlo)) == 2 * layers  # forward and backward
+    assert attention_matmuls(bf16_hlo) == []  # no (tokens x tokens) matrix outside them
+
+
+def test_tpu_attention_projects_without_copies(bf16_hlo, xla_path_hlo):
+    assert qkv_relayouts(bf16_hlo) == []
+    assert qkv_relayouts(xla_path_hlo) == []
+
+
+def test_bf16_attention_matmuls_take_no_f32_operand_on_tpus_xla_path(xla_path_hlo):
+    assert fused_kernels(xla_path_hlo) == []
+    matmuls = attention_matmuls(xla_path_hlo)
     assert len(matmuls) >= 2 * 5  # per layer: 2 forward, 3 or more backward
     assert [m for m in matmuls if "f32" in m[1]] == []
-
-
-def test_tpu_attention_projects_into_heads_without_copies(bf16_hlo):
-    assert qkv_relayouts(bf16_hlo) == []
 
 
 def test_the_checks_catch_the_cpu_layout_compiled_for_tpu(monkeypatch):
@@ -75,11 +97,13 @@ def test_the_checks_catch_the_cpu_layout_compiled_for_tpu(monkeypatch):
     assert qkv_relayouts(hlo)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused kernel", "xla path"])
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("bfloat16", 3e-2)])
-def test_the_tpu_layout_computes_the_cpu_layouts_logits_and_gradients(monkeypatch, dtype,
-                                                                       tolerance):
-    """Run here with the platform forced, the per-head-kernel attention and its custom VJP
-    give the heads-first attention's logits and parameter gradients (f32: float noise)."""
+def test_the_tpu_layouts_compute_the_cpu_layouts_logits_and_gradients(monkeypatch, dtype,
+                                                                       tolerance, fused):
+    """Run here with the platform forced, the TPU's attention (the fused kernel, in Pallas's
+    interpreter; or the per-head-kernel attention and its custom VJP) gives the heads-first
+    attention's logits and parameter gradients (f32: float noise)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -90,6 +114,11 @@ def test_the_tpu_layout_computes_the_cpu_layouts_logits_and_gradients(monkeypatc
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape),
                           params)  # a non-zero head, so that every gradient flows
     images = jax.random.normal(jax.random.key(2), (4, 16, 16, 3))
+
+    kernel = fused_attention.attend
+    monkeypatch.setattr(fused_attention, "fits", lambda *shape: fused)
+    monkeypatch.setattr(fused_attention, "attend",  # the interpreter: no TPU here
+                        lambda q, k, v, heads, interpret=False: kernel(q, k, v, heads, True))
 
     def loss_and_grads(platform):
         monkeypatch.setattr(attention, "_platform", lambda: platform)

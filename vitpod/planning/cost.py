@@ -5,7 +5,8 @@ The prediction is the compiler's `optimal_seconds`, a per-op roofline: each op c
 larger of its FLOPs at the chip's matmul rate and its bytes at the HBM rate, collectives
 are priced like HBM traffic (not as ICI transfers), and nothing overlaps. For ViT steps
 the bytes term dominates, so it ranks programs by memory traffic: an estimate, not a
-measured time (docs/tpu_step.md).
+measured time. XLA cannot see inside a Pallas kernel: the fused attention
+(vitpod/fused_attention.py) is priced from the bytes and FLOPs it declares (docs/tpu_step.md).
 """
 
 # With default flags, memory-space assignment's sliced prefetch inserts `ConcatBitcast`
@@ -13,7 +14,8 @@ measured time (docs/tpu_step.md).
 # compiled without them, the same lowering gets a meaningful estimate.
 COMPILER_OPTIONS = {"xla_tpu_sliced_prefetch_max_slices": 0}
 CAVEAT = ("XLA's TPU cost-model estimate, not a measurement: a per-op roofline that is mostly "
-          "memory-bound for this step, with collectives priced as HBM traffic")
+          "memory-bound for this step, with collectives priced as HBM traffic and the fused "
+          "attention kernel at the cost it declares")
 
 
 def estimate(lowered) -> dict:
