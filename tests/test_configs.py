@@ -27,3 +27,10 @@ def test_unknown_keys_cannot_be_set():
     config = load_config("demo")
     with pytest.raises(AttributeError):
         config.data.no_such_key = 1
+
+
+def test_a_bad_attention_choice_is_named_in_one_line():
+    config = load_config("demo", data__train_dir="unused", model__attention="flash")
+    with pytest.raises(config_lib.UserError,
+                       match=r"^config model.attention is 'flash': use 'auto' .* or 'xla'$"):
+        config_lib.validate(config, num_devices=8, num_processes=1)

@@ -18,8 +18,9 @@ pytest.importorskip("libtpu", reason="compiling for TPUs needs libtpu: install t
 TOKENS, ROWS_PER_CHIP, WIDTH = 17, 16, 32
 
 
-def _compiled_hlo(dtype: str = "bfloat16") -> str:
-    config = load_config("tiny", batch_size=64, data__image_size=16, model__dtype=dtype)
+def _compiled_hlo(dtype: str = "bfloat16", attention: str = "auto") -> str:
+    config = load_config("tiny", batch_size=64, data__image_size=16, model__dtype=dtype,
+                         model__attention=attention)
     return lower_train_step(config, tpu_devices("v5e:2x2"), 5)[0].compile().as_text()
 
 
@@ -64,10 +65,9 @@ def bf16_hlo():
 
 @pytest.fixture(scope="module")
 def xla_path_hlo():
-    """The TPU step when the kernel does not fit (a long sequence): XLA's attention."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fused_attention, "fits", lambda *shape: False)
-        return _compiled_hlo()
+    """The TPU step with XLA's attention (`model.attention=xla`; also where the kernel does
+    not fit: a long sequence)."""
+    return _compiled_hlo(attention="xla")
 
 
 def test_tpu_attention_is_one_fused_kernel_each_way_per_layer(bf16_hlo):

@@ -55,8 +55,9 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 class Attention(nnx.Module):
-    def __init__(self, dim: int, num_heads: int, dtype, rngs: nnx.Rngs):
-        self.num_heads, self.dtype = num_heads, dtype
+    def __init__(self, dim: int, num_heads: int, dtype, rngs: nnx.Rngs, fused: bool = True):
+        """`fused`: on TPU, the fused kernel where it fits (`model.attention=auto`)."""
+        self.num_heads, self.dtype, self.fused = num_heads, dtype, fused
         dense = lambda: nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)  # noqa: E731
         self.query, self.key, self.value, self.out = dense(), dense(), dense(), dense()
 
@@ -64,7 +65,7 @@ class Attention(nnx.Module):
         platform, (_, length, d) = _platform(), x_bld.shape
         if platform == "cpu":
             return self._heads_first(x_bld)
-        if platform == "tpu" and fused_attention.fits(length, d, self.dtype):
+        if platform == "tpu" and self.fused and fused_attention.fits(length, d, self.dtype):
             return self._fused(x_bld)
         return self._per_head_kernels(x_bld)
 

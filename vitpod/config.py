@@ -18,6 +18,10 @@ from vitpod.errors import UserError
 RESULT_NEUTRAL_KEYS = frozenset({
     "log_every", "eval_every", "save_every", "save_every_minutes", "keep_checkpoints",
     "compile_cache", "grad_accum_steps", "model.scan_layers", "model.remat",
+    # The attention's implementation: on CPU always the same; on TPU the fused kernel and
+    # XLA's attention agree to float noise, so a run may switch (say, to step around a kernel
+    # problem on a chip) and resume from its checkpoint.
+    "model.attention",
     "data.val_dir", "data.num_workers", "data.read_threads", "data.fetch_threads",
     "data.eval_batch_size", "lease_timeout_minutes",
     # Changes nothing unless an image is larger, and such a file is what it guards against.
@@ -105,6 +109,9 @@ def defaults() -> ml_collections.ConfigDict:
     # the input).
     c.model.scan_layers = ml_collections.config_dict.placeholder(bool)
     c.model.remat = "none"
+    # "auto": on TPU the attention runs as one fused kernel per image where it fits VMEM
+    # (fused_attention.py), else XLA's. "xla": XLA's attention on every backend.
+    c.model.attention = "auto"
 
     # Mixup / CutMix of the device batch inside the step (timm's semantics): each step draws
     # one ratio from Beta(alpha, alpha) and mixes each pair of neighbouring rows; with both
@@ -201,6 +208,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     _require(m.posemb in ("learn", "sincos2d"), "model.posemb", "must be 'learn' or 'sincos2d'")
     _require(m.gelu in ("exact", "tanh"), "model.gelu", "must be 'exact' or 'tanh'")
     _require(m.remat in ("none", "dots", "full"), "model.remat", "must be 'none', 'dots' or 'full'")
+    _require(m.attention in ("auto", "xla"), "model.attention", f"is {m.attention!r}: use 'auto' "
+             "(on TPU the fused kernel where it fits) or 'xla'")
     _require(0 <= m.dropout < 1, "model.dropout", "must be in [0, 1)")
     _require(0 <= m.drop_path < 1, "model.drop_path", "must be in [0, 1)")
     _require(0 <= d.randaug_num_ops <= 10, "data.randaug_num_ops", "must be in 0..10")

@@ -120,7 +120,7 @@ class Block(nnx.Module):
         self.dropout, self.drop_path, self.index = cfg.dropout, drop_path, index
         self.drop_path_on = cfg.drop_path > 0
         self.norm1 = nnx.LayerNorm(d, epsilon=eps, dtype=dtype, rngs=rngs)
-        self.attn = Attention(d, shape.num_heads, dtype, rngs)
+        self.attn = Attention(d, shape.num_heads, dtype, rngs, cfg.attention == "auto")
         self.norm2 = nnx.LayerNorm(d, epsilon=eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(d, shape.mlp_dim, cfg.gelu, dtype, rngs)
 
