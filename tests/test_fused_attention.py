@@ -72,3 +72,20 @@ def test_mosaic_compiles_it_and_xla_is_told_its_true_cost(topology):
     # Forward reads q, k, v and writes o; backward reads q, k, v, dO and writes dQ, dK, dV.
     assert sorted((int(c["bytes_accessed"]), int(c["flops"])) for c in costs) == [
         (4 * one, 2 * matmul), (7 * one, 5 * matmul)]
+
+
+@pytest.mark.parametrize("length,width,heads", [(197, 384, 6), (197, 768, 12), (257, 1280, 16)],
+                         ids=["S/16", "B/16", "H/14"])
+def test_vit_shapes_compile_for_the_smallest_vmem(length, width, heads):
+    """Heads 64 and 80 lanes wide (H/14's straddle the 128-lane registers), on v4."""
+    pytest.importorskip("libtpu", reason="compiling for TPUs needs libtpu: install the tpu extra")
+    from vitpod.planning.compile import tpu_devices
+
+    assert fused_attention.fits(length, width, jnp.bfloat16)
+    chip = jax.sharding.Mesh(tpu_devices("v4:2x2x1")[:1], ("data",))
+    array = jax.ShapeDtypeStruct((2, length, width), jnp.bfloat16,
+                                 sharding=jax.sharding.NamedSharding(chip, jax.P()))
+    loss = lambda *qkv: jnp.sum(fused_attention.attend(*qkv, heads) ** 2)  # noqa: E731
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(array, array, array).compile(
+        ).as_text()
+    assert hlo.count('custom_call_target="tpu_custom_call"') == 2

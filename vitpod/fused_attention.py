@@ -21,9 +21,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-# What the kernel may keep in VMEM at once: Mosaic's default scoped VMEM limit is 16 MiB on
-# v4 and v5e (32 MiB from v6e), so stay well under the smallest. Larger shapes (long
-# sequences, very wide models) fall back to XLA's attention.
+# What the kernel may keep in VMEM at once. Compiling for v4 gives a kernel 16 MiB (its
+# out-of-VMEM errors say "of 16.00M"); later chips have more. The budget leaves room for
+# padding and each head's temporaries: every shape `fits` accepts compiles for v4, v5e, v5p
+# and v6e (docs/tpu_step.md). Larger shapes (long sequences) take XLA's attention.
 VMEM_BUDGET_BYTES = 12 * 2**20
 _F32 = jnp.float32
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
