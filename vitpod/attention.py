@@ -93,9 +93,9 @@ class Attention(nnx.Module):
         x_bld = x_bld.astype(self.dtype)
 
         def project(dense, scale=1.0):
-            kernel = (dense.kernel[...] * scale).astype(self.dtype).reshape(d, h, d // h)
-            bias = (dense.bias[...] * scale).astype(self.dtype).reshape(h, d // h)
-            return jnp.einsum("bld,dhk->blhk", x_bld, kernel) + bias
+            kernel, bias = self._weights(dense, scale)
+            return (jnp.einsum("bld,dhk->blhk", x_bld, kernel.reshape(d, h, d // h))
+                    + bias.reshape(h, d // h))
 
         o_blhk = _attend(project(self.query, (d // h) ** -0.5), project(self.key),
                          project(self.value))
@@ -103,7 +103,7 @@ class Attention(nnx.Module):
         return jnp.einsum("blhk,hkd->bld", o_blhk, kernel) + self.out.bias[...].astype(
             self.dtype)
 
-    def _fused(self, x_bld, interpret: bool = False):
+    def _fused(self, x_bld):
         # The projections stay plain (b, l, d) matmuls: the kernel takes each head as a slice
         # of the width, so nothing is reshaped or copied. The logits' scale is folded into the
         # query projection.
@@ -111,9 +111,14 @@ class Attention(nnx.Module):
         x_bld = x_bld.astype(self.dtype)
 
         def project(dense, scale=1.0):
-            kernel, bias = dense.kernel[...] * scale, dense.bias[...] * scale
-            return x_bld @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+            kernel, bias = self._weights(dense, scale)
+            return x_bld @ kernel + bias
 
         o_bld = fused_attention.attend(project(self.query, (d // h) ** -0.5),
-                                       project(self.key), project(self.value), h, interpret)
+                                       project(self.key), project(self.value), h)
         return self.out(o_bld)
+
+    def _weights(self, dense, scale: float = 1.0):
+        """A projection's (d, d) kernel and bias in the model's dtype, times `scale`."""
+        return ((dense.kernel[...] * scale).astype(self.dtype),
+                (dense.bias[...] * scale).astype(self.dtype))
